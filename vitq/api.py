@@ -1,0 +1,120 @@
+"""The public verbs: ``quantize`` a model with a recipe and data, ``evaluate`` it against the float model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import VitqError
+from .eval.metrics import compare, model_size, predict
+from .methods.lifecycle import calibrate, convert, prepare
+from .methods.plan import Plan, plan_from_model
+from .recipes.recipe import Recipe, load_recipe
+
+Batches = Iterable[Any]
+
+
+def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """``None`` → CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise VitqError(f"unknown device {device!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VitqError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise VitqError(f"unsupported device {device.type!r}; use cpu or cuda")
+    return device
+
+
+@dataclass
+class QuantizedModel:
+    """What :func:`quantize` returns: the quantized model and its plan."""
+
+    model: nn.Module
+    plan: Plan
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Union[str, Recipe] = "omse",
+    data: Batches = (),
+    *,
+    w_bits: int = 8,
+    a_bits: int = 8,
+    protocol: str = "p1",
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+    meta: Optional[Dict[str, Any]] = None,
+) -> QuantizedModel:
+    """Quantize a float ViT/DeiT/Swin with a recipe, calibrating on ``data``.
+
+    The float model is not modified.
+
+    Args:
+        model: a timm ``VisionTransformer`` or ``SwinTransformer``.
+        recipe: a built-in recipe name (``vitq list``), a YAML path or a :class:`Recipe`.
+        data: calibration batches: image tensors or ``(images, labels)`` pairs, already
+            preprocessed for the model.
+        w_bits, a_bits: bit-widths, 2 to 8.
+        protocol: ``p1``, ``p2`` or ``p3`` (which tensors are quantized).
+        device: ``cpu``, ``cuda`` or None (CUDA when present).
+        progress: show progress bars.
+        meta: extra facts recorded in the plan.
+
+    Example:
+        >>> import timm, torch
+        >>> float_model = timm.create_model("test_vit")
+        >>> result = quantize(float_model, "minmax", [torch.randn(2, 3, 160, 160)], w_bits=4, progress=False)
+        >>> result.plan.meta["w_bits"]
+        4
+    """
+    recipe = load_recipe(recipe)
+    device = resolve_device(device)
+    qmodel = prepare(
+        model,
+        protocol=protocol,
+        w_bits=w_bits,
+        a_bits=a_bits,
+        weight_symmetric=recipe.weights.symmetric,
+        act_symmetric=recipe.activations.symmetric,
+    )
+    calibrate(qmodel, data, weights=recipe.weights, activations=recipe.activations, device=device, progress=progress)
+    convert(qmodel)
+    plan_meta = {"recipe": recipe.name, "protocol": protocol, "w_bits": w_bits, "a_bits": a_bits, **(meta or {})}
+    return QuantizedModel(qmodel, plan_from_model(qmodel, plan_meta))
+
+
+def evaluate(
+    float_model: nn.Module,
+    quantized_model: nn.Module,
+    data: Batches,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+    fp_logits: Optional[torch.Tensor] = None,
+) -> Dict[str, Any]:
+    """Top-1/5 of both models on the same images, agreement, KL(float ‖ quantized) and size.
+
+    ``data`` yields ``(images, labels)``. ``fp_logits`` reuses float logits computed before on
+    the same batches (benchmarks compare many quantized models against one float model).
+    """
+    device = resolve_device(device)
+    if fp_logits is None:
+        (fp_logits, q_logits), labels = predict([float_model, quantized_model], data, device, progress)
+    else:
+        (q_logits,), labels = predict(quantized_model, data, device, progress)
+        if len(fp_logits) != len(q_logits):
+            raise VitqError(f"fp_logits has {len(fp_logits)} rows but the data has {len(q_logits)} images")
+    metrics: Dict[str, Any] = compare(fp_logits, q_logits, labels)
+    size = model_size(quantized_model)
+    metrics.update(
+        num_eval=int(labels.numel()),
+        weight_bytes=size.weight_bytes,
+        fp_weight_bytes=size.fp_bytes,
+    )
+    return metrics

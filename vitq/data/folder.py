@@ -1,0 +1,210 @@
+"""Image folders: ImageFolder layout or a flat folder of ImageNet files, seeded class-balanced subsets."""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import VitqError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+_SYNSET = re.compile(r"^(n\d{8})")
+
+
+@lru_cache(maxsize=1)
+def imagenet_synsets() -> Tuple[str, ...]:
+    """The 1,000 ImageNet-1k synsets in class-index order (timm ships the list)."""
+    from timm.data import ImageNetInfo
+
+    return tuple(ImageNetInfo("imagenet-1k").label_names())
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Files and their class indices.
+
+    Attributes:
+        root: the folder.
+        paths: image files, sorted.
+        labels: class index of each file.
+        classes: class name of each index present (synset or sub-folder name).
+        layout: ``imagefolder`` or ``flat-synset``.
+    """
+
+    root: Path
+    paths: Tuple[Path, ...]
+    labels: Tuple[int, ...]
+    classes: Dict[int, str]
+    layout: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: Sequence[int]) -> "ImageList":
+        return ImageList(
+            self.root,
+            tuple(self.paths[i] for i in indices),
+            tuple(self.labels[i] for i in indices),
+            self.classes,
+            self.layout,
+        )
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _class_indices(names: Sequence[str]) -> Dict[str, int]:
+    """ImageNet-1k order when every name is an ImageNet-1k synset, else sorted-name order."""
+    synsets = imagenet_synsets()
+    if all(n in synsets for n in names):
+        position = {s: i for i, s in enumerate(synsets)}
+        return {n: position[n] for n in names}
+    return {n: i for i, n in enumerate(sorted(names))}
+
+
+def scan_folder(root: str | Path) -> ImageList:
+    """List the images of ``root`` with their labels.
+
+    Two layouts: one sub-folder per class (class index = sorted folder name, or the ImageNet-1k
+    index when the folders are ImageNet synsets), or a flat folder whose file names begin with an
+    ImageNet synset id (``n01440764_tench.JPEG``).
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise VitqError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise VitqError(f"{root} is not a folder: pass a folder of images (one sub-folder per class)")
+    try:
+        entries = sorted(root.iterdir())
+    except PermissionError:
+        raise VitqError(f"data folder {root} cannot be read (permission denied)") from None
+    subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
+    flat = [p for p in entries if _is_image(p)]
+    if subdirs and not flat:
+        per_class = {d.name: sorted(p for p in d.rglob("*") if _is_image(p)) for d in subdirs}
+        per_class = {k: v for k, v in per_class.items() if v}
+        if not per_class:
+            raise VitqError(f"data folder {root} has sub-folders but no images ({', '.join(IMAGE_SUFFIXES)})")
+        index = _class_indices(list(per_class))
+        paths, labels = [], []
+        for name, files in per_class.items():
+            paths += files
+            labels += [index[name]] * len(files)
+        return ImageList(root, tuple(paths), tuple(labels), {v: k for k, v in index.items()}, "imagefolder")
+    if not flat:
+        raise VitqError(f"data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    synsets = [_SYNSET.match(p.name) for p in flat]
+    bad = [p.name for p, m in zip(flat, synsets) if m is None]
+    if bad:
+        raise VitqError(
+            f"{root} is a flat folder, but {len(bad)} file name(s) do not begin with an ImageNet synset id "
+            f"(e.g. {bad[0]!r}); name files like 'n01440764_tench.JPEG' or use one sub-folder per class"
+        )
+    names = [m.group(1) for m in synsets]
+    index = _class_indices(sorted(set(names)))
+    return ImageList(
+        root, tuple(flat), tuple(index[n] for n in names), {v: k for k, v in index.items()}, "flat-synset"
+    )
+
+
+def balanced_subset(
+    images: ImageList, n: Optional[int], seed: int, exclude: Sequence[Path] = (), what: str = "images"
+) -> ImageList:
+    """A seeded subset of ``n`` images (None: all), as even across classes as the folder allows.
+
+    Classes are visited in a seeded random order, one image each per round, each class's images
+    in a seeded random order. ``exclude`` removes files first (e.g. the calibration images from
+    an evaluation set drawn from the same folder).
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+        raise VitqError(f"the number of {what} must be a positive integer, got {n!r}")
+    excluded = {Path(p) for p in exclude}
+    pool = [i for i, p in enumerate(images.paths) if p not in excluded]
+    if not pool:
+        raise VitqError(f"no {what} left in {images.root} once the calibration images are excluded")
+    n = len(pool) if n is None else n
+    if n > len(pool):
+        extra = f" ({len(excluded)} excluded as calibration images)" if excluded else ""
+        raise VitqError(f"asked for {n} {what} but {images.root} has only {len(pool)}{extra}; pass a smaller number")
+    rng = random.Random(seed)
+    by_class: Dict[int, List[int]] = {}
+    for i in pool:
+        by_class.setdefault(images.labels[i], []).append(i)
+    order = sorted(by_class)
+    rng.shuffle(order)
+    for label in order:
+        rng.shuffle(by_class[label])
+    chosen: List[int] = []
+    depth = 0
+    while len(chosen) < n:
+        for label in order:
+            if depth < len(by_class[label]):
+                chosen.append(by_class[label][depth])
+                if len(chosen) == n:
+                    break
+        depth += 1
+    return images.subset(sorted(chosen))
+
+
+def build_transform(data_config: Dict[str, Any]):
+    """timm's evaluation transform for a model's data config (resize, centre crop, normalise)."""
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(is_training=False, **{k: data_config[k] for k in keys if k in data_config})
+
+
+class ImageDataset(Dataset):
+    """Images of an :class:`ImageList`, converted to RGB and transformed for the model."""
+
+    def __init__(self, images: ImageList, data_config: Dict[str, Any]) -> None:
+        self.images = images
+        self.transform = build_transform(data_config)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        path = self.images.paths[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")  # greyscale, palette, CMYK and RGBA images become RGB
+        except (UnidentifiedImageError, OSError) as err:
+            raise VitqError(f"cannot read image {path}: {err}; remove or replace the file") from None
+        return self.transform(img), self.images.labels[i]
+
+
+def make_loader(
+    images: ImageList, data_config: Dict[str, Any], batch_size: int = 64, num_workers: int = 0
+) -> DataLoader:
+    """An ordered (unshuffled) loader of ``(images, labels)`` batches."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise VitqError(f"batch size must be a positive integer, got {batch_size!r}")
+    return DataLoader(ImageDataset(images, data_config), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def check_labels(images: ImageList, num_classes: int) -> None:
+    """Refuse a folder whose class indices the model cannot output."""
+    top = max(images.labels)
+    if top >= num_classes:
+        raise VitqError(
+            f"{images.root} has class index {top} ({images.classes.get(top)!r}) but the model has "
+            f"{num_classes} outputs: is this data set the one the model was trained on?"
+        )
+
+
+def load_images(
+    folder: str | Path, num: Optional[int], seed: int, exclude: Sequence[Path] = (), what: str = "images"
+) -> ImageList:
+    """Scan ``folder`` and take a seeded, class-balanced subset of ``num`` images (all if None)."""
+    images = scan_folder(folder)
+    if num is None and not exclude:
+        return images
+    return balanced_subset(images, num, seed, exclude, what)

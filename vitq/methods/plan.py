@@ -1,0 +1,143 @@
+"""The quantization plan: every quant point's spec and parameters, as one serialisable object.
+
+``plan.json`` holds the metadata and specs, ``plan.safetensors`` the scales and zero points.
+Specs can be given by rules: an exact name, a ``re:`` pattern, or ``default``; exact names win,
+then the first matching pattern, then the default.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import VitqError
+from ..models.adapters import iter_quantizers
+from ..quant.spec import QuantSpec
+from .lifecycle import convert, prepare
+
+PLAN_FORMAT = "vitq-plan/1"
+
+
+@dataclass
+class Plan:
+    """Specs and parameters of a quantized model.
+
+    Attributes:
+        meta: what made the plan (model identity, protocol, bits, recipe, seed, ...).
+        rules: spec per exact quant-point name, ``re:<pattern>`` or ``default``.
+        tensors: ``<point>.scale`` and ``<point>.zero_point`` tensors.
+    """
+
+    meta: Dict[str, Any]
+    rules: Dict[str, QuantSpec]
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def spec_for(self, name: str) -> Optional[QuantSpec]:
+        if name in self.rules:
+            return self.rules[name]
+        for key, spec in self.rules.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], name):
+                return spec
+        return self.rules.get("default")
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write ``plan.json`` and ``plan.safetensors`` into ``folder``; returns the json path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        body = {
+            "format": PLAN_FORMAT,
+            "meta": self.meta,
+            "tensors": "plan.safetensors",
+            "rules": {k: v.to_dict() for k, v in self.rules.items()},
+        }
+        (folder / "plan.json").write_text(json.dumps(body, indent=1) + "\n")
+        save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, str(folder / "plan.safetensors"))
+        return folder / "plan.json"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """Read a plan from ``plan.json`` (or the run folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "plan.json"
+        if not path.is_file():
+            raise VitqError(f"plan {path} does not exist: pass the plan.json of a vitq run folder")
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise VitqError(f"cannot read plan {path}: {err}") from None
+        if not isinstance(body, dict) or body.get("format") != PLAN_FORMAT:
+            raise VitqError(f"{path} is not a vitq plan (expected format {PLAN_FORMAT!r})")
+        rules = {k: QuantSpec.from_dict(v) for k, v in body["rules"].items()}
+        tensor_path = path.parent / body.get("tensors", "plan.safetensors")
+        if not tensor_path.is_file():
+            raise VitqError(f"the plan's tensors {tensor_path} are missing: copy it along with {path.name}")
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as err:
+            raise VitqError(f"cannot read {tensor_path}: {err}") from None
+        return cls(body.get("meta", {}), rules, tensors)
+
+
+def plan_from_model(model: nn.Module, meta: Dict[str, Any]) -> Plan:
+    """The plan of a calibrated model: one exact rule and its tensors per quant point."""
+    rules, tensors = {}, {}
+    for name, quantizer in iter_quantizers(model):
+        if not quantizer.is_calibrated:
+            raise VitqError(f"quant point {name} is not calibrated: calibrate before making a plan")
+        rules[name] = quantizer.spec
+        if quantizer.scale is not None:
+            tensors[f"{name}.scale"] = quantizer.scale
+            tensors[f"{name}.zero_point"] = quantizer.zero_point
+    return Plan(dict(meta), rules, tensors)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """A quantized, converted copy of the float ``model`` with the plan's specs and parameters."""
+    protocol = plan.meta.get("protocol", "p1")
+    qmodel = prepare(model, protocol=protocol)
+    names = [n for n, _ in iter_quantizers(qmodel)]
+    exact = {k for k in plan.rules if not k.startswith("re:") and k != "default"}
+    unknown = sorted(exact - set(names))
+    if unknown:
+        raise VitqError(
+            f"the plan does not fit this model: {len(unknown)} of its quant points are not in it "
+            f"(e.g. {unknown[0]}); was the plan made for another architecture? plan model: "
+            f"{plan.meta.get('model', {}).get('arch', '?')}"
+        )
+    quantizers = dict(iter_quantizers(qmodel))
+    for name, quantizer in quantizers.items():
+        spec = plan.spec_for(name)
+        if spec is None:
+            raise VitqError(f"the plan has no rule for quant point {name} and no default")
+        quantizer.set_spec(spec)
+        if f"{name}.scale" in plan.tensors:
+            scale, zp = plan.tensors[f"{name}.scale"], plan.tensors[f"{name}.zero_point"]
+            device = next(qmodel.parameters()).device
+            quantizer.set_qparams(scale.to(device), zp.to(device))
+    for name, quantizer in quantizers.items():
+        if quantizer.needs_calibration and quantizer.scale is not None:
+            expected = _expected_numel(qmodel, name, quantizer)
+            if expected is not None and quantizer.scale.numel() not in (1, expected):
+                raise VitqError(
+                    f"the plan's scale for {name} has {quantizer.scale.numel()} values, the model needs "
+                    f"{expected}: the plan was made for another architecture"
+                )
+    return convert(qmodel)
+
+
+def _expected_numel(model: nn.Module, name: str, quantizer) -> Optional[int]:
+    if quantizer.spec.granularity != "per_channel":
+        return 1
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    weight = getattr(owner, "weight", None)
+    if quantizer.role == "weight" and weight is not None:
+        return weight.shape[quantizer.spec.axis]
+    return None

@@ -1,0 +1,5 @@
+"""Model families (DESIGN layer 5): adapters and loading."""
+from .adapters import ADAPTERS, ModelAdapter, find_adapter, iter_quantizers
+from .loading import LoadedModel, load_model
+
+__all__ = ["ADAPTERS", "LoadedModel", "ModelAdapter", "find_adapter", "iter_quantizers", "load_model"]

@@ -1,0 +1,194 @@
+"""Build float models from timm names, local checkpoints (with a sidecar card) or modules."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import VitqError
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
+CARD_FORMAT = "vitq-model-card/1"
+
+
+@dataclass
+class LoadedModel:
+    """A float model with what vitq needs to feed it and to rebuild it.
+
+    Attributes:
+        model: the float module, in eval mode.
+        name: how the user named it (timm name or checkpoint path).
+        arch: the timm architecture name.
+        kwargs: keyword arguments of ``timm.create_model``.
+        data_config: preprocessing (timm data config keys: input_size, interpolation, crop_pct,
+            crop_mode, mean, std).
+        classes: class names, when the checkpoint's card gives them.
+    """
+
+    model: nn.Module
+    name: str
+    arch: str
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    data_config: Dict[str, Any] = field(default_factory=dict)
+    classes: Optional[List[str]] = None
+
+    @property
+    def identity(self) -> Dict[str, Any]:
+        """What a plan records of the model, to refuse a plan made for another architecture."""
+        return {"name": self.name, "arch": self.arch, "kwargs": self.kwargs}
+
+
+def load_model(
+    model: Union[str, Path, nn.Module],
+    *,
+    arch: Optional[str] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    pretrained: bool = True,
+) -> LoadedModel:
+    """Load a float model.
+
+    Args:
+        model: a timm model name (weights from the hub, where there is a network), a checkpoint
+            path (``.pth``/``.pt``/``.bin``, ``.safetensors``, ``.npz``; its architecture from a sidecar
+            ``<stem>.json`` card or from ``arch``/``model_kwargs``), or an ``nn.Module``.
+        arch: timm architecture for a checkpoint without a card.
+        model_kwargs: extra ``timm.create_model`` arguments (override the card's).
+        pretrained: for a timm name, whether to download the hub weights (False: random weights).
+
+    Example:
+        >>> loaded = load_model("test_vit", pretrained=False)
+        >>> loaded.arch
+        'test_vit'
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if isinstance(model, nn.Module):
+        cfg = timm.data.resolve_data_config({}, model=model)
+        return LoadedModel(model.eval(), type(model).__name__, arch or type(model).__name__, model_kwargs, cfg)
+    text = str(model)
+    path = Path(text).expanduser()
+    looks_like_path = path.suffix.lower() in CHECKPOINT_SUFFIXES or "/" in text or path.exists()
+    if looks_like_path:
+        return _load_checkpoint(path, arch, model_kwargs)
+    return _load_timm(text, model_kwargs, pretrained)
+
+
+def _create(arch: str, kwargs: Dict[str, Any], pretrained: bool = False) -> nn.Module:
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8] if arch else []
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise VitqError(
+            f"unknown model {arch!r}: not a timm model name nor an existing checkpoint file.{hint} "
+            "List names with `python -c 'import timm; print(timm.list_models())'`."
+        )
+    try:
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        raise VitqError(f"bad model arguments for {arch!r}: {err}") from None
+
+
+def _load_timm(name: str, kwargs: Dict[str, Any], pretrained: bool) -> LoadedModel:
+    try:
+        model = _create(name, kwargs, pretrained)
+    except VitqError:
+        raise
+    except Exception as err:  # hub unreachable, missing weights, ...
+        raise VitqError(
+            f"could not fetch pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+            "Without a network, pass a local checkpoint (.pth/.safetensors/.npz) with a sidecar "
+            "<stem>.json or --arch, or use --random-weights for a model with random weights."
+        ) from None
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return LoadedModel(model.eval(), name, name, kwargs, cfg)
+
+
+def read_card(path: Path) -> Optional[Dict[str, Any]]:
+    """The sidecar ``<stem>.json`` of a checkpoint, or None if there is none."""
+    card_path = path.with_suffix(".json")
+    if not card_path.is_file():
+        return None
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise VitqError(f"cannot read the model card {card_path}: {err}") from None
+    if not isinstance(card, dict) or "timm_model" not in card:
+        raise VitqError(f"{card_path} is not a vitq model card: it needs at least a 'timm_model' key")
+    return card
+
+
+def _load_checkpoint(path: Path, arch: Optional[str], kwargs: Dict[str, Any]) -> LoadedModel:
+    if not path.exists():
+        raise VitqError(f"checkpoint {path} does not exist (and {path.name!r} is not a timm model name)")
+    if not path.is_file():
+        raise VitqError(f"{path} is a folder, not a checkpoint file")
+    card = read_card(path)
+    if arch is None and card is None:
+        raise VitqError(
+            f"no architecture for {path}: put a sidecar {path.with_suffix('.json').name} beside it "
+            "(format in shared/assets/MANIFEST.md) or pass --arch NAME [--model-kwargs JSON]"
+        )
+    arch = arch or card["timm_model"]
+    all_kwargs = {**(card.get("kwargs", {}) if card else {}), **kwargs}
+    model = _create(arch, all_kwargs)
+    state = read_state_dict(path)
+    _load_into(model, state, path)
+    cfg = dict(timm.data.resolve_data_config({}, model=model))
+    if card and card.get("data_config"):
+        cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in card["data_config"].items()})
+    classes = card.get("classes") if card else None
+    return LoadedModel(model.eval(), str(path), arch, all_kwargs, cfg, classes)
+
+
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint, read without executing code."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif suffix == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as data:
+                state = {k: torch.from_numpy(data[k]) for k in data.files}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise VitqError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}. "
+            "Is it a state_dict saved with torch.save, a .safetensors or a .npz file, and complete?"
+        ) from None
+    if isinstance(state, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VitqError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:4])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:4])})")
+        if wrong:
+            shapes = ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3])
+            parts.append(f"{len(wrong)} shape mismatch(es) ({shapes})")
+        raise VitqError(
+            f"checkpoint {path} does not match the architecture: {'; '.join(parts)}. "
+            "Check the sidecar card or --arch/--model-kwargs."
+        )
+    model.load_state_dict(state, strict=True)

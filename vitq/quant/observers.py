@@ -1,0 +1,231 @@
+"""Observers: statistics of the tensors a quant point sees, turned into parameters on request.
+
+An observer never quantizes. ``observe`` is called once per calibration batch; ``qparams``
+returns ``(scale, zero_point)`` for the observer's :class:`QuantSpec`.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from ..errors import VitqError, reject_unknown_keys
+from ..registry import Registry
+from .primitives import channel_view, choose_ptf_factors, choose_qparams_affine, fake_quantize_affine
+from .spec import QuantSpec
+
+Tensor = torch.Tensor
+
+OBSERVERS: Registry[type] = Registry("observer")
+
+
+class Observer:
+    """Base observer: running min/max along the spec's granularity.
+
+    Subclasses change how batches are accumulated (``_accumulate``) or how the final
+    clipping range is chosen (``_clip_range``).
+    """
+
+    #: whether the last batch's tensor is kept (OMSE searches on it; PTF always needs it)
+    keeps_last_batch = False
+
+    def __init__(self, spec: QuantSpec) -> None:
+        if spec.granularity == "per_token":
+            raise VitqError("per_token quantizers are dynamic: they need no observer")
+        self.spec = spec
+        self.min_val: Optional[Tensor] = None
+        self.max_val: Optional[Tensor] = None
+        self.last: Optional[Tensor] = None
+        self.num_batches = 0
+
+    def observe(self, x: Tensor) -> None:
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            raise VitqError("a calibration tensor holds NaN or inf: check the model and the input images")
+        lo, hi = self._reduce(x)
+        self._accumulate(lo, hi, x)
+        if self.keeps_last_batch or self.spec.kind == "ptf":
+            self.last = x
+        self.num_batches += 1
+
+    @property
+    def per_channel(self) -> bool:
+        """Statistics per channel (PTF quantizers share one base range across channels)."""
+        return self.spec.granularity == "per_channel" and self.spec.kind != "ptf"
+
+    def _reduce(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.per_channel:
+            flat = channel_view(x, self.spec.axis)
+            return flat.amin(dim=1), flat.amax(dim=1)
+        return x.amin(), x.amax()
+
+    def _accumulate(self, lo: Tensor, hi: Tensor, x: Tensor) -> None:
+        if self.min_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+
+    def _clip_range(self) -> Tuple[Tensor, Tensor]:
+        return self.min_val, self.max_val
+
+    def qparams(self) -> Tuple[Tensor, Tensor]:
+        """``(scale, zero_point)``: per-tensor scalars or ``[C]`` vectors."""
+        if self.num_batches == 0:
+            raise VitqError("the observer saw no data: calibrate with at least one batch")
+        spec = self.spec
+        qmin, qmax = spec.qrange
+        if spec.kind == "log2":
+            one = torch.ones((), device=self.max_val.device)
+            return one, torch.zeros_like(one)
+        if spec.kind == "logsqrt2":
+            delta = torch.clamp(self.max_val, min=1e-8)
+            return delta, torch.zeros_like(delta)
+        lo, hi = self._clip_range()
+        scale, zero_point = choose_qparams_affine(lo, hi, qmin, qmax, spec.symmetric)
+        if spec.kind == "ptf":
+            # FQ-ViT PTF: channel scales s1·2^α, α ∈ {0..3}, s1 = s8 / 8, one shared zero point
+            scale = choose_ptf_factors(self.last, scale / 8, zero_point, qmin, qmax)
+            zero_point = zero_point.expand_as(scale).clone()
+        return scale, zero_point
+
+
+@OBSERVERS.register("minmax")
+class MinMaxObserver(Observer):
+    """Running minimum and maximum over every calibration batch."""
+
+
+@OBSERVERS.register("ema")
+class EMAObserver(Observer):
+    """Min and max as exponential moving averages: ``v ← v + momentum · (batch − v)``."""
+
+    def __init__(self, spec: QuantSpec, momentum: float = 0.01) -> None:
+        super().__init__(spec)
+        if not 0 < momentum <= 1:
+            raise VitqError(f"ema momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+
+    def _accumulate(self, lo: Tensor, hi: Tensor, x: Tensor) -> None:
+        if self.min_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val = self.min_val + self.momentum * (lo - self.min_val)
+            self.max_val = self.max_val + self.momentum * (hi - self.max_val)
+
+
+@OBSERVERS.register("percentile")
+class PercentileObserver(EMAObserver):
+    """The (1 − α, α) quantiles of each batch, smoothed across batches by an EMA (FQ-ViT)."""
+
+    def __init__(self, spec: QuantSpec, percentile: float = 0.99999, momentum: float = 0.01) -> None:
+        super().__init__(spec, momentum)
+        if not 0.5 < percentile <= 1:
+            raise VitqError(f"percentile must be in (0.5, 1], got {percentile}")
+        self.percentile = percentile
+
+    def _reduce(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        flat = channel_view(x, self.spec.axis) if self.per_channel else x.reshape(1, -1)
+        n = flat.shape[1]
+        k_hi = min(n, max(1, int(math.ceil(self.percentile * n))))
+        k_lo = max(1, min(n, n + 1 - k_hi))
+        lo = flat.kthvalue(k_lo, dim=1).values
+        hi = flat.kthvalue(k_hi, dim=1).values
+        if not self.per_channel:
+            lo, hi = lo[0], hi[0]
+        return lo, hi
+
+
+@OBSERVERS.register("omse")
+class OMSEObserver(Observer):
+    """Clipping range with the least squared quantization error (FQ-ViT / Evol-Q OMSE).
+
+    The observed [min, max] is shrunk by factors ``1 − 0.01·i`` (i = 0…89) and the factor
+    with the least ``‖x − Q(x)‖²`` on the last calibration batch is kept (per channel for
+    per-channel quantizers). Tensors larger than ``max_samples`` are searched on an evenly
+    strided subset of their elements; min and max always come from the whole tensor.
+    """
+
+    keeps_last_batch = True
+
+    def __init__(self, spec: QuantSpec, steps: int = 90, step: float = 0.01, max_samples: int = 1 << 20) -> None:
+        super().__init__(spec)
+        if not 1 <= steps or steps * step >= 1:
+            raise VitqError("omse needs steps >= 1 and steps * step < 1")
+        self.steps, self.step, self.max_samples = steps, step, max_samples
+
+    def _clip_range(self) -> Tuple[Tensor, Tensor]:
+        spec = self.spec
+        qmin, qmax = spec.qrange
+        if self.per_channel:
+            data = channel_view(self.last, spec.axis)  # [C, N]
+            stride = max(1, math.ceil(data.shape[1] / max(1, self.max_samples // data.shape[0])))
+            data = data[:, ::stride]
+        else:
+            data = self.last.reshape(1, -1)
+            stride = max(1, math.ceil(data.shape[1] / self.max_samples))
+            data = data[:, ::stride]
+        lo = self.min_val.reshape(-1, 1).to(data.dtype)
+        hi = self.max_val.reshape(-1, 1).to(data.dtype)
+        best_err = None
+        best_lo, best_hi = lo, hi
+        for i in range(self.steps):
+            f = 1.0 - self.step * i
+            cand_lo, cand_hi = lo * f, hi * f
+            scale, zp = choose_qparams_affine(cand_lo, cand_hi, qmin, qmax, spec.symmetric)
+            err = (fake_quantize_affine(data, scale, zp, qmin, qmax) - data).pow(2).sum(dim=1, keepdim=True)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, cand_lo, best_lo)
+            best_hi = torch.where(better, cand_hi, best_hi)
+        if self.per_channel:
+            return best_lo.reshape(-1), best_hi.reshape(-1)
+        return best_lo.reshape(()), best_hi.reshape(())
+
+
+def create_observer(name: str, spec: QuantSpec, **settings) -> Observer:
+    """Build the observer registered as ``name`` for ``spec``."""
+    cls = OBSERVERS.get(name)
+    try:
+        return cls(spec, **settings)
+    except TypeError as err:
+        raise VitqError(f"bad settings for observer {name!r}: {err}") from None
+
+
+@dataclass(frozen=True)
+class ObserverConfig:
+    """Which observer sets a group of quant points, with its settings.
+
+    Example:
+        >>> ObserverConfig("omse", symmetric=False).observer
+        'omse'
+    """
+
+    observer: str = "minmax"
+    symmetric: bool = False
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cls = OBSERVERS.get(self.observer)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "spec"}
+        unknown = sorted(set(self.settings) - accepted)
+        if unknown:
+            raise VitqError(
+                f"observer {self.observer!r} has no setting(s) {unknown}; it accepts {sorted(accepted) or 'none'}"
+            )
+        if not isinstance(self.symmetric, bool):
+            raise VitqError(f"'symmetric' must be true or false, got {self.symmetric!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "ObserverConfig":
+        reject_unknown_keys(cls, data, where)
+        return cls(**data)
+
+    def build(self, spec: QuantSpec) -> Observer:
+        """A fresh observer for one quant point."""
+        return create_observer(self.observer, spec, **self.settings)

@@ -1,0 +1,117 @@
+"""Pure functions of quantization: choose parameters, quantize, dequantize, fake-quantize.
+
+No modules and no state. Every function works on any device and keeps the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+_EPS = 1e-8
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest with a straight-through gradient (d round(x)/dx := 1)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def choose_qparams_affine(
+    min_val: Tensor, max_val: Tensor, qmin: int, qmax: int, symmetric: bool
+) -> Tuple[Tensor, Tensor]:
+    """Scale and zero point that map [min_val, max_val] onto [qmin, qmax].
+
+    The range is first widened to contain 0, so that 0 is exactly representable.
+    Symmetric: ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)`` with zero point 0.
+    Asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``zp = clamp(qmin - round(min / scale))``.
+
+    Example:
+        >>> s, z = choose_qparams_affine(torch.tensor(-1.0), torch.tensor(3.0), 0, 255, False)
+        >>> round(s.item(), 6), z.item()
+        (0.015686, 64.0)
+    """
+    min_val = torch.clamp(min_val, max=0.0)
+    max_val = torch.clamp(max_val, min=0.0)
+    if symmetric:
+        amax = torch.maximum(-min_val, max_val)
+        scale = amax / ((qmax - qmin) / 2)
+        scale = torch.clamp(scale, min=_EPS)
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = (max_val - min_val) / (qmax - qmin)
+        scale = torch.clamp(scale, min=_EPS)
+        zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Integer codes (as a float tensor): ``clamp(round(x / s) + z, qmin, qmax)``."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize_affine(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """``s · (q − z)``."""
+    return (q - zero_point) * scale
+
+
+def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Quantize then dequantize, with a straight-through gradient inside the clipping range."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def fake_quantize_log2(p: Tensor, bits: int) -> Tensor:
+    """FQ-ViT's log2 quantizer for probabilities in [0, 1].
+
+    ``q = round(-log2 p)``; codes above ``2^bits - 1`` (and p = 0) map to 0; ``p_hat = 2^-q``.
+    """
+    qmax = 2**bits - 1
+    q = round_ste(-torch.log2(torch.clamp(p, min=1e-30)))
+    q = torch.clamp(q, min=0.0)
+    out = torch.exp2(-q)
+    return torch.where((q > qmax) | (p <= 0), torch.zeros_like(out), out)
+
+
+def fake_quantize_logsqrt2(p: Tensor, delta: Tensor, bits: int) -> Tensor:
+    """RepQ-ViT's log√2 quantizer: ``q = round(-2 log2(p / Δ))``, ``p_hat = Δ · 2^(-q/2)``.
+
+    ``2^(-q/2)`` equals ``2^(-ceil(q/2)) · √2`` for odd q, the shift-and-multiply form used
+    at deployment. Codes above ``2^bits - 1`` map to 0.
+    """
+    qmax = 2**bits - 1
+    q = round_ste(-2.0 * torch.log2(torch.clamp(p / delta, min=1e-30)))
+    q = torch.clamp(q, min=0.0)
+    out = delta * torch.exp2(-q / 2)
+    return torch.where((q > qmax) | (p <= 0), torch.zeros_like(out), out)
+
+
+def choose_ptf_factors(
+    x: Tensor, base_scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, num_factors: int = 4
+) -> Tensor:
+    """FQ-ViT power-of-two factors: for each channel (last axis) the α in {0..num_factors-1}
+    whose scale ``base_scale · 2^α`` gives the least squared quantization error.
+
+    ``base_scale`` is the finest scale, i.e. the per-tensor scale divided by ``2^(num_factors-1)``.
+    Returns the per-channel scales ``base_scale · 2^α`` (shape ``[C]``).
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    errors = []
+    for alpha in range(num_factors):
+        s = base_scale * 2.0**alpha
+        err = (fake_quantize_affine(flat, s, zero_point, qmin, qmax) - flat).pow(2).sum(dim=0)
+        errors.append(err)
+    alpha = torch.stack(errors).argmin(dim=0)
+    return base_scale * torch.exp2(alpha.to(flat.dtype))
+
+
+def channel_view(x: Tensor, axis: int) -> Tensor:
+    """``x`` as ``[C, -1]`` with the channel axis first."""
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def broadcast_shape(ndim: int, axis: int) -> Tuple[int, ...]:
+    """Shape that makes a ``[C]`` vector broadcast along ``axis`` of an ``ndim`` tensor."""
+    axis = axis % ndim
+    return tuple(-1 if i == axis else 1 for i in range(ndim))

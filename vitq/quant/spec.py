@@ -1,0 +1,71 @@
+"""What one quant point does: a frozen, validated value."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Dict, Tuple
+
+from ..errors import VitqError
+
+KINDS = ("uniform", "log2", "logsqrt2", "ptf")
+GRANULARITIES = ("per_tensor", "per_channel", "per_token")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Attributes:
+        kind: ``uniform`` (affine), ``log2`` / ``logsqrt2`` (attention probabilities) or
+            ``ptf`` (per-channel power-of-two factors over a shared base scale, for LayerNorm inputs).
+        bits: integer bit-width, 2 to 16.
+        granularity: ``per_tensor``, ``per_channel`` (along ``axis``) or ``per_token``
+            (dynamic: one scale per row of the last dimension, computed at run time).
+        axis: the channel axis for ``per_channel`` and ``ptf``.
+        symmetric: signed range with zero point 0; otherwise unsigned with a zero point.
+        enabled: a disabled point passes its tensor through unchanged.
+
+    Example:
+        >>> QuantSpec(bits=4, granularity="per_channel", axis=0, symmetric=True).qrange
+        (-8, 7)
+    """
+
+    kind: str = "uniform"
+    bits: int = 8
+    granularity: str = "per_tensor"
+    axis: int = -1
+    symmetric: bool = False
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise VitqError(f"unknown quantizer kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.granularity not in GRANULARITIES:
+            raise VitqError(
+                f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}"
+            )
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise VitqError(f"bits must be an integer from 2 to 16, got {self.bits!r}")
+        if self.kind == "ptf" and self.granularity != "per_channel":
+            raise VitqError("a 'ptf' quantizer is per_channel (one power-of-two factor per channel)")
+        if self.kind in ("log2", "logsqrt2") and (self.granularity != "per_tensor" or self.symmetric):
+            raise VitqError(f"a {self.kind!r} quantizer is per_tensor and unsigned")
+
+    @property
+    def qrange(self) -> Tuple[int, int]:
+        """The integer range [q_min, q_max]."""
+        if self.symmetric:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+    def with_(self, **changes: Any) -> "QuantSpec":
+        return replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "QuantSpec":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise VitqError(f"unknown quantizer setting(s) {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,79 @@
+"""Recipes: YAML files read into validated, frozen dataclasses. An unknown key is an error."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple, Union
+
+import yaml
+
+from ..errors import VitqError, reject_unknown_keys
+from ..quant.observers import ObserverConfig
+from ..registry import Registry
+
+RECIPE_DIR = Path(__file__).parent
+STAGES = ("calibrate",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named method: how weights and activations are calibrated and which stages run.
+
+    Example:
+        >>> load_recipe("omse").activations.observer
+        'omse'
+    """
+
+    name: str
+    description: str = ""
+    weights: ObserverConfig = field(default_factory=lambda: ObserverConfig("minmax", symmetric=True))
+    activations: ObserverConfig = field(default_factory=ObserverConfig)
+    stages: Tuple[str, ...] = ("calibrate",)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise VitqError("a recipe needs a non-empty 'name'")
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise VitqError(f"unknown stage(s) {bad} in recipe {self.name!r}; known stages: {', '.join(STAGES)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "recipe") -> "Recipe":
+        reject_unknown_keys(cls, data, where)
+        data = dict(data)
+        for key in ("weights", "activations"):
+            if key in data:
+                data[key] = ObserverConfig.from_dict(data[key], f"{where}: {key}")
+        if "stages" in data:
+            data["stages"] = tuple(data["stages"])
+        return cls(**data)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["stages"] = list(self.stages)
+        return out
+
+
+RECIPES: Registry[Path] = Registry("recipe")
+for _path in sorted(RECIPE_DIR.glob("*.yaml")):
+    RECIPES.register(_path.stem)(_path)
+
+
+def load_recipe(recipe: Union[str, Path, Recipe, Mapping[str, Any]]) -> Recipe:
+    """A recipe by built-in name (``vitq list``), YAML path, mapping, or as it is."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return Recipe.from_dict(recipe)
+    text = str(recipe)
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        path = Path(text)
+        if not path.is_file():
+            raise VitqError(f"recipe file {path} does not exist")
+    else:
+        path = RECIPES.get(text)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise VitqError(f"recipe {path} is not valid YAML: {err}") from None
+    return Recipe.from_dict(data or {}, where=f"recipe {path.name}")

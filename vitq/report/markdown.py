@@ -1,0 +1,51 @@
+"""report.md for a run."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def run_report(metrics: Dict[str, Any], notes: Dict[str, Any]) -> str:
+    """A Markdown report of one quantization run: setting, accuracy table, size, notes."""
+    m = metrics
+    lines = [
+        f"# vitq run: {m['model']} — {m['recipe']} W{m['w_bits']}A{m['a_bits']} ({m['protocol']})",
+        "",
+        f"- protocol **{m['protocol']}**: {notes.get('protocol_description', '')}",
+        f"- calibration: {m['num_calib']} images from {notes.get('calib', '—')}",
+        f"- evaluation: {m['num_eval']} images from {notes.get('eval', '—')}",
+        f"- seed {m['seed']}, device {notes.get('device', '—')}, {m['seconds']:.1f} s in all",
+        "",
+    ]
+    if m.get("quant_top1") is not None:
+        lines += [
+            "| model | top-1 | top-5 |",
+            "|---|---:|---:|",
+            f"| float | {_fmt(m['fp_top1'])} | {_fmt(m['fp_top5'])} |",
+            f"| W{m['w_bits']}A{m['a_bits']} {m['recipe']} | {_fmt(m['quant_top1'])} | {_fmt(m['quant_top5'])} |",
+            "",
+            f"Top-1 agreement with the float model: {_fmt(m['agreement'])} %. "
+            f"Mean KL(float ‖ quantized) of the softmax outputs: {_fmt(m['kl'], 4)}.",
+            "",
+        ]
+    else:
+        lines += ["No evaluation folder was given: accuracy was not measured.", ""]
+    lines += [
+        f"Weights: {m['weight_bytes']:,} bytes quantized vs {m['fp_weight_bytes']:,} bytes in float32 "
+        f"({m['weight_bytes'] / m['fp_weight_bytes']:.3f}×). Quantized weights are counted packed at "
+        "their bit-width with float32 scales and zero points; every other parameter as float32.",
+        "",
+        "Quant points enabled, by role: "
+        + ", ".join(f"{role} {n}" for role, n in sorted(notes.get("quant_points", {}).items())),
+        "",
+    ]
+    for extra in notes.get("remarks", []):
+        lines.append(f"- {extra}")
+    return "\n".join(lines).rstrip() + "\n"
