@@ -1,4 +1,5 @@
 """Image sources (DESIGN layer 6)."""
+from .assets import assets_dir
 from .folder import (
     ImageDataset,
     ImageList,
@@ -11,6 +12,7 @@ from .folder import (
 )
 
 __all__ = [
+    "assets_dir",
     "ImageDataset",
     "ImageList",
     "balanced_subset",
