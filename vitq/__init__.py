@@ -1,2 +1,32 @@
-"""vitq: post-training quantization of vision transformers."""
+"""vitq: post-training quantization of vision transformers.
+
+Example:
+    >>> import timm, torch, vitq
+    >>> model = timm.create_model("test_vit")
+    >>> result = vitq.quantize(model, "minmax", [torch.randn(2, 3, 160, 160)], w_bits=4, progress=False)
+    >>> sorted(result.plan.meta)[:2]
+    ['a_bits', 'protocol']
+"""
 __version__ = "0.1.0"
+
+from .api import QuantizedModel, evaluate, quantize, resolve_device
+from .errors import VitqError
+from .methods import Plan, apply_plan, calibrate, convert, prepare
+from .models import load_model
+from .recipes import Recipe, load_recipe
+
+__all__ = [
+    "Plan",
+    "QuantizedModel",
+    "Recipe",
+    "VitqError",
+    "apply_plan",
+    "calibrate",
+    "convert",
+    "evaluate",
+    "load_model",
+    "load_recipe",
+    "prepare",
+    "quantize",
+    "resolve_device",
+]

@@ -78,7 +78,7 @@ def scan_folder(root: str | Path) -> ImageList:
     index when the folders are ImageNet synsets), or a flat folder whose file names begin with an
     ImageNet synset id (``n01440764_tench.JPEG``).
     """
-    root = Path(root).expanduser()
+    root = Path(root).expanduser().resolve()  # absolute paths: subsets of one folder compare equal
     if not root.exists():
         raise VitqError(f"data folder {root} does not exist")
     if not root.is_dir():
@@ -127,7 +127,7 @@ def balanced_subset(
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
         raise VitqError(f"the number of {what} must be a positive integer, got {n!r}")
-    excluded = {Path(p) for p in exclude}
+    excluded = {Path(p).expanduser().resolve() for p in exclude}
     pool = [i for i, p in enumerate(images.paths) if p not in excluded]
     if not pool:
         raise VitqError(f"no {what} left in {images.root} once the calibration images are excluded")

@@ -1,0 +1,41 @@
+"""End-to-end checks on the real reference models and images (``pytest -m slow``)."""
+import json
+
+import pytest
+
+from vitq.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_cifar_reference_w8a8_omse_close_to_float_and_plan_reproduces(assets, tmp_path):
+    model = assets / "models" / "vit_cifar10_d6.pth"
+    out = tmp_path / "run"
+    rc = main(["quantize", str(model), "--recipe", "omse", "--w-bits", "8", "--a-bits", "8",
+               "--calib", str(assets / "cifar10" / "train"), "--num-calib", "128",
+               "--eval", str(assets / "cifar10" / "test"), "--num-eval", "500",
+               "--device", "cpu", "--quiet", "--out", str(out)])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fp_top1"] > 50  # the real trained model, not random weights
+    assert abs(metrics["quant_top1"] - metrics["fp_top1"]) <= 1.5
+    assert metrics["agreement"] >= 97
+    again = tmp_path / "eval.json"
+    rc = main(["eval", str(model), "--plan", str(out / "plan.json"), "--eval", str(assets / "cifar10" / "test"),
+               "--num-eval", "500", "--device", "cpu", "--quiet", "--out", str(again)])
+    assert rc == 0
+    assert json.loads(again.read_text())["quant_top1"] == metrics["quant_top1"]
+
+
+def test_imagenet_deit_tiny_flat_synset_folder(assets, tmp_path):
+    sample = assets / "imagenet-sample"
+    out = tmp_path / "run"
+    rc = main(["quantize", str(assets / "models" / "deit_tiny_imagenet.pth"), "--recipe", "minmax",
+               "--w-bits", "8", "--a-bits", "8", "--calib", str(sample), "--num-calib", "16",
+               "--eval", str(sample), "--num-eval", "64", "--batch-size", "16",
+               "--device", "cpu", "--quiet", "--out", str(out)])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_calib"] == 16 and metrics["num_eval"] == 64
+    assert metrics["fp_top1"] > 60  # labels follow the ImageNet synset order
+    assert metrics["agreement"] >= 85
