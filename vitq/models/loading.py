@@ -67,7 +67,7 @@ def load_model(
     """
     model_kwargs = dict(model_kwargs or {})
     if isinstance(model, nn.Module):
-        cfg = timm.data.resolve_data_config({}, model=model)
+        cfg = data_config_of(model)
         return LoadedModel(model.eval(), type(model).__name__, arch or type(model).__name__, model_kwargs, cfg)
     text = str(model)
     path = Path(text).expanduser()
@@ -75,6 +75,19 @@ def load_model(
     if looks_like_path:
         return _load_checkpoint(path, arch, model_kwargs)
     return _load_timm(text, model_kwargs, pretrained)
+
+
+def data_config_of(model: nn.Module) -> Dict[str, Any]:
+    """timm's data config for ``model``, with the input size the model was built for.
+
+    timm resolves the size from the pretrained config, which is wrong for a model created with
+    another ``img_size``; the patch embedding knows the real one.
+    """
+    cfg = dict(timm.data.resolve_data_config({}, model=model))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        cfg["input_size"] = (3, *tuple(img_size))
+    return cfg
 
 
 def _create(arch: str, kwargs: Dict[str, Any], pretrained: bool = False) -> nn.Module:
@@ -102,7 +115,7 @@ def _load_timm(name: str, kwargs: Dict[str, Any], pretrained: bool) -> LoadedMod
             "Without a network, pass a local checkpoint (.pth/.safetensors/.npz) with a sidecar "
             "<stem>.json or --arch, or use --random-weights for a model with random weights."
         ) from None
-    cfg = timm.data.resolve_data_config({}, model=model)
+    cfg = data_config_of(model)
     return LoadedModel(model.eval(), name, name, kwargs, cfg)
 
 
@@ -136,7 +149,7 @@ def _load_checkpoint(path: Path, arch: Optional[str], kwargs: Dict[str, Any]) ->
     model = _create(arch, all_kwargs)
     state = read_state_dict(path)
     _load_into(model, state, path)
-    cfg = dict(timm.data.resolve_data_config({}, model=model))
+    cfg = data_config_of(model)
     if card and card.get("data_config"):
         cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in card["data_config"].items()})
     classes = card.get("classes") if card else None

@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_vit
+from vitq.errors import VitqError
+from vitq.models import load_model
+
+
+def _card(path, **extra):
+    card = {"timm_model": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8, "num_classes": 4},
+            "data_config": {"input_size": [3, 32, 32], "mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]}, **extra}
+    path.with_suffix(".json").write_text(json.dumps(card))
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".npz"])
+def test_checkpoint_formats_with_card(tmp_path, suffix):
+    model = tiny_vit()
+    path = tmp_path / f"m{suffix}"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if suffix == ".pth":
+        torch.save({"model": state}, path)  # a wrapped state_dict is unwrapped
+    elif suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        np.savez(path, **{k: v.numpy() for k, v in state.items()})
+    _card(path, classes=["a", "b", "c", "d"])
+    loaded = load_model(path)
+    assert _same_weights(loaded.model, model)
+    assert loaded.arch == "test_vit" and loaded.classes == ["a", "b", "c", "d"]
+    assert loaded.data_config["input_size"] == (3, 32, 32) and loaded.data_config["mean"] == (0.1, 0.2, 0.3)
+
+
+def test_checkpoint_with_arch_instead_of_card(tmp_path):
+    model = tiny_vit()
+    path = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path, arch="test_vit", model_kwargs={"img_size": 32, "patch_size": 8, "num_classes": 4})
+    assert _same_weights(loaded.model, model)
+
+
+def test_pickled_module_is_refused(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save(tiny_vit(), path)  # a pickled module would need code execution to load
+    _card(path)
+    with pytest.raises(VitqError, match="cannot read checkpoint"):
+        load_model(path)
+
+
+def test_hub_failure_names_the_way_out(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(VitqError, match="could not fetch pretrained weights.*local checkpoint"):
+        load_model("deit_tiny_patch16_224")
+
+
+def test_random_weights_and_modules():
+    assert load_model("test_vit", pretrained=False).arch == "test_vit"
+    loaded = load_model(tiny_vit())
+    assert loaded.data_config["input_size"] == (3, 32, 32)
+
+
+def test_unknown_model_name_suggests_names():
+    with pytest.raises(VitqError, match="unknown model 'deit_tinyy_patch16_224'.*Similar names: deit"):
+        load_model("deit_tinyy_patch16_224")
