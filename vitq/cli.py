@@ -13,7 +13,9 @@ import torch
 
 from . import __version__
 from .api import evaluate, quantize, resolve_device
-from .data.folder import ImageList, check_labels, load_images, make_loader
+from .data.folder import ImageList, balanced_subset, check_labels, load_images, make_loader, scan_folder
+from .data.synthetic import GENERATORS, GenerationDiverged, GenerationResult, create_generator
+from .data.synthetic.io import image_stats, save_grid, save_images
 from .errors import VitqError
 from .eval.metrics import count_quant_points, model_size
 from .methods.lifecycle import check_bits
@@ -76,6 +78,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log on the console")
 
 
+def _generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-images", type=_positive_int, default=None,
+                        help="synthetic images to make (default: the recipe's data_free.num_images, 32)")
+    parser.add_argument("--iterations", type=_positive_int, default=None, help="optimisation steps per batch")
+    parser.add_argument("--gen-settings", type=_json_object, default=None,
+                        help="JSON of generator settings (lr, tau, window, positives, batch_size, ...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitq", description="Post-training quantization of vision transformers.")
     parser.add_argument("--version", action="version", version=f"vitq {__version__}")
@@ -86,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="omse", help="recipe name (vitq list) or YAML file")
     q.add_argument("--w-bits", type=_bits, default=8)
     q.add_argument("--a-bits", type=_bits, default=8)
-    q.add_argument("--calib", required=True, help="calibration images (ImageFolder or flat synset folder)")
+    source = q.add_mutually_exclusive_group(required=True)
+    source.add_argument("--calib", help="calibration images (ImageFolder or flat synset folder)")
+    source.add_argument("--data-free", choices=GENERATORS.names(),
+                        help="no real images: calibrate on images synthesised from the model by this generator")
+    _generation_options(q)
     q.add_argument("--num-calib", type=_positive_int, default=None, help=f"default {DEFAULT_NUM_CALIB} or all if fewer")
     q.add_argument("--out", required=True, help="run folder to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -96,7 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plan", required=True, help="plan.json of a run (or the run folder)")
     e.add_argument("--out", help="write metrics.json here (a file path)")
 
-    sub.add_parser("list", help="recipes, observers, protocols and supported model families")
+    g = sub.add_parser("generate", help="synthesise calibration images from the model (data-free)")
+    _common(g)
+    g.add_argument("--generator", choices=GENERATORS.names(), default="clamp")
+    g.add_argument("--recipe", default=None, help="take the generator settings from this recipe's data_free section")
+    _generation_options(g)
+    g.add_argument("--out", required=True, help="folder to write (images/, grid.png, stats.json)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+
+    sub.add_parser("list", help="recipes, observers, protocols, generators and supported model families")
     return parser
 
 
@@ -130,6 +152,41 @@ def _calib_images_of_plan(plan: Plan, eval_dir: str) -> Optional[ImageList]:
     return load_images(folder, calib["num"], calib["seed"], what="calibration images")
 
 
+def _generate(args: argparse.Namespace, loaded: LoadedModel, generator_name: str, recipe, device, run) -> GenerationResult:
+    """Synthesise images as the recipe and the options say; write images, grid and stats into the run."""
+    settings = dict(recipe.data_free.settings) if recipe is not None and recipe.data_free.generator == generator_name else {}
+    settings.update(args.gen_settings or {})
+    if args.iterations is not None:
+        settings["iterations"] = args.iterations
+    num = args.num_images or (recipe.data_free.num_images if recipe is not None else 32)
+    generator = create_generator(generator_name, settings)
+    run.log.info("generating %d images with %s (%s)", num, generator_name,
+                 ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "default settings")
+    model = loaded.model.to(device)
+    try:
+        result = generator.generate(model, num, loaded.data_config, seed=args.seed, device=device,
+                                    progress=not args.quiet)
+    except GenerationDiverged as err:
+        kept = len(err.images)
+        if kept:
+            save_images(err.images, torch.zeros(kept, dtype=torch.long), run.path / "images", loaded.data_config)
+            save_grid(err.images, run.path / "grid.png", loaded.data_config)
+        run.log.error("generation stopped: %s; %d images made before it are kept in %s", err, kept, run.path)
+        raise
+    save_images(result.images, result.targets, run.path / "images", loaded.data_config)
+    save_grid(result.images, run.path / "grid.png", loaded.data_config)
+    stats = {"generator": generator_name, "settings": generator.settings.to_dict(), "seconds": round(result.seconds, 2),
+             "seconds_per_image": round(result.seconds / num, 3), "first_loss": result.losses[0] if result.losses else None,
+             "last_loss": result.losses[-1] if result.losses else None,
+             **image_stats(model, result.images, result.targets)}
+    if torch.cuda.is_available() and device.type == "cuda":
+        stats["peak_cuda_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    run.write_json("stats.json", stats)
+    run.log.info("made %d images in %.1f s; float model confidence %.3f, %d distinct predicted classes",
+                 num, result.seconds, stats["mean_confidence"], stats["distinct_predicted_classes"])
+    return result
+
+
 def _metric_keys(metrics: Dict[str, Any]) -> str:
     row = [
         ("fp top-1", metrics.get("fp_top1")),
@@ -152,10 +209,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     device = resolve_device(args.device)
     loaded = _load(args)
-    calib = load_images(args.calib, None, args.seed)
-    num_calib = args.num_calib if args.num_calib is not None else min(DEFAULT_NUM_CALIB, len(calib))
-    calib = load_images(args.calib, num_calib, args.seed, what="calibration images")
-    check_labels(calib, _num_classes(loaded)) if _num_classes(loaded) else None
+    calib: Optional[ImageList] = None
+    if args.calib:
+        folder = scan_folder(args.calib)
+        num_calib = args.num_calib if args.num_calib is not None else min(DEFAULT_NUM_CALIB, len(folder))
+        calib = balanced_subset(folder, num_calib, args.seed, what="calibration images")
+        if _num_classes(loaded):
+            check_labels(calib, _num_classes(loaded))
     eval_images = _eval_images(args, calib, args.seed)
     if eval_images is not None and _num_classes(loaded):
         check_labels(eval_images, _num_classes(loaded))
@@ -173,27 +233,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "device": str(device),
             "batch_size": args.batch_size,
-            "calib": {"folder": str(calib.root), "num": len(calib), "layout": calib.layout},
+            "calib": {"folder": str(calib.root), "num": len(calib), "layout": calib.layout} if calib else
+            {"data_free": args.data_free},
             "eval": None
             if eval_images is None
-            else {"folder": str(eval_images.root), "num": len(eval_images), "excludes_calibration": bool(
-                eval_images.root.resolve() == calib.root.resolve())},
+            else {"folder": str(eval_images.root), "num": len(eval_images),
+                  "excludes_calibration": bool(calib and eval_images.root == calib.root)},
             "versions": {"vitq": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
         run.write_yaml("config.yaml", config)
         run.log.info("vitq %s: %s, recipe %s, W%dA%d, protocol %s, device %s",
                      __version__, loaded.name, recipe.name, args.w_bits, args.a_bits, protocol.name, device)
-        run.log.info("calibration: %d images from %s", len(calib), calib.root)
-        calib_loader = make_loader(calib, loaded.data_config, args.batch_size, args.workers)
-        meta = {
-            "model": loaded.identity,
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-            "calibration": {"folder": str(calib.root.resolve()), "num": len(calib), "seed": args.seed},
-        }
+        meta = {"model": loaded.identity, "seed": args.seed, "batch_size": args.batch_size}
+        if calib is not None:
+            run.log.info("calibration: %d images from %s", len(calib), calib.root)
+            calib_batches = make_loader(calib, loaded.data_config, args.batch_size, args.workers)
+            meta["calibration"] = {"folder": str(calib.root), "num": len(calib), "seed": args.seed}
+            num_calib, calib_source = len(calib), str(calib.root)
+        else:
+            generated = _generate(args, loaded, args.data_free, recipe, device, run)
+            calib_batches = list(generated.images.split(args.batch_size))
+            meta["calibration"] = {"data_free": args.data_free, "num": len(generated.images), "seed": args.seed}
+            num_calib, calib_source = len(generated.images), f"the {args.data_free} generator (data-free)"
         t0 = time.perf_counter()
         result = quantize(
-            loaded.model, recipe, calib_loader, w_bits=args.w_bits, a_bits=args.a_bits, protocol=protocol.name,
+            loaded.model, recipe, calib_batches, w_bits=args.w_bits, a_bits=args.a_bits, protocol=protocol.name,
             device=device, progress=not args.quiet, meta=meta,
         )
         run.log.info("calibrated %d quant points in %.1f s", len(result.plan.rules), time.perf_counter() - t0)
@@ -214,14 +278,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "w_bits": args.w_bits,
             "a_bits": args.a_bits,
             "seed": args.seed,
-            "num_calib": len(calib),
+            "num_calib": num_calib,
+            "data_free": args.data_free,
             **metrics,
             "seconds": round(time.perf_counter() - start, 2),
             "device": str(device),
         }
         notes = {
             "protocol_description": protocol.description,
-            "calib": str(calib.root),
+            "calib": calib_source,
             "eval": "—" if eval_images is None else str(eval_images.root)
             + (" (calibration images excluded)" if config["eval"]["excludes_calibration"] else ""),
             "device": str(device),
@@ -276,6 +341,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    args.seed = 0 if args.seed is None else args.seed
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    device = resolve_device(args.device)
+    loaded = _load(args)
+    with RunFolder(args.out, overwrite=args.overwrite, echo=not args.quiet) as run:
+        torch.manual_seed(args.seed)
+        run.write_yaml("config.yaml", {"command": "generate", "model": loaded.identity, "generator": args.generator,
+                                       "recipe": args.recipe, "num_images": args.num_images, "seed": args.seed,
+                                       "device": str(device), "settings": args.gen_settings,
+                                       "iterations": args.iterations})
+        _generate(args, loaded, args.generator, recipe, device, run)
+        folder = run.finish()
+    if not args.quiet:
+        print(f"images written to {folder / 'images'} (grid: {folder / 'grid.png'}); calibrate with --calib {folder / 'images'}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     print("recipes:")
     for name in RECIPES.names():
@@ -286,13 +369,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("protocols:")
     for name, proto in PROTOCOLS.items():
         print(f"  {name:12s} {proto.description}")
+    print("generators (data-free):")
+    for name, cls in GENERATORS.items():
+        print(f"  {name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
     print("model families:")
     for name, cls in ADAPTERS.items():
         print(f"  {name:12s} {cls.family}")
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "list": cmd_list}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "list": cmd_list}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -14,6 +14,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import VitqError
+from .synthetic.io import SYNTHETIC_MARKER
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 _SYNSET = re.compile(r"^(n\d{8})")
@@ -36,7 +37,8 @@ class ImageList:
         paths: image files, sorted.
         labels: class index of each file.
         classes: class name of each index present (synset or sub-folder name).
-        layout: ``imagefolder`` or ``flat-synset``.
+        layout: ``imagefolder``, ``flat-synset`` or ``synthetic`` (vitq's generated images, stored
+            at the model's input size: fed as they are, without resize or crop).
     """
 
     root: Path
@@ -99,7 +101,8 @@ def scan_folder(root: str | Path) -> ImageList:
         for name, files in per_class.items():
             paths += files
             labels += [index[name]] * len(files)
-        return ImageList(root, tuple(paths), tuple(labels), {v: k for k, v in index.items()}, "imagefolder")
+        layout = "synthetic" if (root / SYNTHETIC_MARKER).is_file() else "imagefolder"
+        return ImageList(root, tuple(paths), tuple(labels), {v: k for k, v in index.items()}, layout)
     if not flat:
         raise VitqError(f"data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     synsets = [_SYNSET.match(p.name) for p in flat]
@@ -166,7 +169,17 @@ class ImageDataset(Dataset):
 
     def __init__(self, images: ImageList, data_config: Dict[str, Any]) -> None:
         self.images = images
-        self.transform = build_transform(data_config)
+        if images.layout == "synthetic":
+            from torchvision import transforms
+
+            size = tuple(data_config["input_size"][1:])
+            self.transform = transforms.Compose([
+                transforms.Resize(size),  # a no-op for images generated for this model
+                transforms.ToTensor(),
+                transforms.Normalize(data_config["mean"], data_config["std"]),
+            ])
+        else:
+            self.transform = build_transform(data_config)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -4,11 +4,13 @@ Chosen by module type through a registry, never by module names.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple, Type
+import math
+from typing import Callable, Dict, Iterator, List, Tuple, Type
 
 import timm.layers
 from timm.layers.attention import Attention
-from timm.models.swin_transformer import SwinTransformer, WindowAttention
+import torch
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -45,6 +47,11 @@ class ModelAdapter:
     def check(self, model: nn.Module) -> None:
         """Raise a :class:`VitqError` naming what the model lacks for this adapter."""
 
+    def token_grids(self, model: nn.Module) -> List[Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The modules whose outputs are patch-token maps, each with a function that turns its
+        output into a ``[B, h, w, C]`` grid (prefix tokens dropped). Used by data-free generators."""
+        raise VitqError(f"{type(model).__name__}: this model family exposes no token grids")
+
     def quantize_modules(self, model: nn.Module) -> nn.Module:
         """Replace, in place, every mapped float module of ``model`` by its quantized module."""
         self.check(model)
@@ -77,6 +84,20 @@ class ViTAdapter(ModelAdapter):
                     "is not supported yet (supported: " + ", ".join(ADAPTERS.names()) + ")"
                 )
 
+    def token_grids(self, model: nn.Module) -> List[Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+        """Each block's attention output (after the projection), on the patch grid."""
+        self.check(model)
+        prefix = int(getattr(model, "num_prefix_tokens", 1))
+        grid = tuple(model.patch_embed.grid_size)
+
+        def to_grid(out: torch.Tensor) -> torch.Tensor:
+            patches = out[:, prefix:]
+            n = patches.shape[1]
+            h, w = grid if grid[0] * grid[1] == n else (math.isqrt(n), n // math.isqrt(n))
+            return patches.reshape(out.shape[0], h, w, out.shape[-1])
+
+        return [(block.attn, to_grid) for block in model.blocks]
+
 
 @ADAPTERS.register("swin")
 class SwinAdapter(ModelAdapter):
@@ -88,6 +109,12 @@ class SwinAdapter(ModelAdapter):
         found = sum(isinstance(m, WindowAttention) for m in model.modules())
         if found == 0:
             raise VitqError("this SwinTransformer has no WindowAttention modules: it is not a Swin v1 model")
+
+    def token_grids(self, model: nn.Module) -> List[Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+        """Each Swin block's output, already a ``[B, H, W, C]`` grid (windowed attention outputs are
+        scattered over shifted windows; the block output holds them in place)."""
+        self.check(model)
+        return [(m, lambda out: out) for m in model.modules() if isinstance(m, SwinTransformerBlock)]
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter:

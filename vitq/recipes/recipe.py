@@ -8,6 +8,7 @@ from typing import Any, Dict, Mapping, Tuple, Union
 import yaml
 
 from ..errors import VitqError, reject_unknown_keys
+from ..data.synthetic.generators import GENERATORS, GeneratorSettings
 from ..quant.observers import ObserverConfig
 from ..registry import Registry
 
@@ -16,8 +17,32 @@ STAGES = ("calibrate",)
 
 
 @dataclass(frozen=True)
+class DataFreeConfig:
+    """Synthetic calibration images: which generator, how many, with which settings
+    (see :class:`vitq.data.synthetic.GeneratorSettings`)."""
+
+    generator: str = "clamp"
+    num_images: int = 32
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        GENERATORS.get(self.generator)
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images <= 0:
+            raise VitqError(f"data_free.num_images must be a positive integer, got {self.num_images!r}")
+        GeneratorSettings.from_dict(self.settings, "data_free.settings")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "DataFreeConfig":
+        reject_unknown_keys(cls, data, where)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A named method: how weights and activations are calibrated and which stages run.
+
+    ``data_free`` says how synthetic calibration images are made when a run asks for them
+    (``--data-free``); real calibration images ignore it.
 
     Example:
         >>> load_recipe("omse").activations.observer
@@ -29,6 +54,7 @@ class Recipe:
     weights: ObserverConfig = field(default_factory=lambda: ObserverConfig("minmax", symmetric=True))
     activations: ObserverConfig = field(default_factory=ObserverConfig)
     stages: Tuple[str, ...] = ("calibrate",)
+    data_free: DataFreeConfig = field(default_factory=DataFreeConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -46,6 +72,8 @@ class Recipe:
                 data[key] = ObserverConfig.from_dict(data[key], f"{where}: {key}")
         if "stages" in data:
             data["stages"] = tuple(data["stages"])
+        if "data_free" in data:
+            data["data_free"] = DataFreeConfig.from_dict(data["data_free"], f"{where}: data_free")
         return cls(**data)
 
     def to_dict(self) -> Dict[str, Any]:

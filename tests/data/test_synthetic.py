@@ -1,0 +1,174 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_swin, tiny_vit
+from vitq.cli import main
+from vitq.data.synthetic import GenerationDiverged, GeneratorSettings, create_generator
+from vitq.data.synthetic.io import denormalize
+from vitq.data.synthetic.losses import patch_contrastive_loss, patch_similarity_entropy, total_variation
+from vitq.errors import VitqError
+from vitq.models import load_model
+
+
+def test_contrastive_loss_exact_on_a_constant_grid():
+    # every similarity is 1: interior anchors have 8 neighbours and 4 positives (log 2), edge anchors
+    # 5 neighbours (log 5/4), corner anchors 3 neighbours that are all positives (0)
+    loss = patch_contrastive_loss(torch.ones(1, 4, 4, 8), window=3, positives=4, tau=0.1)
+    expected = (4 * torch.log(torch.tensor(2.0)) + 8 * torch.log(torch.tensor(1.25))) / 16
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("negatives", ["window", "image"])
+def test_contrastive_loss_is_cosine_based_and_descends(negatives):
+    torch.manual_seed(0)
+    grid = torch.randn(2, 6, 6, 16)
+    loss = patch_contrastive_loss(grid, negatives=negatives)
+    assert patch_contrastive_loss(3.0 * grid, negatives=negatives).item() == pytest.approx(loss.item(), rel=1e-5)
+    grid.requires_grad_(True)
+    for _ in range(20):
+        value = patch_contrastive_loss(grid, negatives=negatives)
+        (g,) = torch.autograd.grad(value, grid)
+        grid = (grid - 5.0 * g).detach().requires_grad_(True)
+    assert patch_contrastive_loss(grid, negatives=negatives) < loss
+
+
+def test_similarity_entropy_ascends():
+    torch.manual_seed(0)
+    grid = torch.randn(2, 4, 4, 32, requires_grad=True)
+    start = patch_similarity_entropy(grid).detach()
+    assert start.shape == (2,)
+    for _ in range(10):
+        (g,) = torch.autograd.grad(patch_similarity_entropy(grid).sum(), grid)
+        grid = (grid + 1.0 * g).detach().requires_grad_(True)
+    assert (patch_similarity_entropy(grid) > start).all()
+
+
+def test_total_variation_exact():
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0] = 1.0
+    # vertical diffs: (−1, 0) → mean 0.5; horizontal: (−1, 0) → mean 0.5
+    assert total_variation(x).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["psaq", "clamp"])
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin], ids=["vit", "swin"])
+def test_generators_lower_their_loss_and_keep_images_in_range(name, make):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = load_model(model).data_config
+    result = create_generator(name, {"iterations": 30, "batch_size": 3, "lr": 0.1}).generate(
+        model, 5, cfg, seed=0, progress=False)
+    assert result.images.shape == (5, 3, 32, 32)
+    assert torch.isfinite(result.images).all()
+    pixels = denormalize(result.images, cfg)
+    assert torch.equal(pixels, pixels.clamp(0, 1))
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < first
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_same_seed_same_images():
+    model = tiny_vit()
+    cfg = load_model(model).data_config
+    gen = create_generator("clamp", {"iterations": 3})
+    a = gen.generate(model, 2, cfg, seed=1, progress=False).images
+    b = gen.generate(model, 2, cfg, seed=1, progress=False).images
+    c = gen.generate(model, 2, cfg, seed=2, progress=False).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_gaussian_matches_input_statistics():
+    model = tiny_vit()
+    cfg = load_model(model).data_config
+    images = create_generator("gaussian").generate(model, 64, cfg, progress=False).images
+    assert abs(images.mean().item()) < 0.1 and 0.7 < images.std().item() < 1.05
+
+
+def _nan_vit():
+    model = tiny_vit()
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    return model
+
+
+def test_divergence_is_reported_with_the_step_and_images_kept():
+    model = _nan_vit()
+    cfg = load_model(model).data_config
+    gen = create_generator("clamp", {"iterations": 5, "batch_size": 2})
+    with pytest.raises(GenerationDiverged, match="step 1") as info:
+        gen.generate(model, 3, cfg, progress=False)
+    assert info.value.images.shape == (2, 3, 32, 32)
+    assert torch.isfinite(info.value.images).all()
+
+
+@pytest.mark.parametrize("num", [0, -3, 2.5])
+def test_bad_image_counts(num):
+    model = tiny_vit()
+    with pytest.raises(VitqError, match="positive integer"):
+        create_generator("clamp").generate(model, num, load_model(model).data_config, progress=False)
+
+
+def test_unknown_generator_and_settings():
+    with pytest.raises(VitqError, match="unknown generator 'clampp'"):
+        create_generator("clampp")
+    with pytest.raises(VitqError, match="unknown key"):
+        create_generator("clamp", {"temperature": 0.1})
+    with pytest.raises(VitqError, match="window"):
+        GeneratorSettings(window=4)
+
+
+def test_model_without_token_grids_is_refused():
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=4)
+    with pytest.raises(VitqError, match="not a supported model family"):
+        create_generator("psaq", {"iterations": 1}).generate(
+            model, 1, {"input_size": (3, 32, 32), "mean": (0, 0, 0), "std": (1, 1, 1)}, progress=False)
+
+
+def test_cli_generate_then_calibrate_on_the_files(checkpoint, image_folder, tmp_path, capsys):
+    gen_out = tmp_path / "gen"
+    rc = main(["generate", str(checkpoint), "--generator", "clamp", "--num-images", "4", "--iterations", "3",
+               "--out", str(gen_out), "--device", "cpu", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert (gen_out / "grid.png").is_file() and len(list((gen_out / "images").rglob("*.png"))) == 4
+    stats = json.loads((gen_out / "stats.json").read_text())
+    assert stats["num_images"] == 4 and 0 <= stats["mean_confidence"] <= 1
+    out = tmp_path / "run"
+    rc = main(["quantize", str(checkpoint), "--recipe", "minmax", "--calib", str(gen_out / "images"),
+               "--eval", str(image_folder), "--out", str(out), "--device", "cpu", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["num_calib"] == 4
+
+
+def test_cli_quantize_data_free(checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["quantize", str(checkpoint), "--recipe", "omse", "--w-bits", "4", "--data-free", "psaq",
+               "--num-images", "3", "--iterations", "2", "--eval", str(image_folder), "--out", str(out),
+               "--device", "cpu", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data_free"] == "psaq" and metrics["num_calib"] == 3
+    assert (out / "grid.png").is_file() and (out / "stats.json").is_file()
+
+
+def test_cli_generation_failure_keeps_images(checkpoint, tmp_path, capsys):
+    torch.save(_nan_vit().state_dict(), checkpoint)  # the same architecture, with a NaN in the head
+    out = tmp_path / "gen"
+    rc = main(["generate", str(checkpoint), "--num-images", "2", "--iterations", "4",
+               "--out", str(out), "--device", "cpu", "--quiet"])
+    assert rc == 2
+    assert "step" in capsys.readouterr().err
+    assert not out.exists()
+    partial = tmp_path / "gen.partial"
+    assert (partial / "error.txt").is_file() and len(list((partial / "images").rglob("*.png"))) == 2
+
+
+def test_cli_rejects_bad_counts_and_generators(checkpoint, tmp_path):
+    for argv in (["--num-images", "0"], ["--num-images", "-1"], ["--generator", "nope"]):
+        with pytest.raises(SystemExit) as info:
+            main(["generate", str(checkpoint), "--out", str(tmp_path / "g"), *argv])
+        assert info.value.code == 2

@@ -1,0 +1,24 @@
+"""Data-free calibration images (DESIGN layer 6): gaussian, psaq, clamp."""
+from .generators import (
+    GENERATORS,
+    GaussianGenerator,
+    GenerationDiverged,
+    GenerationResult,
+    Generator,
+    GeneratorSettings,
+    PatchContrastiveGenerator,
+    PatchSimilarityGenerator,
+    create_generator,
+)
+
+__all__ = [
+    "GENERATORS",
+    "GaussianGenerator",
+    "GenerationDiverged",
+    "GenerationResult",
+    "Generator",
+    "GeneratorSettings",
+    "PatchContrastiveGenerator",
+    "PatchSimilarityGenerator",
+    "create_generator",
+]

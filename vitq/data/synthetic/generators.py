@@ -1,0 +1,291 @@
+"""Data-free calibration images made from the float model itself.
+
+A generator is a registered class: float model in, a tensor of normalised images out, seeded.
+The float model is never modified; gradients flow to the images only.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...errors import VitqError, reject_unknown_keys
+from ...models.adapters import find_adapter
+from ...registry import Registry
+from .losses import patch_contrastive_loss, patch_similarity_entropy, total_variation
+
+Tensor = torch.Tensor
+
+GENERATORS: Registry[type] = Registry("generator")
+
+
+class GenerationDiverged(VitqError):
+    """The loss became NaN or inf. ``images`` holds the last finite images of every batch so far."""
+
+    def __init__(self, message: str, images: Tensor) -> None:
+        super().__init__(message)
+        self.images = images
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """Settings shared by the optimising generators (PSAQ-ViT's image priors, METHODS.md §3.2).
+
+    Attributes:
+        iterations: Adam steps per batch.
+        lr: Adam learning rate (β = (0.5, 0.9)), with linear warm-up then cosine decay.
+        warmup: warm-up steps (at most a tenth of ``iterations``).
+        batch_size: images optimised together; more images are made batch after batch.
+        ce_weight: weight of the cross-entropy to random target classes (the output loss).
+        tv_weight: weight of the total-variation prior.
+        jitter: random roll of up to this fraction of the image side, each step.
+        flip: random horizontal flips, each step.
+        patch_weight: weight of the patch loss (PSAQ entropy or CLAMP contrastive).
+        window, positives, tau, negatives: CLAMP's contrastive settings.
+        bandwidth, kde_points: PSAQ's kernel density estimate.
+    """
+
+    iterations: int = 500
+    lr: float = 0.2
+    warmup: int = 100
+    batch_size: int = 32
+    ce_weight: float = 1.0
+    tv_weight: float = 0.05
+    jitter: float = 0.0625
+    flip: bool = True
+    patch_weight: float = 1.0
+    window: int = 3
+    positives: int = 4
+    tau: float = 0.1
+    negatives: str = "window"
+    bandwidth: float = 0.01
+    kde_points: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size", "window", "positives", "kde_points"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise VitqError(f"generator setting {name} must be a positive integer, got {value!r}")
+        for name in ("lr", "tau", "bandwidth"):
+            if not getattr(self, name) > 0:
+                raise VitqError(f"generator setting {name} must be positive, got {getattr(self, name)!r}")
+        if self.window % 2 == 0 or self.window < 3:
+            raise VitqError(f"window must be an odd size of at least 3, got {self.window}")
+        if self.positives >= self.window**2 - 1:
+            raise VitqError(f"positives must be fewer than the {self.window**2 - 1} neighbours of a window")
+        if self.negatives not in ("window", "image"):
+            raise VitqError(f"negatives must be 'window' or 'image', got {self.negatives!r}")
+        if not 0 <= self.jitter < 0.5:
+            raise VitqError(f"jitter is a fraction of the image side in [0, 0.5), got {self.jitter}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "generator settings") -> "GeneratorSettings":
+        reject_unknown_keys(cls, data, where)
+        return cls(**data)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    """Images (normalised for the model), their target classes, and what the run cost."""
+
+    images: Tensor
+    targets: Tensor
+    seconds: float
+    losses: List[float] = field(default_factory=list)
+
+
+class Generator:
+    """Base: an optimising generator. Subclasses add a patch loss on the token grids."""
+
+    #: whether the generator reads the model's token grids (needs a supported family)
+    uses_grids = True
+
+    def __init__(self, settings: Optional[GeneratorSettings] = None) -> None:
+        self.settings = settings or GeneratorSettings()
+
+    def patch_loss(self, grids: Sequence[Tensor]) -> Tensor:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def generate(
+        self,
+        model: nn.Module,
+        num_images: int,
+        data_config: Mapping[str, Any],
+        *,
+        seed: int = 0,
+        device: Optional[torch.device] = None,
+        progress: bool = True,
+    ) -> GenerationResult:
+        """Make ``num_images`` normalised images ``[N, 3, H, W]`` for ``model``.
+
+        Raises:
+            GenerationDiverged: NaN/inf in the loss; carries the images made so far.
+        """
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
+            raise VitqError(f"the number of images must be a positive integer, got {num_images!r}")
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        num_classes = int(getattr(model, "num_classes", 0) or 0)
+        if num_classes <= 0:
+            raise VitqError("the model has no classification head (num_classes = 0): data-free generation "
+                            "needs class scores for its output loss")
+        targets = torch.randint(0, num_classes, (num_images,), generator=gen)
+        start = time.perf_counter()
+        batches, losses = [], []
+        bs = self.settings.batch_size
+        steps = math.ceil(num_images / bs)
+        bar = tqdm(total=steps * self._iterations(), desc=f"generate ({self.name})", unit="step",
+                   disable=not progress, leave=False)
+        try:
+            with _frozen(model, device):
+                for b in range(steps):
+                    y = targets[b * bs : (b + 1) * bs]
+                    try:
+                        x, batch_losses = self._optimise(model, y, data_config, gen, device, bar)
+                    except GenerationDiverged as err:
+                        done = torch.cat(batches + [err.images]) if batches else err.images
+                        raise GenerationDiverged(f"batch {b + 1}/{steps}: {err}", done) from None
+                    batches.append(x)
+                    losses += batch_losses
+        finally:
+            bar.close()
+        return GenerationResult(torch.cat(batches), targets, time.perf_counter() - start, losses)
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registered_name", type(self).__name__)
+
+    def _iterations(self) -> int:
+        return self.settings.iterations
+
+    def _optimise(self, model, targets, data_config, gen, device, bar) -> Tuple[Tensor, List[float]]:
+        s = self.settings
+        C, H, W = data_config["input_size"]
+        mean = torch.tensor(data_config["mean"], device=device).view(1, -1, 1, 1)
+        std = torch.tensor(data_config["std"], device=device).view(1, -1, 1, 1)
+        lo, hi = (0 - mean) / std, (1 - mean) / std  # the valid range of normalised pixels
+        x = torch.randn((len(targets), C, H, W), generator=gen).to(device)
+        x = torch.max(torch.min(x, hi), lo).requires_grad_(True)
+        targets = targets.to(device)
+        opt = torch.optim.Adam([x], lr=s.lr, betas=(0.5, 0.9))
+        warmup = min(s.warmup, s.iterations // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda i: (i + 1) / (warmup + 1) if i < warmup
+            else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, s.iterations - warmup))),
+        )
+        grids: List[Tensor] = []
+        hooks = []
+        if self.uses_grids:
+            for module, to_grid in find_adapter(model).token_grids(model):
+                hooks.append(module.register_forward_hook(lambda m, i, o, f=to_grid: grids.append(f(o))))
+        losses, good = [], x.detach().clone()
+        max_shift = int(round(s.jitter * min(H, W)))
+        try:
+            for step in range(s.iterations):
+                grids.clear()
+                dy, dx = (torch.randint(-max_shift, max_shift + 1, (2,), generator=gen).tolist()
+                          if max_shift else (0, 0))
+                inp = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+                if s.flip and torch.rand((), generator=gen).item() < 0.5:
+                    inp = inp.flip(3)
+                logits = model(inp)
+                loss = s.ce_weight * F.cross_entropy(logits, targets) + s.tv_weight * total_variation(x).mean()
+                if self.uses_grids and s.patch_weight:
+                    loss = loss + s.patch_weight * self.patch_loss(grids)
+                if not torch.isfinite(loss):
+                    raise GenerationDiverged(f"the loss became {loss.item()} at step {step + 1}", good)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    x.copy_(torch.max(torch.min(x, hi), lo))
+                    if not torch.isfinite(x).all():
+                        raise GenerationDiverged(f"the images became NaN/inf at step {step + 1}", good)
+                good = x.detach().clone()
+                losses.append(loss.item())
+                bar.update(1)
+        finally:
+            for h in hooks:
+                h.remove()
+        return good, losses
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module, device: torch.device):
+    """Eval mode and no parameter gradients for the duration; the model's own flags come back after."""
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval().to(device).requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _register(name: str):
+    def decorator(cls):
+        cls.registered_name = name
+        return GENERATORS.register(name)(cls)
+
+    return decorator
+
+
+@_register("gaussian")
+class GaussianGenerator(Generator):
+    """Gaussian noise at the model's input statistics (the baseline that should do badly)."""
+
+    uses_grids = False
+
+    def _iterations(self) -> int:
+        return 1
+
+    def _optimise(self, model, targets, data_config, gen, device, bar):
+        C, H, W = data_config["input_size"]
+        mean = torch.tensor(data_config["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(data_config["std"]).view(1, -1, 1, 1)
+        # N(0, 1) in the normalised space is the data's mean and spread in pixel space
+        x = torch.randn((len(targets), C, H, W), generator=gen)
+        x = torch.max(torch.min(x, (1 - mean) / std), (0 - mean) / std)
+        bar.update(1)
+        return x.to(device), []
+
+
+@_register("psaq")
+class PatchSimilarityGenerator(Generator):
+    """PSAQ-ViT v1: maximise the patch-similarity entropy of every block's attention output,
+    with cross-entropy to random classes and a total-variation prior."""
+
+    def patch_loss(self, grids: Sequence[Tensor]) -> Tensor:
+        s = self.settings
+        return -sum(patch_similarity_entropy(g, s.bandwidth, s.kde_points).mean() for g in grids)
+
+
+@_register("clamp")
+class PatchContrastiveGenerator(Generator):
+    """CLAMP-ViT stage 1: patch-level contrastive loss on every block's attention output (the
+    most similar neighbours in a k×k window are positives), with the output loss and image priors."""
+
+    def patch_loss(self, grids: Sequence[Tensor]) -> Tensor:
+        s = self.settings
+        return sum(patch_contrastive_loss(g, s.window, s.positives, s.tau, s.negatives) for g in grids) / len(grids)
+
+
+def create_generator(name: str, settings: Optional[Mapping[str, Any]] = None) -> Generator:
+    """The generator registered as ``name`` with ``settings`` (see :class:`GeneratorSettings`)."""
+    cls = GENERATORS.get(name)
+    return cls(GeneratorSettings.from_dict(settings or {}))

@@ -1,0 +1,89 @@
+"""Losses of the data-free generators, on ``[B, h, w, C]`` patch-token grids. Pure functions."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _neighbour_similarities(grid: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """Cosine similarity of each patch with each neighbour in its ``window × window`` square.
+
+    Returns ``sims [B, h, w, K]`` and ``valid [h, w, K]`` (False where the neighbour falls off the
+    grid), K = window² − 1.
+    """
+    B, h, w, _ = grid.shape
+    z = F.normalize(grid, dim=-1)
+    r = window // 2
+    padded = F.pad(z, (0, 0, r, r, r, r))  # pad w then h (dims 2 and 1)
+    ones = F.pad(torch.ones(h, w, device=grid.device, dtype=torch.bool), (r, r, r, r))
+    sims, valid = [], []
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dy == 0 and dx == 0:
+                continue
+            shifted = padded[:, r + dy : r + dy + h, r + dx : r + dx + w]
+            sims.append((z * shifted).sum(-1))
+            valid.append(ones[r + dy : r + dy + h, r + dx : r + dx + w])
+    return torch.stack(sims, dim=-1), torch.stack(valid, dim=-1)
+
+
+def patch_contrastive_loss(
+    grid: Tensor, window: int = 3, positives: int = 4, tau: float = 0.1, negatives: str = "window"
+) -> Tensor:
+    """CLAMP-ViT's patch-level contrastive loss (METHODS.md §3.2), mean over images and anchors.
+
+    For each anchor patch the ``positives`` most similar neighbours in its ``window × window``
+    square are positives (chosen without gradient); the other neighbours (``negatives="window"``)
+    or all other patches of the image (``"image"``) are negatives:
+    ``ℓ_i = −log Σ_{p∈P(i)} exp(s_ip/τ) / Σ_{j∈P(i)∪N(i)} exp(s_ij/τ)``.
+    """
+    sims, valid = _neighbour_similarities(grid, window)
+    logits = (sims / tau).masked_fill(~valid, float("-inf"))
+    k = min(positives, sims.shape[-1])
+    with torch.no_grad():
+        chosen = logits.topk(k, dim=-1).indices
+    pos_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, chosen, True) & valid
+    pos = logits.masked_fill(~pos_mask, float("-inf")).logsumexp(-1)
+    if negatives == "window":
+        denom = logits.logsumexp(-1)
+    elif negatives == "image":
+        B, h, w, C = grid.shape
+        z = F.normalize(grid.reshape(B, h * w, C), dim=-1)
+        all_sims = z @ z.transpose(1, 2) / tau
+        eye = torch.eye(h * w, dtype=torch.bool, device=grid.device)
+        denom = all_sims.masked_fill(eye, float("-inf")).logsumexp(-1).reshape(B, h, w)
+    else:
+        raise ValueError(f"negatives must be 'window' or 'image', got {negatives!r}")
+    has_pos = pos_mask.any(-1)
+    return (denom - pos)[has_pos.expand_as(pos)].mean()
+
+
+def patch_similarity_entropy(grid: Tensor, bandwidth: float = 0.01, points: int = 10) -> Tensor:
+    """PSAQ-ViT's patch-similarity entropy per image, ``[B]``.
+
+    The density of the pairwise patch cosine similarities is a Gaussian kernel density estimate
+    evaluated at ``points`` points between their min and max; the differential entropy is
+    integrated by the trapezoid rule.
+    """
+    B, h, w, C = grid.shape
+    z = F.normalize(grid.reshape(B, h * w, C), dim=-1)
+    sims = z @ z.transpose(1, 2)
+    iu = torch.triu_indices(h * w, h * w, offset=1, device=grid.device)
+    s = sims[:, iu[0], iu[1]]  # [B, M]
+    lo, hi = s.min(dim=1, keepdim=True).values.detach(), s.max(dim=1, keepdim=True).values.detach()
+    t = lo + (hi - lo) * torch.linspace(0, 1, points, device=grid.device, dtype=grid.dtype)  # [B, P]
+    u = (t[:, :, None] - s[:, None, :]) / bandwidth
+    density = torch.exp(-0.5 * u**2).mean(-1) / (bandwidth * math.sqrt(2 * math.pi))  # [B, P]
+    integrand = -density * torch.log(density.clamp_min(1e-12))
+    return torch.trapezoid(integrand, t, dim=1)
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Mean squared difference of neighbouring pixels (an image-smoothness prior), per image ``[B]``."""
+    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).mean(dim=(1, 2, 3))
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).mean(dim=(1, 2, 3))
+    return dh + dw
