@@ -210,6 +210,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = _load(args)
     calib: Optional[ImageList] = None
+    if args.data_free and args.num_calib is not None:
+        raise VitqError("--num-calib counts real images; with --data-free use --num-images")
+    if args.calib and (args.num_images or args.iterations or args.gen_settings):
+        raise VitqError("--num-images, --iterations and --gen-settings are for --data-free; with --calib use --num-calib")
     if args.calib:
         folder = scan_folder(args.calib)
         num_calib = args.num_calib if args.num_calib is not None else min(DEFAULT_NUM_CALIB, len(folder))

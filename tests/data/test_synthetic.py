@@ -172,3 +172,13 @@ def test_cli_rejects_bad_counts_and_generators(checkpoint, tmp_path):
         with pytest.raises(SystemExit) as info:
             main(["generate", str(checkpoint), "--out", str(tmp_path / "g"), *argv])
         assert info.value.code == 2
+
+
+def test_cli_refuses_mixed_real_and_synthetic_options(checkpoint, image_folder, tmp_path, capsys):
+    base = ["quantize", str(checkpoint), "--out", str(tmp_path / "r"), "--device", "cpu", "--quiet"]
+    assert main(base + ["--data-free", "clamp", "--num-calib", "4"]) == 2
+    assert "--num-images" in capsys.readouterr().err
+    assert main(base + ["--calib", str(image_folder), "--num-images", "4"]) == 2
+    assert "--num-calib" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--calib", str(image_folder), "--data-free", "clamp"])

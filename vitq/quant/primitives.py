@@ -57,9 +57,31 @@ def dequantize_affine(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
 
 
 def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Quantize then dequantize, with a straight-through gradient inside the clipping range."""
+    """Quantize then dequantize, with a straight-through gradient inside the clipping range.
+
+    ``scale`` and ``zero_point`` broadcast against ``x`` (any shapes): the reference form, used by
+    observers searching many candidates at once and by dynamic per-token quantizers.
+    """
     q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
+
+
+def fake_quantize_fused(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None
+) -> Tensor:
+    """:func:`fake_quantize_affine` through torch's fused kernels (2-3× faster on CPU, and the form
+    that ONNX exporters turn into QuantizeLinear/DequantizeLinear).
+
+    Per tensor when ``axis`` is None (``scale`` holds one value), else one scale per index of
+    ``axis`` (``scale`` is ``[C]``). Rounds ``x · (1/scale)``, so a value within float error of a
+    rounding tie may land one step away from the reference form. Straight-through gradient
+    inside the clipping range, as the reference.
+    """
+    scale = scale.to(torch.float32)
+    zp = torch.round(zero_point).to(torch.int32)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp.reshape(()), qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zp.reshape(-1), axis % x.ndim, qmin, qmax)
 
 
 def fake_quantize_log2(p: Tensor, bits: int) -> Tensor:
@@ -111,7 +133,3 @@ def channel_view(x: Tensor, axis: int) -> Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
-def broadcast_shape(ndim: int, axis: int) -> Tuple[int, ...]:
-    """Shape that makes a ``[C]`` vector broadcast along ``axis`` of an ``ndim`` tensor."""
-    axis = axis % ndim
-    return tuple(-1 if i == axis else 1 for i in range(ndim))
