@@ -8,9 +8,9 @@ from torch import nn
 
 from ..errors import VitqError
 from .primitives import (
+    broadcast_shape,
     choose_qparams_affine,
     fake_quantize_affine,
-    fake_quantize_fused,
     fake_quantize_log2,
     fake_quantize_logsqrt2,
 )
@@ -77,10 +77,13 @@ class Quantizer(nn.Module):
                 f"{self.role} quantizer used before calibration: run vitq.calibrate(model, data) "
                 "(or apply a plan) before evaluating the quantized model"
             )
+        scale, zp = self.scale.to(x.dtype), self.zero_point.to(x.dtype)
         if spec.kind == "logsqrt2":
-            return fake_quantize_logsqrt2(x, self.scale.to(x.dtype), spec.bits)
-        per_channel = self.scale.numel() > 1 or spec.granularity == "per_channel"
-        return fake_quantize_fused(x, self.scale, self.zero_point, qmin, qmax, spec.axis if per_channel else None)
+            return fake_quantize_logsqrt2(x, scale, spec.bits)
+        if scale.numel() > 1:
+            shape = broadcast_shape(x.ndim, spec.axis)
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        return fake_quantize_affine(x, scale, zp, qmin, qmax)
 
     def extra_repr(self) -> str:
         s = self.spec
