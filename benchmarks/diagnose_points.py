@@ -1,0 +1,80 @@
+"""Which quant points cost accuracy: quantize with a recipe, then enable one group of quant points
+at a time (by role, and by the linear layer whose input it is) and measure agreement and KL.
+
+    python benchmarks/diagnose_points.py [--assets DIR] [--bits 8 8] [--recipe omse]
+
+Runs on the ImageNet DeiT-Tiny with the 100/900 split of imagenet-sample/ and appends its table to
+benchmarks/RESULTS.md ("Diagnosis" section). Groups are plan-style name patterns (``re:``).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from foundation import RESULTS_MD, in_memory, machine  # noqa: E402
+
+from vitq.api import quantize  # noqa: E402
+from vitq.data import assets_dir, balanced_subset, make_loader, scan_folder  # noqa: E402
+from vitq.eval.metrics import compare, predict  # noqa: E402
+from vitq.models import iter_quantizers, load_model  # noqa: E402
+
+GROUPS = [
+    ("all quant points", None, r".*"),
+    ("weights only", "weight", r".*"),
+    ("linear/conv inputs only", "act", r".*"),
+    ("q, k, v only", "attn_qkv", r".*"),
+    ("post-softmax only", "attn_probs", r".*"),
+    ("qkv inputs (LayerNorm-1 outputs) only", "act", r"blocks\.\d+\.attn\.qkv\.input_quantizer"),
+    ("fc1 inputs (LayerNorm-2 outputs) only", "act", r"blocks\.\d+\.mlp\.fc1\.input_quantizer"),
+    ("fc2 inputs (GELU outputs) only", "act", r"blocks\.\d+\.mlp\.fc2\.input_quantizer"),
+    ("proj inputs (attn·v) only", "act", r"blocks\.\d+\.attn\.proj\.input_quantizer"),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", default=None)
+    parser.add_argument("--bits", type=int, nargs=2, default=[8, 8], metavar=("W", "A"))
+    parser.add_argument("--recipe", default="omse")
+    args = parser.parse_args(argv)
+    root = assets_dir(args.assets)
+    loaded = load_model(root / "models/deit_tiny_imagenet.pth")
+    sample = scan_folder(root / "imagenet-sample")
+    calib = balanced_subset(sample, 100, seed=0)
+    evalset = balanced_subset(sample, None, seed=0, exclude=calib.paths)
+    eval_batches = in_memory(make_loader(evalset, loaded.data_config, 50))
+    (fp,), labels = predict(loaded.model, eval_batches, "cpu", progress=False)
+    calib_batches = [x for x, _ in make_loader(calib, loaded.data_config, 50)]
+    w, a = args.bits
+    qmodel = quantize(loaded.model, args.recipe, calib_batches, w_bits=w, a_bits=a, device="cpu", progress=False).model
+    points = list(iter_quantizers(qmodel))
+    rows = []
+    for label, role, pattern in GROUPS:
+        for name, q in points:
+            q.enabled = q.spec.enabled and (role is None or q.role == role) and re.fullmatch(pattern, name) is not None
+        (ql,), _ = predict(qmodel, eval_batches, "cpu", progress=False)
+        m = compare(fp, ql, labels)
+        rows.append((label, m))
+        print(f"{label:40s} top-1 {m['quant_top1']:.2f} agree {m['agreement']:.2f} KL {m['kl']:.4f}", flush=True)
+    lines = ["## Diagnosis: where W{}A{} {} loses on DeiT-Tiny".format(w, a, args.recipe), "",
+             f"Command: `python benchmarks/diagnose_points.py --bits {w} {a} --recipe {args.recipe}`  ",
+             f"Machine: {machine()}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
+             f"Protocol p1, 100 calibration / {len(evalset)} evaluation images of imagenet-sample/; float top-1 "
+             f"{rows[0][1]['fp_top1']:.2f}. Each row enables only the named quant points of the same calibrated model.",
+             "", "| quant points enabled | top-1 | agreement | KL |", "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {m['quant_top1']:.2f} | {m['agreement']:.2f} | {m['kl']:.4f} |" for label, m in rows]
+    text = RESULTS_MD.read_text()
+    start = text.find("## Diagnosis")
+    if start >= 0:
+        end = text.find("\n## ", start + 5)
+        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
+    RESULTS_MD.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
