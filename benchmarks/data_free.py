@@ -54,7 +54,8 @@ def make_images(source: str, loaded, n: int, seed: int, iterations: int, real_po
     return {"images": result.images, "seconds": result.seconds, "stats": stats}
 
 
-def cifar(root: Path, seeds: List[int], iterations: int, num_eval=None) -> Dict[str, Any]:
+def cifar(root: Path, seeds: List[int], iterations: int, num_eval=None, bits=((4, 8), (8, 8)),
+          sizes=(32, 128)) -> Dict[str, Any]:
     loaded = load_model(root / "models/vit_cifar10_d6.pth")
     pool = scan_folder(root / "cifar10/train")
     evalset = load_images(root / "cifar10/test", num_eval, seed=0)
@@ -63,19 +64,19 @@ def cifar(root: Path, seeds: List[int], iterations: int, num_eval=None) -> Dict[
     rows = []
     for seed in seeds:
         for source in SOURCES:
-            made = make_images(source, loaded, 128, seed, iterations, pool)
+            made = make_images(source, loaded, max(sizes), seed, iterations, pool)
             if source != "real" and seed == seeds[0]:
                 GRIDS.mkdir(parents=True, exist_ok=True)
                 save_grid(made["images"][:64], GRIDS / f"cifar_{source}.png", loaded.data_config)
-            for n in (32, 128):
+            for n in sizes:
                 calib = list(made["images"][:n].split(64))
-                for w, a in ((4, 8), (8, 8)):
+                for w, a in bits:
                     q = quantize(loaded.model, "omse", calib, w_bits=w, a_bits=a, protocol="p1", device="cpu",
                                  progress=False)
                     m = evaluate(loaded.model, q.model, eval_batches, device="cpu", progress=False, fp_logits=fp_logits)
                     row = dict(source=source, seed=seed, num_calib=n, w_bits=w, a_bits=a, top1=m["quant_top1"],
                                fp_top1=m["fp_top1"], agreement=m["agreement"], kl=m["kl"],
-                               gen_seconds_per_image=made["seconds"] / 128, stats=made.get("stats"))
+                               gen_seconds_per_image=made["seconds"] / max(sizes), stats=made.get("stats"))
                     rows.append(row)
                     print(f"[cifar] seed {seed} {source:8s} n={n:3d} W{w}A{a}: top-1 {row['top1']:.2f} "
                           f"agree {row['agreement']:.2f} ({row['gen_seconds_per_image']:.2f} s/image)", flush=True)
@@ -156,13 +157,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=200, help="generator steps per batch")
     parser.add_argument("--num-eval", type=int, default=None, help="evaluate on a subset (smoke runs only)")
+    parser.add_argument("--bits", nargs="+", default=["w4a8", "w8a8"], help="CIFAR bit-widths, e.g. w4a8 w8a8")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 128], help="CIFAR calibration-set sizes")
     parser.add_argument("--dry-run", action="store_true", help="print results, write no files")
     args = parser.parse_args(argv)
     root = assets_dir(args.assets)
     results: Dict[str, Any] = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
     if args.only in (None, "cifar"):
-        results["cifar"] = cifar(root, args.seeds, args.iterations, args.num_eval)
+        bits = [tuple(int(v) for v in b.lower().lstrip("w").split("a")) for b in args.bits]
+        results["cifar"] = cifar(root, args.seeds, args.iterations, args.num_eval, bits, args.sizes)
     if args.only in (None, "imagenet"):
         results["imagenet"] = imagenet(root, args.iterations, args.num_eval)
     if args.dry_run:
