@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import RESULTS_MD, in_memory, machine  # noqa: E402
+from foundation import in_memory, machine, write_section  # noqa: E402
 
 from vitq.api import evaluate, quantize  # noqa: E402
 from vitq.data import assets_dir, balanced_subset, load_images, make_loader, scan_folder  # noqa: E402
@@ -142,12 +142,7 @@ def write_markdown(results: Dict[str, Any], command: str) -> None:
                          f"{r['gen_seconds']} | {r['peak_rss_mib']:.0f} |")
         lines.append(f"\nFloat top-1 on the same images: {i['rows'][0]['fp_top1']:.2f}. Grids: "
                      "`benchmarks/results/grids/`.\n")
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# vitq benchmark results\n\n"
-    start = text.find("## Data-free")
-    if start >= 0:
-        end = text.find("\n## ", start + 5)
-        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
-    RESULTS_MD.write_text(text.rstrip() + "\n\n" + "\n".join(lines))
+    write_section("## Data-free", lines)
 
 
 def main(argv=None) -> int:

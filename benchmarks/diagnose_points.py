@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import RESULTS_MD, in_memory, machine  # noqa: E402
+from foundation import in_memory, machine, write_section  # noqa: E402
 
 from vitq.api import quantize  # noqa: E402
 from vitq.data import assets_dir, balanced_subset, make_loader, scan_folder  # noqa: E402
@@ -67,12 +67,7 @@ def main(argv=None) -> int:
              f"{rows[0][1]['fp_top1']:.2f}. Each row enables only the named quant points of the same calibrated model.",
              "", "| quant points enabled | top-1 | agreement | KL |", "|---|---:|---:|---:|"]
     lines += [f"| {label} | {m['quant_top1']:.2f} | {m['agreement']:.2f} | {m['kl']:.4f} |" for label, m in rows]
-    text = RESULTS_MD.read_text()
-    start = text.find("## Diagnosis")
-    if start >= 0:
-        end = text.find("\n## ", start + 5)
-        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
-    RESULTS_MD.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+    write_section("## Diagnosis", lines)
     return 0
 
 

@@ -90,6 +90,16 @@ def table(suite: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def write_section(heading: str, lines: List[str]) -> None:
+    """Replace (or append) the section of RESULTS.md whose title starts with ``heading``."""
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# vitq benchmark results\n\n"
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
+    RESULTS_MD.write_text(text.rstrip() + "\n\n" + "\n".join(lines).rstrip() + "\n")
+
+
 def write_markdown(results: Dict[str, Any], command: str) -> None:
     lines = [
         "## Foundation: calibration baselines (issue 2)",
@@ -114,12 +124,7 @@ def write_markdown(results: Dict[str, Any], command: str) -> None:
         lines += [f"### ImageNet DeiT-Tiny (`deit_tiny_imagenet`), `imagenet-sample/`: {s['num_calib']} "
                   f"calibration images (seeded class-balanced split, seed 0), the other {s['num_eval']} for "
                   "evaluation", "", table(s), ""]
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# vitq benchmark results\n\n"
-    start = text.find("## Foundation")
-    if start >= 0:
-        end = text.find("\n## ", start + 5)
-        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
-    RESULTS_MD.write_text(text.rstrip() + "\n\n" + "\n".join(lines))
+    write_section("## Foundation", lines)
 
 
 def main(argv=None) -> int:
