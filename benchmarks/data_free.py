@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import in_memory, machine, write_section  # noqa: E402
+from foundation import RESULTS_MD, in_memory, machine, write_section  # noqa: E402
 
 from vitq.api import evaluate, quantize  # noqa: E402
 from vitq.data import assets_dir, balanced_subset, load_images, make_loader, scan_folder  # noqa: E402
