@@ -113,6 +113,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             f"{plan.meta.get('model', {}).get('arch', '?')}"
         )
     quantizers = dict(iter_quantizers(qmodel))
+    device = next(qmodel.parameters()).device
     for name, quantizer in quantizers.items():
         spec = plan.spec_for(name)
         if spec is None:
@@ -120,7 +121,6 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         quantizer.set_spec(spec)
         if f"{name}.scale" in plan.tensors:
             scale, zp = plan.tensors[f"{name}.scale"], plan.tensors[f"{name}.zero_point"]
-            device = next(qmodel.parameters()).device
             quantizer.set_qparams(scale.to(device), zp.to(device))
     for name, quantizer in quantizers.items():
         if quantizer.needs_calibration and quantizer.scale is not None:
