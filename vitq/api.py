@@ -1,16 +1,18 @@
 """The public verbs: ``quantize`` a model with a recipe and data, ``evaluate`` it against the float model."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Union
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from .errors import VitqError
 from .eval.metrics import compare, model_size, predict
-from .methods.lifecycle import calibrate, convert, prepare
-from .methods.plan import Plan, plan_from_model
+from .methods.lifecycle import convert, prepare
+from .methods.plan import Plan, apply_plan, plan_from_model
+from .methods.stages import Refresher, StageContext
 from .recipes.recipe import Recipe, load_recipe
 
 Batches = Iterable[Any]
@@ -33,10 +35,12 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
 
 @dataclass
 class QuantizedModel:
-    """What :func:`quantize` returns: the quantized model and its plan."""
+    """What :func:`quantize` returns: the quantized model, its plan and what the stages recorded
+    (e.g. ``record["search_curve"]``)."""
 
     model: nn.Module
     plan: Plan
+    record: Dict[str, Any] = field(default_factory=dict)
 
 
 def quantize(
@@ -50,21 +54,36 @@ def quantize(
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
     meta: Optional[Dict[str, Any]] = None,
+    seed: int = 0,
+    start_plan: Optional[Union[Plan, str, Path]] = None,
+    workdir: Optional[Union[str, Path]] = None,
+    resume: bool = False,
+    refresh: Optional[Refresher] = None,
+    log: Optional[Callable[..., None]] = None,
 ) -> QuantizedModel:
     """Quantize a float ViT/DeiT/Swin with a recipe, calibrating on ``data``.
 
-    The float model is not modified.
+    The recipe's stages run in order (``calibrate``, then refiners such as ``search``). The
+    float model is not modified.
 
     Args:
         model: a timm ``VisionTransformer`` or ``SwinTransformer``.
         recipe: a built-in recipe name (``vitq list``), a YAML path or a :class:`Recipe`.
         data: calibration batches: image tensors or ``(images, labels)`` pairs, already
             preprocessed for the model.
-        w_bits, a_bits: bit-widths, 2 to 8.
+        w_bits, a_bits: bit-widths, 2 to 8 (ignored with ``start_plan``: the plan's).
         protocol: ``p1``, ``p2`` or ``p3`` (which tensors are quantized).
         device: ``cpu``, ``cuda`` or None (CUDA when present).
         progress: show progress bars.
         meta: extra facts recorded in the plan.
+        seed: seeds the random choices of the stages (same seed, same plan).
+        start_plan: start from this plan (or ``plan.json`` path) instead of calibrating: the
+            stages that calibrate are skipped, the refiners improve the plan.
+        workdir: folder for stage checkpoints (e.g. the search state); needed for ``resume``.
+        resume: continue a stage from its checkpoint in ``workdir``.
+        refresh: data-free runs: ``refresh(qmodel, batches, step)`` returns new images made
+            from the current quantized model (CLAMP-ViT's cycle).
+        log: where stage messages go (e.g. a logger's ``info``).
 
     Example:
         >>> import timm, torch
@@ -75,18 +94,49 @@ def quantize(
     """
     recipe = load_recipe(recipe)
     device = resolve_device(device)
-    qmodel = prepare(
-        model,
-        protocol=protocol,
-        w_bits=w_bits,
-        a_bits=a_bits,
-        weight_symmetric=recipe.weights.symmetric,
-        act_symmetric=recipe.activations.symmetric,
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+    if start_plan is not None:
+        plan = start_plan if isinstance(start_plan, Plan) else Plan.load(start_plan)
+        qmodel = apply_plan(model, plan)
+        protocol = plan.meta.get("protocol", protocol)
+        w_bits, a_bits = plan.meta.get("w_bits", w_bits), plan.meta.get("a_bits", a_bits)
+    else:
+        qmodel = prepare(
+            model,
+            protocol=protocol,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            weight_symmetric=recipe.weights.symmetric,
+            act_symmetric=recipe.activations.symmetric,
+        )
+    ctx = StageContext(
+        float_model=model, model=qmodel, data=batches, weights=recipe.weights, activations=recipe.activations,
+        device=device, w_bits=w_bits, a_bits=a_bits, seed=seed, progress=progress,
+        workdir=Path(workdir) if workdir is not None else None, resume=resume, refresh=refresh,
+        log=log or (lambda *args: None), from_plan=start_plan is not None,
     )
-    calibrate(qmodel, data, weights=recipe.weights, activations=recipe.activations, device=device, progress=progress)
+    converted = start_plan is not None
+    skipped = []
+    for config in recipe.stages:
+        stage = config.build()
+        if ctx.from_plan and not stage.needs_calibrated:
+            skipped.append(config.name)
+            continue
+        if stage.needs_calibrated and not converted:
+            convert(qmodel)  # raises, naming the point, when a calibrating stage is missing before
+            converted = True
+        if not batches:
+            raise VitqError(f"stage {config.name!r} of recipe {recipe.name!r} needs calibration images; none were given")
+        torch.manual_seed(seed)
+        stage.run(ctx)
     convert(qmodel)
-    plan_meta = {"recipe": recipe.name, "protocol": protocol, "w_bits": w_bits, "a_bits": a_bits, **(meta or {})}
-    return QuantizedModel(qmodel, plan_from_model(qmodel, plan_meta))
+    plan_meta = {"recipe": recipe.name, "protocol": protocol, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
+                 **(meta or {})}
+    if start_plan is not None:
+        plan_meta["start_plan"] = {"recipe": plan.meta.get("recipe"), "skipped_stages": skipped}
+    if "search" in ctx.record:
+        plan_meta["search"] = ctx.record["search"]
+    return QuantizedModel(qmodel, plan_from_model(qmodel, plan_meta), ctx.record)
 
 
 def evaluate(

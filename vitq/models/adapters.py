@@ -52,6 +52,15 @@ class ModelAdapter:
         output into a ``[B, h, w, C]`` grid (prefix tokens dropped). Used by data-free generators."""
         raise VitqError(f"{type(model).__name__}: this model family exposes no token grids")
 
+    def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
+        """The transformer blocks in forward order, by qualified name (the units of block-wise
+        search). Each has an ``attn`` and an ``mlp`` part (:meth:`block_parts`)."""
+        raise VitqError(f"{type(model).__name__}: this model family exposes no transformer blocks")
+
+    def block_parts(self, block: nn.Module) -> Dict[str, nn.Module]:
+        """A block's attention and MLP sub-modules."""
+        return {"attn": block.attn, "mlp": block.mlp}
+
     def quantize_modules(self, model: nn.Module) -> nn.Module:
         """Replace, in place, every mapped float module of ``model`` by its quantized module."""
         self.check(model)
@@ -98,6 +107,9 @@ class ViTAdapter(ModelAdapter):
 
         return [(block.attn, to_grid) for block in model.blocks]
 
+    def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
+        return [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
+
 
 @ADAPTERS.register("swin")
 class SwinAdapter(ModelAdapter):
@@ -115,6 +127,9 @@ class SwinAdapter(ModelAdapter):
         scattered over shifted windows; the block output holds them in place)."""
         self.check(model)
         return [(m, lambda out: out) for m in model.modules() if isinstance(m, SwinTransformerBlock)]
+
+    def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, SwinTransformerBlock)]
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter:

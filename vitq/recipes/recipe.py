@@ -1,7 +1,7 @@
 """Recipes: YAML files read into validated, frozen dataclasses. An unknown key is an error."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
 
@@ -9,11 +9,11 @@ import yaml
 
 from ..errors import VitqError, reject_unknown_keys
 from ..data.synthetic.generators import GENERATORS, GeneratorSettings
+from ..methods.stages import STAGES, StageConfig, StageSettings
 from ..quant.observers import ObserverConfig
 from ..registry import Registry
 
 RECIPE_DIR = Path(__file__).parent
-STAGES = ("calibrate",)
 
 
 @dataclass(frozen=True)
@@ -53,15 +53,35 @@ class Recipe:
     description: str = ""
     weights: ObserverConfig = field(default_factory=lambda: ObserverConfig("minmax", symmetric=True))
     activations: ObserverConfig = field(default_factory=ObserverConfig)
-    stages: Tuple[str, ...] = ("calibrate",)
+    stages: Tuple[StageConfig, ...] = (StageConfig("calibrate", StageSettings()),)
     data_free: DataFreeConfig = field(default_factory=DataFreeConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise VitqError("a recipe needs a non-empty 'name'")
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad:
-            raise VitqError(f"unknown stage(s) {bad} in recipe {self.name!r}; known stages: {', '.join(STAGES)}")
+        stages = tuple(s if isinstance(s, StageConfig) else StageConfig.parse(s, f"recipe {self.name!r}")
+                       for s in self.stages)
+        object.__setattr__(self, "stages", stages)
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise VitqError(f"recipe {self.name!r} names a stage twice: {names}")
+
+    @property
+    def stage_names(self) -> Tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise VitqError(f"recipe {self.name!r} has no stage {name!r} (its stages: {', '.join(self.stage_names)})")
+
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "Recipe":
+        """A copy with some stage settings replaced: ``{"search": {"passes": 2}}``."""
+        for name in overrides:
+            self.stage(name)
+        stages = tuple(s.with_overrides(overrides[s.name]) if s.name in overrides else s for s in self.stages)
+        return replace(self, stages=stages)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "recipe") -> "Recipe":
@@ -71,14 +91,16 @@ class Recipe:
             if key in data:
                 data[key] = ObserverConfig.from_dict(data[key], f"{where}: {key}")
         if "stages" in data:
-            data["stages"] = tuple(data["stages"])
+            if not isinstance(data["stages"], (list, tuple)) or not data["stages"]:
+                raise VitqError(f"{where}: 'stages' must be a non-empty list")
+            data["stages"] = tuple(StageConfig.parse(s, where) for s in data["stages"])
         if "data_free" in data:
             data["data_free"] = DataFreeConfig.from_dict(data["data_free"], f"{where}: data_free")
         return cls(**data)
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
-        out["stages"] = list(self.stages)
+        out["stages"] = [s.to_dict() for s in self.stages]
         return out
 
 

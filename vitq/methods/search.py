@@ -1,0 +1,578 @@
+"""Evolutionary search of quantization scales (CPT-V / Evol-Q block-wise, CLAMP-ViT layer-wise).
+
+Three parts, each usable alone:
+
+- :class:`Evolution`, a small seeded ask/tell engine: a population of candidate vectors,
+  tournament selection, mutation, optional uniform crossover, replacement of the worst member.
+- :data:`FITNESS`, registered losses between quantized and float outputs: ``infonce`` (CPT-V's
+  global loss on logits), ``local_contrastive`` (CLAMP-ViT's layer-local patch loss), ``mse``
+  and ``kl``.
+- :class:`SearchStage`, the recipe stage ``search`` that walks the units of a model (its blocks
+  or its linear layers), searches each unit's scales with the engine, checkpoints after every
+  unit (``resume``), and records the fitness curve.
+
+The rules follow the released Evol-Q code (METHODS.md §2.3): the population starts as copies
+of the current scales, a child is the best of a tournament of 10 drawn with replacement from 15,
+mutated by ``|x + U(-r, r)|``, then the worst member is dropped.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import VitqError
+from ..models.adapters import find_adapter
+from ..nn import QuantLinear
+from ..quant import protocol as roles
+from ..quant.quantizer import Quantizer
+from ..registry import Registry
+from .stages import STAGES, Stage, StageContext, StageSettings
+
+Tensor = torch.Tensor
+STATE_FILE = "search_state.pt"
+
+# -- the engine -----------------------------------------------------------------------------------
+MUTATIONS: Registry[Callable[[Tensor, float, torch.Generator], Tensor]] = Registry("mutation")
+
+
+@MUTATIONS.register("absolute")
+def mutate_absolute(x: Tensor, radius: float, generator: torch.Generator) -> Tensor:
+    """Evol-Q's rule: ``|x + U(-r, r)|`` element-wise (kept above 1e-12 so a scale never hits 0)."""
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1) * radius
+    return (x + noise.to(x.device)).abs().clamp_min(1e-12)
+
+
+@MUTATIONS.register("relative")
+def mutate_relative(x: Tensor, radius: float, generator: torch.Generator) -> Tensor:
+    """``x · (1 + U(-r, r))``: the same relative step for small and large scales (an extension)."""
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1) * radius
+    return (x * (1 + noise.to(x.device))).abs().clamp_min(1e-12)
+
+
+class Evolution:
+    """Seeded ask/tell evolution of one parameter vector, lowest fitness best.
+
+    Args:
+        x0: the starting vector; the population starts as ``population`` copies of it.
+        f0: its fitness (evaluated once: the copies are identical).
+        population: members kept.
+        tournament: members drawn, with replacement, to pick a parent.
+        radius: mutation radius.
+        mutation: ``absolute`` or ``relative`` (:data:`MUTATIONS`).
+        crossover: uniform crossover between two tournament winners before mutation.
+        generator: the random stream (seed it for repeatable searches).
+
+    Example (minimise a quadratic):
+        >>> g = torch.Generator().manual_seed(0)
+        >>> f = lambda x: float(((x - 0.5) ** 2).sum())
+        >>> evo = Evolution(torch.ones(4), f(torch.ones(4)), radius=0.1, generator=g)
+        >>> for _ in range(200):
+        ...     child = evo.ask()
+        ...     evo.tell(child, f(child))
+        >>> evo.best[1] < 0.05
+        True
+    """
+
+    def __init__(
+        self,
+        x0: Tensor,
+        f0: float,
+        *,
+        population: int = 15,
+        tournament: int = 10,
+        radius: float = 1e-3,
+        mutation: str = "absolute",
+        crossover: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        if population < 1 or tournament < 1:
+            raise VitqError(f"population and tournament must be positive, got {population} and {tournament}")
+        if not math.isfinite(f0):
+            raise VitqError(f"the starting fitness is {f0}: the quantized model's outputs are not finite")
+        self.mutate = MUTATIONS.get(mutation)
+        self.radius = float(radius)
+        self.tournament = tournament
+        self.crossover = crossover
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.members: List[Tuple[Tensor, float]] = [(x0.detach().clone(), float(f0)) for _ in range(population)]
+        self.evaluations = 0
+
+    def _select(self) -> Tensor:
+        picks = torch.randint(len(self.members), (self.tournament,), generator=self.generator).tolist()
+        best = min(picks, key=lambda i: (self.members[i][1], i))
+        return self.members[best][0]
+
+    def ask(self) -> Tensor:
+        """A child: the tournament winner (crossed with a second winner if asked), mutated."""
+        parent = self._select()
+        if self.crossover:
+            other = self._select()
+            mask = torch.rand(parent.shape, generator=self.generator) < 0.5
+            parent = torch.where(mask.to(parent.device), parent, other)
+        return self.mutate(parent, self.radius, self.generator)
+
+    def tell(self, x: Tensor, fitness: float) -> None:
+        """Add an evaluated child and drop the worst member (a non-finite fitness counts as worst)."""
+        fitness = float(fitness) if math.isfinite(fitness) else math.inf
+        self.members.append((x.detach().clone(), fitness))
+        self.members.sort(key=lambda m: m[1])  # stable: among equals the older member stays ahead
+        self.members.pop()
+        self.evaluations += 1
+
+    @property
+    def best(self) -> Tuple[Tensor, float]:
+        return self.members[0]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"members": self.members, "rng": self.generator.get_state(), "evaluations": self.evaluations}
+
+
+# -- fitness functions ------------------------------------------------------------------------------
+FITNESS: Registry[Callable[..., Tensor]] = Registry("fitness")
+
+
+@FITNESS.register("infonce")
+def infonce_loss(quant: Tensor, float_out: Tensor, temperature: float = 3.0) -> Tensor:
+    """CPT-V's global loss: ``2T · CE(norm(q) · norm(k)ᵀ / T, arange(N))`` over a batch.
+
+    Each image's float output is its positive; the other images' float outputs are negatives.
+
+    Example:
+        >>> q = torch.eye(3)
+        >>> round(float(infonce_loss(q, q, temperature=1.0)), 4)  # 2 · (−log(e / (e + 2)))
+        1.1029
+    """
+    q = F.normalize(quant.flatten(1).float(), dim=1)
+    k = F.normalize(float_out.flatten(1).float(), dim=1)
+    logits = q @ k.t() / temperature
+    return 2 * temperature * F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+
+
+@FITNESS.register("local_contrastive")
+def local_contrastive_loss(quant: Tensor, float_out: Tensor, temperature: float = 0.1) -> Tensor:
+    """CLAMP-ViT's layer-local loss on ``[B, N, C]`` token outputs: for each token, its own float
+    output is the positive and the float outputs of the image's other tokens are negatives.
+
+    Example:
+        >>> x = torch.eye(2).unsqueeze(0)   # one image, two orthogonal tokens
+        >>> round(float(local_contrastive_loss(x, x, temperature=1.0)), 4)  # −log(e / (e + 1))
+        0.3133
+    """
+    if quant.ndim < 3:
+        raise VitqError(f"local_contrastive needs token outputs [B, N, C], got shape {tuple(quant.shape)}")
+    q = F.normalize(quant.flatten(1, -2).float(), dim=-1)
+    k = F.normalize(float_out.flatten(1, -2).float(), dim=-1)
+    logits = q @ k.transpose(1, 2) / temperature  # [B, N, N]
+    b, n, _ = logits.shape
+    target = torch.arange(n, device=q.device).repeat(b)
+    return F.cross_entropy(logits.reshape(b * n, n), target)
+
+
+@FITNESS.register("mse")
+def mse_loss(quant: Tensor, float_out: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean squared error (``temperature`` is ignored)."""
+    return F.mse_loss(quant.float(), float_out.float())
+
+
+@FITNESS.register("kl")
+def kl_loss(quant: Tensor, float_out: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(softmax(float / T) ‖ softmax(quant / T)) over the last dimension, mean over rows.
+
+    Example:
+        >>> x = torch.randn(4, 10)
+        >>> float(kl_loss(x, x)) < 1e-6
+        True
+    """
+    log_q = F.log_softmax(quant.float().flatten(0, -2) / temperature, dim=-1)
+    log_p = F.log_softmax(float_out.float().flatten(0, -2) / temperature, dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+# -- units: what one search step changes ------------------------------------------------------------
+@dataclass
+class Unit:
+    """The quantizers whose scales one search step changes, and the module whose output a
+    layer-local fitness compares (``output``)."""
+
+    name: str
+    quantizers: List[Tuple[str, Quantizer]]
+    output: Optional[nn.Module] = None
+    output_name: str = ""
+
+    def genome(self) -> Tensor:
+        return torch.cat([q.scale.detach().flatten().float().cpu() for _, q in self.quantizers])
+
+    def set_genome(self, x: Tensor) -> None:
+        offset = 0
+        for _, q in self.quantizers:
+            n = q.scale.numel()
+            q.scale.copy_(x[offset:offset + n].view_as(q.scale).to(q.scale))
+            offset += n
+
+    @property
+    def bits(self) -> int:
+        return min(q.spec.bits for _, q in self.quantizers)
+
+
+def _searchable(q: Quantizer) -> bool:
+    return q.enabled and q.scale is not None and q.spec.kind in ("uniform", "logsqrt2")
+
+
+TARGETS = ("attn_weights", "mlp_weights", "activations")
+
+
+def block_units(model: nn.Module, targets: Sequence[str]) -> List[Unit]:
+    """One unit per transformer block (CPT-V): the scales named by ``targets``:
+    ``attn_weights`` (the attention's linear weights, the paper), ``mlp_weights``,
+    ``activations`` (every calibrated activation quantizer in the block)."""
+    adapter = find_adapter(model)
+    units = []
+    for block_name, block in adapter.blocks(model):
+        parts = adapter.block_parts(block)
+        chosen: List[Tuple[str, Quantizer]] = []
+        names = {id(m): n for n, m in block.named_modules()}
+        for target in targets:
+            if target in ("attn_weights", "mlp_weights"):
+                part = parts["attn" if target == "attn_weights" else "mlp"]
+                for module in part.modules():
+                    if isinstance(module, QuantLinear) and _searchable(module.weight_quantizer):
+                        chosen.append((f"{block_name}.{names[id(module)]}.weight_quantizer", module.weight_quantizer))
+            else:
+                for name, q in block.named_modules():
+                    if isinstance(q, Quantizer) and q.role != roles.WEIGHT and _searchable(q):
+                        chosen.append((f"{block_name}.{name}", q))
+        if chosen:
+            units.append(Unit(block_name, chosen, block, block_name))
+    return units
+
+
+def layer_units(model: nn.Module, activations: bool = True) -> List[Unit]:
+    """One unit per linear layer inside the blocks, in forward order (CLAMP-ViT): its weight
+    scales and, with ``activations``, the scale of its input quantizer."""
+    adapter = find_adapter(model)
+    units = []
+    for block_name, block in adapter.blocks(model):
+        for name, module in block.named_modules():
+            if not isinstance(module, QuantLinear):
+                continue
+            full = f"{block_name}.{name}"
+            chosen = []
+            if _searchable(module.weight_quantizer):
+                chosen.append((f"{full}.weight_quantizer", module.weight_quantizer))
+            if activations and _searchable(module.input_quantizer):
+                chosen.append((f"{full}.input_quantizer", module.input_quantizer))
+            if chosen:
+                units.append(Unit(full, chosen, module, full))
+    return units
+
+
+# -- the stage --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchSettings(StageSettings):
+    """Settings of the ``search`` stage (defaults: the released CPT-V / Evol-Q search).
+
+    Attributes:
+        units: ``blocks`` (CPT-V) or ``layers`` (CLAMP-ViT).
+        targets: for ``blocks``: which scales (``attn_weights``, ``mlp_weights``, ``activations``);
+            for ``layers``: ``activations`` in the list adds each layer's input scale.
+        fitness: ``infonce``, ``local_contrastive``, ``mse`` or ``kl``.
+        temperature: of the fitness (T = 3 for CPT-V's InfoNCE; τ ≈ 0.1 for the local loss).
+        output_weight: layer-local fitness only: weight of a KL on the logits added as tie-breaker.
+        population, tournament, cycles, passes: the evolution (cycles = children per unit and pass).
+        mutation: ``absolute`` (Evol-Q) or ``relative``.
+        radius: mutation radius; ``null`` = 1e-3 below 8 bits and 1e-4 at 8 bits (Evol-Q).
+        crossover: uniform crossover of two tournament winners.
+        order: ``reverse`` (last unit first, Evol-Q) or ``forward``.
+        batch_size: images per fitness batch (InfoNCE uses the other images of a batch as negatives).
+        holdout: fraction of the calibration images kept out of the search and used to select the
+            best model over the units (0: keep the last model).
+        refresh_every: data-free runs: re-synthesise the images from the current quantized model
+            every this many cycles (0: never; CLAMP-ViT refreshes every cycles/2).
+        max_units: stop after this many unit searches (for tests and trial runs; 0: no limit).
+    """
+
+    units: str = "blocks"
+    targets: Tuple[str, ...] = ("attn_weights",)
+    fitness: str = "infonce"
+    temperature: float = 3.0
+    output_weight: float = 0.0
+    population: int = 15
+    tournament: int = 10
+    cycles: int = 3
+    passes: int = 10
+    mutation: str = "absolute"
+    radius: Optional[float] = None
+    crossover: bool = False
+    order: str = "reverse"
+    batch_size: int = 100
+    holdout: float = 0.0
+    refresh_every: int = 0
+    max_units: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.units not in ("blocks", "layers"):
+            raise VitqError(f"search.units must be 'blocks' or 'layers', got {self.units!r}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise VitqError(f"search.targets must be a non-empty list of {', '.join(TARGETS)}; got {list(self.targets)}")
+        FITNESS.get(self.fitness)
+        MUTATIONS.get(self.mutation)
+        if self.order not in ("reverse", "forward"):
+            raise VitqError(f"search.order must be 'reverse' or 'forward', got {self.order!r}")
+        for key in ("population", "tournament", "cycles", "passes", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise VitqError(f"search.{key} must be a positive integer, got {value!r}")
+        for key in ("refresh_every", "max_units"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise VitqError(f"search.{key} must be an integer ≥ 0, got {value!r}")
+        if not 0 <= self.holdout < 1:
+            raise VitqError(f"search.holdout must be a fraction in [0, 1), got {self.holdout!r}")
+        if self.radius is not None and not self.radius > 0:
+            raise VitqError(f"search.radius must be positive (or null for Evol-Q's default), got {self.radius!r}")
+        if not self.temperature > 0:
+            raise VitqError(f"search.temperature must be positive, got {self.temperature!r}")
+        if self.output_weight < 0:
+            raise VitqError(f"search.output_weight must be ≥ 0, got {self.output_weight!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = super().to_dict()
+        out["targets"] = list(self.targets)
+        return out
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the searched layer's output is captured."""
+
+
+def _rebatch(batches: Sequence[Tensor], size: int) -> List[Tensor]:
+    images = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in batches])
+    return list(images.split(size))
+
+
+class _Objective:
+    """Fitness of the model being searched on fixed batches, with float outputs cached."""
+
+    def __init__(self, settings: SearchSettings, float_model: nn.Module, model: nn.Module,
+                 batches: List[Tensor], device: torch.device) -> None:
+        self.settings = settings
+        self.float_model = float_model
+        self.model = model
+        self.device = device
+        self.loss = FITNESS.get(settings.fitness)
+        self.set_batches(batches)
+
+    def set_batches(self, batches: List[Tensor]) -> None:
+        self.batches = [b.to(self.device) for b in batches]
+        with torch.no_grad():
+            self.float_logits = [self.float_model(b) for b in self.batches]
+        self.unit: Optional[Unit] = None
+        self.float_outputs: List[Tensor] = []
+
+    def _capture(self, model: nn.Module, module_name: str, x: Tensor, stop: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        module = model.get_submodule(module_name)
+        captured: List[Tensor] = []
+
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            captured.append(out[0] if isinstance(out, tuple) else out)
+            if stop:
+                raise _Stop
+
+        handle = module.register_forward_hook(hook)
+        logits = None
+        try:
+            logits = model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0], logits
+
+    def focus(self, unit: Unit) -> None:
+        """Cache the float outputs of ``unit`` (layer-local fitness only)."""
+        self.unit = unit
+        if self.settings.fitness != "local_contrastive":
+            return
+        with torch.no_grad():
+            self.float_outputs = [self._capture(self.float_model, unit.output_name, b, stop=True)[0]
+                                  for b in self.batches]
+
+    def __call__(self) -> float:
+        s = self.settings
+        total = 0.0
+        with torch.no_grad():
+            for i, batch in enumerate(self.batches):
+                if s.fitness == "local_contrastive":
+                    if self.unit is None:
+                        raise VitqError("the layer-local fitness needs a unit: call focus(unit) first")
+                    stop = s.output_weight == 0
+                    out, logits = self._capture(self.model, self.unit.output_name, batch, stop=stop)
+                    loss = self.loss(out, self.float_outputs[i], s.temperature)
+                    if not stop:
+                        loss = loss + s.output_weight * kl_loss(logits, self.float_logits[i])
+                else:
+                    loss = self.loss(self.model(batch), self.float_logits[i], s.temperature)
+                total += float(loss)
+        return total / len(self.batches)
+
+
+def _quantizer_state(model: nn.Module) -> Dict[str, Tensor]:
+    return {n: m.scale.detach().clone().cpu() for n, m in model.named_modules()
+            if isinstance(m, Quantizer) and m.scale is not None}
+
+
+def _load_quantizer_state(model: nn.Module, state: Dict[str, Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for name, scale in state.items():
+        modules[name].scale.copy_(scale.to(modules[name].scale))
+
+
+@STAGES.register("search")
+class SearchStage(Stage):
+    """Evolutionary search of quantization scales, unit by unit (CPT-V blocks, CLAMP-ViT layers)."""
+
+    Settings = SearchSettings
+
+    def units(self, model: nn.Module) -> List[Unit]:
+        s = self.settings
+        if s.units == "blocks":
+            units = block_units(model, s.targets)
+        else:
+            units = layer_units(model, activations="activations" in s.targets)
+        if not units:
+            raise VitqError(
+                f"the search found no calibrated {s.units} with scales to search for targets {list(s.targets)}: "
+                "is every quantizer in them disabled or dynamic (per-token)?"
+            )
+        return units
+
+    def run(self, ctx: StageContext) -> None:
+        s: SearchSettings = self.settings
+        if s.units == "layers" and s.fitness != "local_contrastive":
+            ctx.log("search: layer units with a global fitness (%s) — the paper's CLAMP uses local_contrastive",
+                    s.fitness)
+        if s.units == "blocks" and s.fitness == "local_contrastive":
+            raise VitqError("search.fitness local_contrastive compares one layer's output: use units: layers")
+        model, device = ctx.model.to(ctx.device).eval(), ctx.device
+        float_model = ctx.float_model.to(device).eval()
+        units = self.units(model)
+        if s.order == "reverse":
+            units = units[::-1]
+        batches = _rebatch(ctx.data, s.batch_size)
+        holdout: List[Tensor] = []
+        if s.holdout > 0:
+            images = torch.cat(batches)
+            n_hold = int(round(len(images) * s.holdout))
+            if n_hold < 2 or len(images) - n_hold < 2:
+                raise VitqError(f"search.holdout {s.holdout} of {len(images)} images leaves too few on one side: "
+                                "use more calibration images or holdout: 0")
+            perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(ctx.seed))
+            holdout = list(images[perm[:n_hold]].split(s.batch_size))
+            batches = list(images[perm[n_hold:]].split(s.batch_size))
+        objective = _Objective(s, float_model, model, batches, device)
+        judge = _Objective(s.replace(fitness="infonce" if s.fitness == "local_contrastive" else s.fitness,
+                                     temperature=3.0 if s.fitness == "local_contrastive" else s.temperature),
+                           float_model, model, holdout, device) if holdout else None
+
+        state_path = ctx.workdir / STATE_FILE if ctx.workdir is not None else None
+        total = s.passes * len(units)
+        if s.max_units:
+            total = min(total, s.max_units)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        start, evaluations, cycles_done = 0, 0, 0
+        curve: List[Dict[str, Any]] = []
+        refreshes: List[int] = []
+        best_select, best_state, best_step = math.inf, None, -1
+        if ctx.resume and state_path is not None and state_path.exists():
+            state = torch.load(state_path, weights_only=False)
+            if state["settings"] != s.to_dict() or state["seed"] != ctx.seed or state["units"] != [u.name for u in units]:
+                raise VitqError(f"{state_path} was written by a search with other settings, seed or model: "
+                                "start a new run (drop --resume) or resume with the same options")
+            _load_quantizer_state(model, state["scales"])
+            generator.set_state(state["rng"])
+            start, evaluations, cycles_done = state["next"], state["evaluations"], state["cycles_done"]
+            curve, refreshes = state["curve"], state["refreshes"]
+            best_select, best_state, best_step = state["best_select"], state["best_state"], state["best_step"]
+            if state.get("data") is not None:
+                objective.set_batches(state["data"])
+            ctx.log("search: resumed from %s at unit %d of %d", state_path, start, total)
+        elif judge is not None:
+            best_select, best_state, best_step = judge(), _quantizer_state(model), 0
+
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, initial=start, desc="search", unit="unit", disable=not ctx.progress, leave=False)
+        for step in range(start, total):
+            unit = units[step % len(units)]
+            objective.focus(unit)
+            x0 = unit.genome()
+            f0 = objective()
+            evaluations += 1
+            radius = s.radius if s.radius is not None else (1e-4 if unit.bits >= 8 else 1e-3)
+            evo = Evolution(x0, f0, population=s.population, tournament=s.tournament, radius=radius,
+                            mutation=s.mutation, crossover=s.crossover, generator=generator)
+            curve.append({"evaluations": evaluations, "step": step, "unit": unit.name, "fitness": f0, "event": "start"})
+            for _ in range(s.cycles):
+                child = evo.ask()
+                unit.set_genome(child)
+                evo.tell(child, objective())
+                evaluations += 1
+                cycles_done += 1
+                curve.append({"evaluations": evaluations, "step": step, "unit": unit.name, "fitness": evo.best[1]})
+                if s.refresh_every and ctx.refresh is not None and cycles_done % s.refresh_every == 0:
+                    unit.set_genome(evo.best[0])
+                    new = ctx.refresh(model, objective.batches, cycles_done)
+                    objective.set_batches([b.to(device) for b in new])
+                    objective.focus(unit)
+                    best_x = evo.best[0]
+                    f_new = objective()
+                    evaluations += 1
+                    evo = Evolution(best_x, f_new, population=s.population, tournament=s.tournament, radius=radius,
+                                    mutation=s.mutation, crossover=s.crossover, generator=generator)
+                    refreshes.append(evaluations)
+                    curve.append({"evaluations": evaluations, "step": step, "unit": unit.name, "fitness": f_new,
+                                  "event": "refresh"})
+            unit.set_genome(evo.best[0])
+            record = {"evaluations": evaluations, "step": step, "unit": unit.name, "fitness": evo.best[1], "event": "end"}
+            if judge is not None:
+                held = judge()
+                record["holdout"] = held
+                if held < best_select:
+                    best_select, best_state, best_step = held, _quantizer_state(model), step + 1
+            curve.append(record)
+            bar.update(1)
+            bar.set_postfix(fitness=f"{evo.best[1]:.4f}", unit=unit.name)
+            if state_path is not None:
+                torch.save({
+                    "settings": s.to_dict(), "seed": ctx.seed, "units": [u.name for u in units], "next": step + 1,
+                    "scales": _quantizer_state(model), "rng": generator.get_state(), "evaluations": evaluations,
+                    "cycles_done": cycles_done, "curve": curve, "refreshes": refreshes,
+                    "best_select": best_select, "best_state": best_state, "best_step": best_step,
+                    "data": [b.cpu() for b in objective.batches] if refreshes else None,
+                }, state_path)
+        bar.close()
+        selected = "last"
+        if best_state is not None:
+            _load_quantizer_state(model, best_state)
+            selected = f"after {best_step} unit searches (held-out {judge.settings.fitness} {best_select:.4f})"
+        seconds = time.perf_counter() - t0
+        first = next((c["fitness"] for c in curve if c.get("event") == "start"), None)
+        ctx.record["search"] = {
+            "units": len(units), "unit_searches": total, "evaluations": evaluations, "seconds": round(seconds, 2),
+            "first_fitness": first, "last_fitness": curve[-1]["fitness"] if curve else None,
+            "refreshes": refreshes, "selected": selected, "fitness": s.fitness,
+            "images": sum(len(b) for b in objective.batches), "holdout_images": sum(len(b) for b in holdout),
+        }
+        ctx.record["search_curve"] = curve
+        ctx.log("search: %d unit searches, %d evaluations in %.1f s; fitness %s → %s; model %s",
+                total, evaluations, seconds, f"{first:.4f}" if first is not None else "—",
+                f"{curve[-1]['fitness']:.4f}" if curve else "—", selected)
