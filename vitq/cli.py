@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import yaml
 
 from . import __version__
 from .api import evaluate, quantize, resolve_device
 from .data.folder import ImageList, balanced_subset, check_labels, load_images, make_loader, scan_folder
 from .data.synthetic import GENERATORS, GenerationDiverged, GenerationResult, create_generator
+from .methods.stages import Refresher
 from .data.synthetic.io import image_stats, save_grid, save_images
 from .errors import VitqError
 from .eval.metrics import count_quant_points, model_size
@@ -25,7 +27,7 @@ from .models.loading import LoadedModel, load_model
 from .quant.observers import OBSERVERS
 from .quant.protocol import PROTOCOLS, get_protocol
 from .recipes.recipe import RECIPES, load_recipe
-from .report import RunFolder, run_report
+from .report import RunFolder, run_report, search_curve
 
 DEFAULT_NUM_CALIB = 256
 
@@ -50,6 +52,19 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _setting(text: str) -> Tuple[str, str, Any]:
+    """``stage.key=value`` (value read as YAML: 2, 0.5, true, [a, b], null)."""
+    key, sep, value = text.partition("=")
+    stage, dot, name = key.strip().partition(".")
+    if not sep or not dot or not stage or not name:
+        raise argparse.ArgumentTypeError(f"--set takes STAGE.SETTING=VALUE, e.g. search.passes=2; got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: the value is not valid YAML") from None
+    return stage, name, parsed
 
 
 def _json_object(text: str) -> Dict[str, Any]:
@@ -94,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate a quantized model, evaluate it, write a run folder")
     _common(q)
     q.add_argument("--recipe", default="omse", help="recipe name (vitq list) or YAML file")
-    q.add_argument("--w-bits", type=_bits, default=8)
-    q.add_argument("--a-bits", type=_bits, default=8)
+    q.add_argument("--w-bits", type=_bits, default=None, help="weight bits, 2-8 (default 8; with --start-plan: the plan's)")
+    q.add_argument("--a-bits", type=_bits, default=None, help="activation bits, 2-8 (default 8; with --start-plan: the plan's)")
+    q.add_argument("--start-plan", help="improve this plan (plan.json or run folder) instead of calibrating afresh")
+    q.add_argument("--set", dest="overrides", action="append", type=_setting, default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a recipe stage setting, e.g. --set search.passes=2 (repeatable)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an unfinished run from the checkpoint in <out>.partial (same options)")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--calib", help="calibration images (ImageFolder or flat synset folder)")
     source.add_argument("--data-free", choices=GENERATORS.names(),
@@ -187,6 +207,46 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, generator_name: str
     return result
 
 
+SYNTHETIC_FILE = "synthetic.pt"
+
+
+def _generate_or_reuse(args: argparse.Namespace, loaded: LoadedModel, recipe, device, run) -> GenerationResult:
+    """Synthesise the calibration images, or reuse those a resumed run made before."""
+    saved = run.path / SYNTHETIC_FILE
+    if args.resume and saved.exists():
+        data = torch.load(saved, weights_only=True)
+        run.log.info("resume: reusing the %d synthetic images in %s", len(data["images"]), saved)
+        return GenerationResult(data["images"], data["targets"], 0.0)
+    result = _generate(args, loaded, args.data_free, recipe, device, run)
+    torch.save({"images": result.images.cpu(), "targets": result.targets.cpu()}, saved)
+    return result
+
+
+def _refresher(args: argparse.Namespace, loaded: LoadedModel, recipe, generated: GenerationResult, device,
+               run) -> Optional[Refresher]:
+    """CLAMP-ViT's cycle: a function that refines the synthetic images against the current quantized model."""
+    if "search" not in recipe.stage_names or not recipe.stage("search").settings.refresh_every:
+        return None
+    cfg = recipe.data_free
+    settings = dict(cfg.settings) if cfg.generator == args.data_free else {}
+    settings.update(args.gen_settings or {})
+    generator = create_generator(args.data_free, settings)
+    targets = generated.targets
+
+    def refresh(qmodel: torch.nn.Module, batches: List[torch.Tensor], step: int) -> List[torch.Tensor]:
+        images = torch.cat([b.cpu() for b in batches])
+        if len(images) != len(targets):
+            raise VitqError("the search changed the number of synthetic images; cannot refresh them")
+        result = generator.refine(loaded.model, images, targets, loaded.data_config, steps=cfg.refresh_steps,
+                                  seed=args.seed + step, device=device, adversary=qmodel,
+                                  adversary_weight=cfg.refresh_adversary)
+        run.log.info("refreshed the %d synthetic images after %d search cycles (%d steps, %.1f s)",
+                     len(images), step, cfg.refresh_steps, result.seconds)
+        return list(result.images.split(len(batches[0])))
+
+    return refresh
+
+
 def _metric_keys(metrics: Dict[str, Any]) -> str:
     row = [
         ("fp top-1", metrics.get("fp_top1")),
@@ -205,10 +265,31 @@ def _metric_keys(metrics: Dict[str, Any]) -> str:
 def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     args.seed = 0 if args.seed is None else args.seed
-    protocol = get_protocol(args.protocol or "p1")
     recipe = load_recipe(args.recipe)
+    if args.overrides:
+        overrides: Dict[str, Dict[str, Any]] = {}
+        for stage, key, value in args.overrides:
+            overrides.setdefault(stage, {})[key] = value
+        recipe = recipe.with_overrides(overrides)
+    start_plan = None
+    if args.start_plan:
+        start_plan = Plan.load(args.start_plan)
+        for flag, key in (("--w-bits", "w_bits"), ("--a-bits", "a_bits"), ("--protocol", "protocol")):
+            given = getattr(args, key)
+            if given is not None and given != start_plan.meta.get(key):
+                raise VitqError(f"{flag} {given} differs from the start plan's {start_plan.meta.get(key)}: "
+                                f"drop {flag} (the plan's bit-widths and protocol are kept)")
+        args.w_bits, args.a_bits = start_plan.meta.get("w_bits"), start_plan.meta.get("a_bits")
+        args.protocol = start_plan.meta.get("protocol")
+    args.w_bits = 8 if args.w_bits is None else args.w_bits
+    args.a_bits = 8 if args.a_bits is None else args.a_bits
+    protocol = get_protocol(args.protocol or "p1")
     device = resolve_device(args.device)
     loaded = _load(args)
+    if start_plan is not None:
+        planned = start_plan.meta.get("model", {})
+        if planned.get("arch") and planned["arch"] != loaded.arch:
+            raise VitqError(f"the start plan was made for {planned['arch']!r} but the model is {loaded.arch!r}")
     calib: Optional[ImageList] = None
     if args.data_free and args.num_calib is not None:
         raise VitqError("--num-calib counts real images; with --data-free use --num-images")
@@ -224,10 +305,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if eval_images is not None and _num_classes(loaded):
         check_labels(eval_images, _num_classes(loaded))
 
-    with RunFolder(args.out, overwrite=args.overwrite, echo=not args.quiet) as run:
+    with RunFolder(args.out, overwrite=args.overwrite, echo=not args.quiet, resume=args.resume) as run:
         torch.manual_seed(args.seed)
         config = {
             "command": "quantize",
+            "start_plan": str(args.start_plan) if args.start_plan else None,
             "model": loaded.identity,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.data_config.items()},
             "recipe": recipe.to_dict(),
@@ -249,23 +331,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         run.log.info("vitq %s: %s, recipe %s, W%dA%d, protocol %s, device %s",
                      __version__, loaded.name, recipe.name, args.w_bits, args.a_bits, protocol.name, device)
         meta = {"model": loaded.identity, "seed": args.seed, "batch_size": args.batch_size}
+        refresh: Optional[Refresher] = None
         if calib is not None:
             run.log.info("calibration: %d images from %s", len(calib), calib.root)
             calib_batches = make_loader(calib, loaded.data_config, args.batch_size, args.workers)
             meta["calibration"] = {"folder": str(calib.root), "num": len(calib), "seed": args.seed}
             num_calib, calib_source = len(calib), str(calib.root)
         else:
-            generated = _generate(args, loaded, args.data_free, recipe, device, run)
+            generated = _generate_or_reuse(args, loaded, recipe, device, run)
             calib_batches = list(generated.images.split(args.batch_size))
             meta["calibration"] = {"data_free": args.data_free, "num": len(generated.images), "seed": args.seed}
             num_calib, calib_source = len(generated.images), f"the {args.data_free} generator (data-free)"
+            refresh = _refresher(args, loaded, recipe, generated, device, run)
         t0 = time.perf_counter()
         result = quantize(
             loaded.model, recipe, calib_batches, w_bits=args.w_bits, a_bits=args.a_bits, protocol=protocol.name,
-            device=device, progress=not args.quiet, meta=meta,
+            device=device, progress=not args.quiet, meta=meta, seed=args.seed, start_plan=start_plan,
+            workdir=run.path, resume=args.resume, refresh=refresh, log=run.log.info,
         )
-        run.log.info("calibrated %d quant points in %.1f s", len(result.plan.rules), time.perf_counter() - t0)
+        run.log.info("stages %s done in %.1f s (%d quant points)", ", ".join(recipe.stage_names),
+                     time.perf_counter() - t0, len(result.plan.rules))
         result.plan.save(run.path)
+        if "search_curve" in result.record:
+            run.write_json("search_curve.json", {"curve": result.record["search_curve"]})
+            png = search_curve(result.record["search_curve"], run.path / "search_curve.png",
+                               f"{recipe.name} search, {loaded.name} W{args.w_bits}A{args.a_bits}")
+            if png is None:
+                run.log.info("search_curve.png not drawn: matplotlib is not installed (pip install 'vitq[plots]')")
 
         if eval_images is not None:
             run.log.info("evaluation: %d images from %s", len(eval_images), eval_images.root)
@@ -284,7 +376,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "num_calib": num_calib,
             "data_free": args.data_free,
+            "start_plan": str(args.start_plan) if args.start_plan else None,
             **metrics,
+            **({"search": result.record["search"]} if "search" in result.record else {}),
             "seconds": round(time.perf_counter() - start, 2),
             "device": str(device),
         }

@@ -463,6 +463,9 @@ class SearchStage(Stage):
                     s.fitness)
         if s.units == "blocks" and s.fitness == "local_contrastive":
             raise VitqError("search.fitness local_contrastive compares one layer's output: use units: layers")
+        if s.holdout and s.refresh_every and ctx.refresh is not None:
+            raise VitqError("search.holdout and search.refresh_every cannot be combined: refreshed images have no "
+                            "held-out counterpart; set one of them to 0")
         model, device = ctx.model.to(ctx.device).eval(), ctx.device
         float_model = ctx.float_model.to(device).eval()
         units = self.units(model)
@@ -495,7 +498,8 @@ class SearchStage(Stage):
         best_select, best_state, best_step = math.inf, None, -1
         if ctx.resume and state_path is not None and state_path.exists():
             state = torch.load(state_path, weights_only=False)
-            if state["settings"] != s.to_dict() or state["seed"] != ctx.seed or state["units"] != [u.name for u in units]:
+            same = {k: v for k, v in s.to_dict().items() if k != "max_units"}
+            if {k: v for k, v in state["settings"].items() if k != "max_units"} != same or state["seed"] != ctx.seed or state["units"] != [u.name for u in units]:
                 raise VitqError(f"{state_path} was written by a search with other settings, seed or model: "
                                 "start a new run (drop --resume) or resume with the same options")
             _load_quantizer_state(model, state["scales"])

@@ -19,14 +19,26 @@ RECIPE_DIR = Path(__file__).parent
 @dataclass(frozen=True)
 class DataFreeConfig:
     """Synthetic calibration images: which generator, how many, with which settings
-    (see :class:`vitq.data.synthetic.GeneratorSettings`)."""
+    (see :class:`vitq.data.synthetic.GeneratorSettings`).
+
+    A recipe whose ``search`` stage has ``refresh_every`` refines the images during the search
+    (CLAMP-ViT's cycle): ``refresh_steps`` more generator steps each time, minus
+    ``refresh_adversary`` · KL(float ‖ quantized) so that the images move to where the current
+    quantized model disagrees with the float one (0 turns that feedback off).
+    """
 
     generator: str = "clamp"
     num_images: int = 32
     settings: Dict[str, Any] = field(default_factory=dict)
+    refresh_steps: int = 50
+    refresh_adversary: float = 0.0
 
     def __post_init__(self) -> None:
         GENERATORS.get(self.generator)
+        if isinstance(self.refresh_steps, bool) or not isinstance(self.refresh_steps, int) or self.refresh_steps <= 0:
+            raise VitqError(f"data_free.refresh_steps must be a positive integer, got {self.refresh_steps!r}")
+        if not isinstance(self.refresh_adversary, (int, float)) or self.refresh_adversary < 0:
+            raise VitqError(f"data_free.refresh_adversary must be a number ≥ 0, got {self.refresh_adversary!r}")
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images <= 0:
             raise VitqError(f"data_free.num_images must be a positive integer, got {self.num_images!r}")
         GeneratorSettings.from_dict(self.settings, "data_free.settings")

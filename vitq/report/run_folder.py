@@ -20,15 +20,22 @@ from ..errors import VitqError
 class RunFolder:
     """Writes one run's files; use as a context manager."""
 
-    def __init__(self, out: str | Path, overwrite: bool = False, echo: bool = True) -> None:
+    def __init__(self, out: str | Path, overwrite: bool = False, echo: bool = True, resume: bool = False) -> None:
         self.final = Path(out).expanduser()
         if self.final.exists() and not overwrite:
             if not self.final.is_dir() or any(self.final.iterdir()):
                 raise VitqError(f"run folder {self.final} already exists: choose another --out or pass --overwrite")
         self.path = self.final.with_name(self.final.name + ".partial")
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        self.resumed = resume
+        if resume:
+            if not self.path.is_dir():
+                raise VitqError(f"nothing to resume: {self.path} does not exist (it is left by an unfinished run "
+                                "with the same --out); drop --resume to start afresh")
+            (self.path / "error.txt").unlink(missing_ok=True)
+        else:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
         self.log = logging.getLogger(f"vitq.run.{id(self)}")
         self.log.setLevel(logging.INFO)
         self.log.propagate = False

@@ -168,21 +168,65 @@ class Generator:
     def _iterations(self) -> int:
         return self.settings.iterations
 
-    def _optimise(self, model, targets, data_config, gen, device, bar) -> Tuple[Tensor, List[float]]:
+    def refine(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        targets: Tensor,
+        data_config: Mapping[str, Any],
+        *,
+        steps: int,
+        seed: int = 0,
+        device: Optional[torch.device] = None,
+        adversary: Optional[nn.Module] = None,
+        adversary_weight: float = 0.0,
+    ) -> GenerationResult:
+        """Go on optimising existing images for ``steps`` steps (CLAMP-ViT's data refresh).
+
+        With an ``adversary`` (the quantized model being built), ``adversary_weight ·
+        KL(float ‖ adversary)`` is subtracted from the loss, so the images move to where the two
+        models disagree (PSAQ-ViT v2's adaptive pattern).
+
+        Raises:
+            GenerationDiverged: NaN/inf in the loss; carries the images before it.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise VitqError(f"refine steps must be a positive integer, got {steps!r}")
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        start = time.perf_counter()
+        bar = tqdm(total=0, disable=True)
+        out, losses = [], []
+        bs = self.settings.batch_size
+        with _frozen(model, device), contextlib.ExitStack() as stack:
+            if adversary is not None:
+                stack.enter_context(_frozen(adversary, device))
+            for b in range(0, len(images), bs):
+                x, batch_losses = self._optimise(model, targets[b:b + bs], data_config, gen, device, bar,
+                                                 x0=images[b:b + bs], iterations=steps, adversary=adversary,
+                                                 adversary_weight=adversary_weight)
+                out.append(x)
+                losses += batch_losses
+        return GenerationResult(torch.cat(out), targets, time.perf_counter() - start, losses)
+
+    def _optimise(self, model, targets, data_config, gen, device, bar, *, x0: Optional[Tensor] = None,
+                  iterations: Optional[int] = None, adversary: Optional[nn.Module] = None,
+                  adversary_weight: float = 0.0) -> Tuple[Tensor, List[float]]:
         s = self.settings
+        iterations = s.iterations if iterations is None else iterations
         C, H, W = data_config["input_size"]
         mean = torch.tensor(data_config["mean"], device=device).view(1, -1, 1, 1)
         std = torch.tensor(data_config["std"], device=device).view(1, -1, 1, 1)
         lo, hi = (0 - mean) / std, (1 - mean) / std  # the valid range of normalised pixels
-        x = torch.randn((len(targets), C, H, W), generator=gen).to(device)
-        x = torch.max(torch.min(x, hi), lo).requires_grad_(True)
+        x = torch.randn((len(targets), C, H, W), generator=gen).to(device) if x0 is None else x0.detach().to(device)
+        x = torch.max(torch.min(x, hi), lo).clone().requires_grad_(True)
         targets = targets.to(device)
         opt = torch.optim.Adam([x], lr=s.lr, betas=(0.5, 0.9))
-        warmup = min(s.warmup, s.iterations // 10)
+        warmup = min(s.warmup, iterations // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
             lambda i: (i + 1) / (warmup + 1) if i < warmup
-            else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, s.iterations - warmup))),
+            else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, iterations - warmup))),
         )
         grids: List[Tensor] = []
         hooks = []
@@ -192,7 +236,7 @@ class Generator:
         losses, good = [], x.detach().clone()
         max_shift = int(round(s.jitter * min(H, W)))
         try:
-            for step in range(s.iterations):
+            for step in range(iterations):
                 grids.clear()
                 dy, dx = (torch.randint(-max_shift, max_shift + 1, (2,), generator=gen).tolist()
                           if max_shift else (0, 0))
@@ -203,6 +247,11 @@ class Generator:
                 loss = s.ce_weight * F.cross_entropy(logits, targets) + s.tv_weight * total_variation(x).mean()
                 if self.uses_grids and s.patch_weight:
                     loss = loss + s.patch_weight * self.patch_loss(grids)
+                if adversary is not None and adversary_weight:
+                    q_logits = adversary(inp)
+                    disagreement = F.kl_div(F.log_softmax(q_logits, -1), F.log_softmax(logits, -1),
+                                            log_target=True, reduction="batchmean")
+                    loss = loss - adversary_weight * disagreement
                 if not torch.isfinite(loss):
                     raise GenerationDiverged(f"the loss became {loss.item()} at step {step + 1}", good)
                 opt.zero_grad(set_to_none=True)
@@ -254,7 +303,8 @@ class GaussianGenerator(Generator):
     def _iterations(self) -> int:
         return 1
 
-    def _optimise(self, model, targets, data_config, gen, device, bar):
+    def _optimise(self, model, targets, data_config, gen, device, bar, **refine: Any):
+        """Fresh noise; a refresh (``refine``) draws new noise too: there is nothing to optimise."""
         C, H, W = data_config["input_size"]
         mean = torch.tensor(data_config["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(data_config["std"]).view(1, -1, 1, 1)
