@@ -261,3 +261,32 @@ def test_settings_round_trip():
     s = SearchSettings(targets=["attn_weights", "mlp_weights"])
     assert SearchSettings.from_dict(s.to_dict(), "x") == s
     assert load_recipe(load_recipe("clamp-vit").to_dict()) == load_recipe("clamp-vit")
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin], ids=["vit", "swin"])
+@pytest.mark.parametrize("fitness, units", [("infonce", "blocks"), ("local_contrastive", "layers")])
+def test_fitness_from_the_cached_block_input_equals_a_full_forward(make, fitness, units):
+    from vitq.methods.search import _Objective
+
+    model = make()
+    qmodel = quantize("omse", model=model).model
+    settings = SearchSettings(units=units, fitness=fitness, output_weight=0.5, temperature=0.2)
+    objective = _Objective(settings, model, qmodel, list(calib_images().split(6)), torch.device("cpu"))
+    all_units = block_units(qmodel, ["attn_weights"]) if units == "blocks" else layer_units(qmodel)
+    for unit in (all_units[0], all_units[-1]):
+        objective.focus(unit)
+        cached = objective()
+        full_logits = [qmodel(b) for b in objective.batches]
+        if fitness == "infonce":
+            full = sum(float(infonce_loss(q, f, 0.2)) for q, f in zip(full_logits, objective.float_logits)) / 2
+        else:
+            full = 0.0
+            for i, b in enumerate(objective.batches):
+                out = []
+                h = qmodel.get_submodule(unit.output_name).register_forward_hook(lambda m, a, o: out.append(o))
+                logits = qmodel(b)
+                h.remove()
+                full += float(local_contrastive_loss(out[0], objective.float_outputs[i], 0.2)
+                              + 0.5 * kl_loss(logits, objective.float_logits[i]))
+            full /= 2
+        assert cached == pytest.approx(full, rel=1e-5, abs=1e-6)

@@ -206,6 +206,7 @@ class Unit:
     quantizers: List[Tuple[str, Quantizer]]
     output: Optional[nn.Module] = None
     output_name: str = ""
+    block: str = ""  # the block holding every quantizer of the unit: fitness runs from its input
 
     def genome(self) -> Tensor:
         return torch.cat([q.scale.detach().flatten().float().cpu() for _, q in self.quantizers])
@@ -250,7 +251,7 @@ def block_units(model: nn.Module, targets: Sequence[str]) -> List[Unit]:
                     if isinstance(q, Quantizer) and q.role != roles.WEIGHT and _searchable(q):
                         chosen.append((f"{block_name}.{name}", q))
         if chosen:
-            units.append(Unit(block_name, chosen, block, block_name))
+            units.append(Unit(block_name, chosen, block, block_name, block_name))
     return units
 
 
@@ -270,7 +271,7 @@ def layer_units(model: nn.Module, activations: bool = True) -> List[Unit]:
             if activations and _searchable(module.input_quantizer):
                 chosen.append((f"{full}.input_quantizer", module.input_quantizer))
             if chosen:
-                units.append(Unit(full, chosen, module, full))
+                units.append(Unit(full, chosen, module, full, block_name))
     return units
 
 
@@ -370,6 +371,7 @@ class _Objective:
         self.model = model
         self.device = device
         self.loss = FITNESS.get(settings.fitness)
+        self.adapter = find_adapter(model)
         self.set_batches(batches)
 
     def set_batches(self, batches: List[Tensor]) -> None:
@@ -378,6 +380,23 @@ class _Objective:
             self.float_logits = [self.float_model(b) for b in self.batches]
         self.unit: Optional[Unit] = None
         self.float_outputs: List[Tensor] = []
+        self.block_inputs: List[Tensor] = []
+
+    def _block_input(self, block: str, x: Tensor) -> Tensor:
+        captured: List[Tensor] = []
+
+        def hook(mod: nn.Module, args: Any) -> None:
+            captured.append(args[0])
+            raise _Stop
+
+        handle = self.model.get_submodule(block).register_forward_pre_hook(hook)
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
 
     def _capture(self, model: nn.Module, module_name: str, x: Tensor, stop: bool) -> Tuple[Tensor, Optional[Tensor]]:
         module = model.get_submodule(module_name)
@@ -399,29 +418,58 @@ class _Objective:
         return captured[0], logits
 
     def focus(self, unit: Unit) -> None:
-        """Cache the float outputs of ``unit`` (layer-local fitness only)."""
+        """Cache the quantized model's input to the unit's block (the blocks before it do not change
+        while the unit is searched) and, for the layer-local fitness, the unit's float outputs."""
         self.unit = unit
+        with torch.no_grad():
+            self.block_inputs = [self._block_input(unit.block, b) for b in self.batches] if unit.block else []
         if self.settings.fitness != "local_contrastive":
             return
         with torch.no_grad():
             self.float_outputs = [self._capture(self.float_model, unit.output_name, b, stop=True)[0]
                                   for b in self.batches]
 
+    def _logits(self, i: int) -> Tensor:
+        if self.block_inputs:
+            return self.adapter.forward_from(self.model, self.unit.block, self.block_inputs[i])
+        return self.model(self.batches[i])
+
+    def _local(self, i: int, with_logits: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """The unit's output on batch ``i`` (and the logits when asked), from its block's input."""
+        captured: List[Tensor] = []
+
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            captured.append(out)
+            if not with_logits:
+                raise _Stop
+
+        handle = self.model.get_submodule(self.unit.output_name).register_forward_hook(hook)
+        logits = None
+        try:
+            if with_logits:
+                logits = self._logits(i)
+            else:
+                self.model.get_submodule(self.unit.block)(self.block_inputs[i])
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0], logits
+
     def __call__(self) -> float:
         s = self.settings
         total = 0.0
         with torch.no_grad():
-            for i, batch in enumerate(self.batches):
+            for i in range(len(self.batches)):
                 if s.fitness == "local_contrastive":
-                    if self.unit is None:
+                    if self.unit is None or not self.block_inputs:
                         raise VitqError("the layer-local fitness needs a unit: call focus(unit) first")
-                    stop = s.output_weight == 0
-                    out, logits = self._capture(self.model, self.unit.output_name, batch, stop=stop)
+                    out, logits = self._local(i, with_logits=s.output_weight > 0)
                     loss = self.loss(out, self.float_outputs[i], s.temperature)
-                    if not stop:
+                    if logits is not None:
                         loss = loss + s.output_weight * kl_loss(logits, self.float_logits[i])
                 else:
-                    loss = self.loss(self.model(batch), self.float_logits[i], s.temperature)
+                    loss = self.loss(self._logits(i), self.float_logits[i], s.temperature)
                 total += float(loss)
         return total / len(self.batches)
 

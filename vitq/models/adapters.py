@@ -57,6 +57,12 @@ class ModelAdapter:
         search). Each has an ``attn`` and an ``mlp`` part (:meth:`block_parts`)."""
         raise VitqError(f"{type(model).__name__}: this model family exposes no transformer blocks")
 
+    def forward_from(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits computed from ``x``, the input of the block named ``block``, on:
+        the same operations as a full forward from that block, so searches need not recompute
+        the unchanged blocks before it."""
+        raise VitqError(f"{type(model).__name__}: this model family cannot run from a block")
+
     def block_parts(self, block: nn.Module) -> Dict[str, nn.Module]:
         """A block's attention and MLP sub-modules."""
         return {"attn": block.attn, "mlp": block.mlp}
@@ -110,6 +116,12 @@ class ViTAdapter(ModelAdapter):
     def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
         return [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
 
+    def forward_from(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+        start = [name for name, _ in self.blocks(model)].index(block)
+        for blk in model.blocks[start:]:
+            x = blk(x)
+        return model.forward_head(model.norm(x))
+
 
 @ADAPTERS.register("swin")
 class SwinAdapter(ModelAdapter):
@@ -130,6 +142,21 @@ class SwinAdapter(ModelAdapter):
 
     def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, SwinTransformerBlock)]
+
+    def forward_from(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+        target = model.get_submodule(block)
+        started = False
+        for stage in model.layers:
+            if not started:
+                blocks = list(stage.blocks)
+                if not any(b is target for b in blocks):
+                    continue
+                started = True
+                for blk in blocks[next(i for i, b in enumerate(blocks) if b is target):]:
+                    x = blk(x)
+            else:
+                x = stage(x)
+        return model.forward_head(model.norm(x))
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter:
