@@ -15,7 +15,7 @@ import yaml
 from . import __version__
 from .api import evaluate, quantize, resolve_device
 from .data.folder import ImageList, balanced_subset, check_labels, load_images, make_loader, scan_folder
-from .data.synthetic import GENERATORS, GenerationDiverged, GenerationResult, create_generator
+from .data.synthetic import GENERATORS, GenerationDiverged, GenerationResult, create_generator, make_refresher
 from .methods.stages import Refresher
 from .data.synthetic.io import image_stats, save_grid, save_images
 from .errors import VitqError
@@ -230,21 +230,9 @@ def _refresher(args: argparse.Namespace, loaded: LoadedModel, recipe, generated:
     cfg = recipe.data_free
     settings = dict(cfg.settings) if cfg.generator == args.data_free else {}
     settings.update(args.gen_settings or {})
-    generator = create_generator(args.data_free, settings)
-    targets = generated.targets
-
-    def refresh(qmodel: torch.nn.Module, batches: List[torch.Tensor], step: int) -> List[torch.Tensor]:
-        images = torch.cat([b.cpu() for b in batches])
-        if len(images) != len(targets):
-            raise VitqError("the search changed the number of synthetic images; cannot refresh them")
-        result = generator.refine(loaded.model, images, targets, loaded.data_config, steps=cfg.refresh_steps,
-                                  seed=args.seed + step, device=device, adversary=qmodel,
-                                  adversary_weight=cfg.refresh_adversary)
-        run.log.info("refreshed the %d synthetic images after %d search cycles (%d steps, %.1f s)",
-                     len(images), step, cfg.refresh_steps, result.seconds)
-        return list(result.images.split(len(batches[0])))
-
-    return refresh
+    return make_refresher(create_generator(args.data_free, settings), loaded.model, generated.targets,
+                          loaded.data_config, steps=cfg.refresh_steps, adversary_weight=cfg.refresh_adversary,
+                          seed=args.seed, device=device, log=run.log.info)
 
 
 def _metric_keys(metrics: Dict[str, Any]) -> str:

@@ -618,10 +618,15 @@ class SearchStage(Stage):
             selected = f"after {best_step} unit searches (held-out {judge.settings.fitness} {best_select:.4f})"
         seconds = time.perf_counter() - t0
         first = next((c["fitness"] for c in curve if c.get("event") == "start"), None)
+        starts = {c["step"]: c["fitness"] for c in curve if c.get("event") in ("start", "refresh")}
+        gains = [(starts[c["step"]] - c["fitness"]) / abs(starts[c["step"]]) for c in curve
+                 if c.get("event") == "end" and starts.get(c["step"])]
         ctx.record["search"] = {
             "units": len(units), "unit_searches": total, "evaluations": evaluations, "seconds": round(seconds, 2),
             "first_fitness": first, "last_fitness": curve[-1]["fitness"] if curve else None,
             "refreshes": refreshes, "selected": selected, "fitness": s.fitness,
+            "mean_unit_gain": sum(gains) / len(gains) if gains else None,
+            "improved_units": sum(g > 0 for g in gains),
             "images": sum(len(b) for b in objective.batches), "holdout_images": sum(len(b) for b in holdout),
         }
         ctx.record["search_curve"] = curve

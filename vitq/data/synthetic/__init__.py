@@ -9,6 +9,7 @@ from .generators import (
     PatchContrastiveGenerator,
     PatchSimilarityGenerator,
     create_generator,
+    make_refresher,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "PatchContrastiveGenerator",
     "PatchSimilarityGenerator",
     "create_generator",
+    "make_refresher",
 ]

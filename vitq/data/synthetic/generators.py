@@ -339,3 +339,37 @@ def create_generator(name: str, settings: Optional[Mapping[str, Any]] = None) ->
     """The generator registered as ``name`` with ``settings`` (see :class:`GeneratorSettings`)."""
     cls = GENERATORS.get(name)
     return cls(GeneratorSettings.from_dict(settings or {}))
+
+
+def make_refresher(
+    generator: Generator,
+    float_model: nn.Module,
+    targets: Tensor,
+    data_config: Mapping[str, Any],
+    *,
+    steps: int = 50,
+    adversary_weight: float = 0.0,
+    seed: int = 0,
+    device: Optional[torch.device] = None,
+    log: Optional[Any] = None,
+):
+    """A data refresher for CLAMP-ViT's cycle (``vitq.quantize(..., refresh=...)``): given the
+    quantized model being built and the current image batches, it refines the images ``steps``
+    more steps against it (:meth:`Generator.refine`) and returns them in batches of the same size.
+
+    ``targets`` are the images' target classes, in the order of the batches.
+    """
+
+    def refresh(qmodel: nn.Module, batches: List[Tensor], step: int) -> List[Tensor]:
+        images = torch.cat([b.detach().cpu() for b in batches])
+        if len(images) != len(targets):
+            raise VitqError(f"{len(images)} images to refresh but {len(targets)} targets: the refresher needs "
+                            "every synthetic image, in order (no held-out split)")
+        result = generator.refine(float_model, images, targets, data_config, steps=steps, seed=seed + step,
+                                  device=device, adversary=qmodel, adversary_weight=adversary_weight)
+        if log is not None:
+            log("refreshed the %d synthetic images after %d search cycles (%d steps, %.1f s)",
+                len(images), step, steps, result.seconds)
+        return list(result.images.split(len(batches[0])))
+
+    return refresh
