@@ -6,7 +6,7 @@ VITQ_ASSETS ?= ../shared/assets
 export VITQ_ASSETS
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench bench-foundation bench-data-free bench-search clean
 
 setup: $(VENV)/.installed
 
@@ -30,8 +30,17 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
-bench: setup
+# All benchmarks on the real assets (hours on 2 CPU cores); each also runs alone.
+bench: bench-foundation bench-data-free bench-search
+
+bench-foundation: setup
 	$(BIN)/python benchmarks/foundation.py --assets $(VITQ_ASSETS)
+
+bench-data-free: setup
+	$(BIN)/python benchmarks/data_free.py --assets $(VITQ_ASSETS)
+
+bench-search: setup
+	$(BIN)/python benchmarks/search.py --assets $(VITQ_ASSETS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -39,3 +39,19 @@ def test_imagenet_deit_tiny_flat_synset_folder(assets, tmp_path):
     assert metrics["num_calib"] == 16 and metrics["num_eval"] == 64
     assert metrics["fp_top1"] > 60  # labels follow the ImageNet synset order
     assert metrics["agreement"] >= 85
+
+
+def test_cifar_reference_cptv_from_an_omse_plan(assets, tmp_path):
+    """cpt-v improves its own fitness on the real model, keeps accuracy, and its plan reproduces."""
+    model, train, test = assets / "models" / "vit_cifar10_d6.pth", assets / "cifar10" / "train", assets / "cifar10" / "test"
+    common = ["--calib", str(train), "--num-calib", "200", "--eval", str(test), "--num-eval", "300",
+              "--device", "cpu", "--quiet"]
+    assert main(["quantize", str(model), "--recipe", "omse", "--w-bits", "4", "--a-bits", "8",
+                 "--out", str(tmp_path / "omse"), *common]) == 0
+    assert main(["quantize", str(model), "--recipe", "cpt-v", "--start-plan", str(tmp_path / "omse"),
+                 "--set", "search.passes=1", "--out", str(tmp_path / "cptv"), *common]) == 0
+    before = json.loads((tmp_path / "omse" / "metrics.json").read_text())
+    after = json.loads((tmp_path / "cptv" / "metrics.json").read_text())
+    assert after["search"]["last_fitness"] <= after["search"]["first_fitness"]
+    assert after["quant_top1"] >= before["quant_top1"] - 2.0
+    assert (tmp_path / "cptv" / "search_curve.png").exists()
