@@ -16,7 +16,8 @@ from . import __version__
 from .api import evaluate, quantize, resolve_device
 from .data.folder import ImageList, balanced_subset, check_labels, load_images, make_loader, scan_folder
 from .data.synthetic import GENERATORS, GenerationDiverged, GenerationResult, create_generator, make_refresher
-from .methods.stages import Refresher
+from .methods.search import FITNESS
+from .methods.stages import STAGES, Refresher
 from .data.synthetic.io import image_stats, save_grid, save_images
 from .errors import VitqError
 from .eval.metrics import count_quant_points, model_size
@@ -445,19 +446,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_sentence(text: Optional[str]) -> str:
+    """The first sentence of a docstring or description, on one line."""
+    paragraph = " ".join((text or "").strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[:end + 1]
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     print("recipes:")
     for name in RECIPES.names():
-        print(f"  {name:12s} {load_recipe(name).description.splitlines()[0] if load_recipe(name).description else ''}")
+        print(f"  {name:12s} {_first_sentence(load_recipe(name).description)}")
     print("observers:")
     for name, cls in OBSERVERS.items():
-        print(f"  {name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  {name:12s} {_first_sentence(cls.__doc__)}")
     print("protocols:")
     for name, proto in PROTOCOLS.items():
         print(f"  {name:12s} {proto.description}")
     print("generators (data-free):")
     for name, cls in GENERATORS.items():
-        print(f"  {name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  {name:12s} {_first_sentence(cls.__doc__)}")
+    print("recipe stages (settings: vitq/recipes/*.yaml; override with --set STAGE.KEY=VALUE):")
+    for name, cls in STAGES.items():
+        print(f"  {name:12s} {_first_sentence(cls.__doc__)}")
+    print("search fitness functions:")
+    for name, fn in FITNESS.items():
+        print(f"  {name:18s} {_first_sentence(fn.__doc__)}")
     print("model families:")
     for name, cls in ADAPTERS.items():
         print(f"  {name:12s} {cls.family}")

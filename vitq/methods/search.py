@@ -545,7 +545,7 @@ class SearchStage(Stage):
         refreshes: List[int] = []
         best_select, best_state, best_step = math.inf, None, -1
         if ctx.resume and state_path is not None and state_path.exists():
-            state = torch.load(state_path, weights_only=False)
+            state = torch.load(state_path, weights_only=True)
             same = {k: v for k, v in s.to_dict().items() if k != "max_units"}
             if {k: v for k, v in state["settings"].items() if k != "max_units"} != same or state["seed"] != ctx.seed or state["units"] != [u.name for u in units]:
                 raise VitqError(f"{state_path} was written by a search with other settings, seed or model: "
