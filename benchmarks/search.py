@@ -111,7 +111,7 @@ def cifar(root: Path, args) -> Dict[str, Any]:
         images = _images(balanced_subset(pool, 1000, seed=seed, what="calibration images"), loaded.data_config)
         for w, a in ((4, 8), (3, 8)):
             start = bench.run("omse", "omse", images, w, a, seed)
-            fitnesses = ["infonce", "kl"] if w == 3 else ["infonce"]
+            fitnesses = ["infonce", "kl"] if w == 3 and seed in args.kl_seeds else ["infonce"]
             for fitness in fitnesses:
                 recipe = cptv_recipe(args.passes, **({} if fitness == "infonce" else {"fitness": fitness,
                                                                                       "temperature": 1.0}))
@@ -214,8 +214,12 @@ def main(argv=None) -> int:
     parser.add_argument("--in-passes", type=int, default=3, help="ImageNet cpt-v passes")
     parser.add_argument("--in-df-passes", type=int, default=1, help="ImageNet clamp-vit passes")
     parser.add_argument("--in-df-refresh-every", type=int, default=72, help="ImageNet clamp-vit refresh")
+    parser.add_argument("--kl-seeds", type=int, nargs="*", default=None,
+                        help="CIFAR W3A8: seeds that also run cpt-v with the KL fitness (default: every seed)")
     parser.add_argument("--dry-run", action="store_true", help="tiny budget, nothing written (checks the script)")
     args = parser.parse_args(argv)
+    if args.kl_seeds is None:
+        args.kl_seeds = args.seeds
     if args.dry_run:
         args.seeds, args.num_eval, args.passes, args.search_images = [0], 200, 1, 100
         args.df_passes, args.in_passes, args.in_df_passes = 1, 1, 1
@@ -227,12 +231,18 @@ def main(argv=None) -> int:
     results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
     if args.only in (None, "cifar"):
         results["cifar"] = cifar(root, args)
+        results["cifar"]["kl_seeds"] = args.kl_seeds
     if args.only in (None, "imagenet"):
         results["imagenet"] = imagenet(root, args)
     if args.dry_run:
         print("dry run: nothing written")
         return 0
     RESULTS_JSON.parent.mkdir(exist_ok=True)
+    if RESULTS_JSON.exists():  # another part may have finished meanwhile: keep it
+        merged = json.loads(RESULTS_JSON.read_text())
+        merged.update({k: v for k, v in results.items() if k in ("machine", "date", args.only or "cifar", "imagenet")
+                       and (args.only is None or k in ("machine", "date", args.only))})
+        results = merged
     RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
     command = "python benchmarks/search.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_markdown(results, command.strip())
