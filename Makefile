@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e '.[test,plots]' $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e '.[test,plots,deploy]' $(TORCH_PINS)
 	touch $@
 
 # Quantize the bundled CIFAR-10 reference ViT to W4A8 with OMSE and print the table.
