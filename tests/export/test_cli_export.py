@@ -32,7 +32,7 @@ def test_export_then_eval_onnx(run, image_folder, tmp_path, capsys):
     assert report["int_format"]["name"] == "u8s8"  # W4 plan: exact on any CPU
     assert report["plan"]["w_bits"] == 4
     assert onnx_path.with_suffix(".export.md").is_file()
-    assert "integer matrix products: 37 of 38" in captured.out
+    assert "integer matrix products: 38 of 38 (float: none)" in captured.out
 
     # the ONNX file alone: the evaluation images exclude the plan's calibration images, as `vitq eval --plan` does
     metrics_path = tmp_path / "onnx_metrics.json"

@@ -35,7 +35,12 @@ def test_lowered_equals_simulated(make, protocol, w_bits, a_bits, fmt, images):
     qmodel = quantized(make, protocol, w_bits, a_bits)
     lowered, points = lower(qmodel, IntFormat(fmt))
     with torch.no_grad():
-        torch.testing.assert_close(lowered(images), qmodel(images), rtol=0, atol=1e-5)
+        # the patch embedding becomes patches @ Wᵀ: the same sums in another order, so a code on a
+        # rounding boundary downstream may flip; everything else is the simulated arithmetic
+        torch.testing.assert_close(lowered.patch_embed(images), qmodel.patch_embed(images), rtol=0, atol=1e-5)
+        got, expected = lowered(images), qmodel(images)
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    assert (got.argmax(1) == expected.argmax(1)).double().mean() >= 5 / 6
     forms = Counter(p.form for p in points)
     assert forms[INT_WEIGHT] == sum(1 for p in points if p.role == "weight")
     assert forms[QDQ] > 0
@@ -43,6 +48,15 @@ def test_lowered_equals_simulated(make, protocol, w_bits, a_bits, fmt, images):
         assert forms[EMULATED] > 0
     else:
         assert forms[EMULATED] == 0
+
+
+def test_lowered_blocks_equal_simulated(images):
+    """Without the patch embedding's reordering, the export forms are the simulated arithmetic."""
+    qmodel = quantized(tiny_vit, "p1", 8, 8)
+    lowered, _ = lower(qmodel, IntFormat("u8s8"))
+    tokens = torch.randn(6, 17, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(lowered.blocks(tokens), qmodel.blocks(tokens), rtol=0, atol=1e-5)
 
 
 def test_lowering_leaves_the_model_alone(images):

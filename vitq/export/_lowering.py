@@ -222,8 +222,8 @@ class _IntWeight:
             codes = quantize_affine(weight, scale, zp, *spec.qrange)
             scale, zp = scale.reshape(()), zp.reshape(())
         codes = codes + shift
-        if transpose:  # Linear: MatMul(x, Wᵀ) keeps the output channels on the last axis
-            codes = codes.t()
+        if transpose:  # MatMul(x, Wᵀ) keeps the output channels on the last axis
+            codes = codes.reshape(codes.shape[0], -1).t()
             axis = 1 - axis
         self.w_axis = axis
         self.register_buffer("weight_codes", codes.round().to(dtype).contiguous())
@@ -252,9 +252,31 @@ class ExportLinear(_IntWeight, QuantLinear):
 
 
 class ExportConv2d(_IntWeight, QuantConv2d):
+    """The patch embedding. A patchifying convolution (kernel = stride, no padding) is written as
+    patches @ Wᵀ, which ONNX Runtime runs as an integer MatMul (it fuses a QDQ Conv only when its
+    output is quantized too); any other convolution keeps a Conv on dequantized weights."""
+
+    def can_patchify(self) -> bool:
+        """Kernel = stride, no padding, and an input quantizer that commutes with the rearrangement."""
+        q = self.input_quantizer
+        elementwise = not (q.enabled and q.spec.enabled) or q.spec.granularity == "per_tensor"
+        return (tuple(self.kernel_size) == tuple(self.stride) and tuple(self.padding) == (0, 0)
+                and tuple(self.dilation) == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
+                and elementwise)
+
     def forward(self, x: Tensor) -> Tensor:
-        weight = self._export_weight() if self.int_weight else self.weight
-        return self._conv_forward(self.input_quantizer(x), weight, self.bias)
+        if not (self.int_weight and self.w_patchify):
+            weight = self._export_weight() if self.int_weight else self.weight
+            return self._conv_forward(self.input_quantizer(x), weight, self.bias)
+        B, C, H, W = x.shape
+        kh, kw = self.kernel_size
+        h, w = H // kh, W // kw
+        x = x[:, :, : h * kh, : w * kw]  # what a stride-k convolution leaves out
+        patches = x.reshape(B, C, h, kh, w, kw).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * kh * kw)
+        y = self.input_quantizer(patches) @ self._export_weight()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(B, h, w, -1).permute(0, 3, 1, 2)
 
 
 class _ExportAttend:
@@ -305,7 +327,9 @@ def lower(model: nn.Module, fmt: IntFormat) -> Tuple[nn.Module, List[PointExport
         # our own private copy: swapping the class keeps parameters, buffers and children
         module.__class__ = cls
         if isinstance(module, _IntWeight):
-            point = module._lower_weight(fmt, transpose=isinstance(module, ExportLinear))
+            if isinstance(module, ExportConv2d):
+                module.w_patchify = module.can_patchify()
+            point = module._lower_weight(fmt, transpose=isinstance(module, ExportLinear) or module.w_patchify)
             if point is not None:
                 points.append(PointExport(f"{name}.weight_quantizer", point.role, point.spec, point.form,
                                           point.container))
