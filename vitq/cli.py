@@ -188,9 +188,9 @@ def _eval_images(args: argparse.Namespace, calib: Optional[ImageList], seed: int
     return load_images(args.eval_dir, args.num_eval, seed, exclude, what="evaluation images")
 
 
-def _calib_images_of_plan(plan: Plan, eval_dir: str) -> Optional[ImageList]:
-    """Re-derive a plan's calibration subset when evaluating on the folder it calibrated on."""
-    calib = plan.meta.get("calibration") or {}
+def _calib_images_of_plan(meta: Dict[str, Any], eval_dir: str) -> Optional[ImageList]:
+    """Re-derive a plan's calibration subset (from its ``meta``) when evaluating on the folder it calibrated on."""
+    calib = meta.get("calibration") or {}
     folder = calib.get("folder")
     if not folder or Path(eval_dir).expanduser().resolve() != Path(folder).resolve():
         return None
@@ -429,9 +429,8 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     if not onnx_model.meta:
         raise VitqError(f"{args.model} has no vitq metadata (preprocessing, classes): export it with `vitq export`")
     meta = onnx_model.meta.get("meta") or {}
-    recorded = Plan(meta, {})
     seed = args.seed if args.seed is not None else meta.get("seed", 0)
-    calib = _calib_images_of_plan(recorded, args.eval_dir) if meta.get("calibration", {}).get("folder") else None
+    calib = _calib_images_of_plan(meta, args.eval_dir)
     images = _eval_images(args, calib, seed)
     if onnx_model.num_classes:
         check_labels(images, onnx_model.num_classes)
@@ -532,7 +531,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"the plan was made for {planned['arch']!r} but the model is {loaded.arch!r}: pass the model the plan was made for"
         )
     seed = args.seed if args.seed is not None else plan.meta.get("seed", 0)
-    calib = _calib_images_of_plan(plan, args.eval_dir)
+    calib = _calib_images_of_plan(plan.meta, args.eval_dir)
     images = _eval_images(args, calib, seed)
     if _num_classes(loaded):
         check_labels(images, _num_classes(loaded))
