@@ -405,8 +405,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         d = report.to_dict()
         fmt, s, v = d["int_format"], report.sizes, report.verification
         print(f"integer format: {fmt['name'].upper()} ({fmt['reason']})")
+        others = [f"{lay['name']} ({lay['precision']})" for lay in report.layers if lay not in report.integer_layers]
         print(f"integer matrix products: {len(report.integer_layers)} of {len(report.layers)} "
-              f"(float: {', '.join(lay['name'] for lay in report.layers if lay['precision'] == 'float') or 'none'})")
+              f"(float: {', '.join(others) or 'none'})")
         print(f"size: {s['onnx_bytes'] / 1e6:.2f} MB ({s['onnx_ratio']:.3f}× float); weights packed at "
               f"{'/'.join(map(str, s['weight_bits']))} bits: {s['packed_weight_bytes'] / 1e6:.2f} MB "
               f"({s['packed_ratio']:.3f}×)")

@@ -85,3 +85,23 @@ def test_disabled_points_are_reported_off():
     _, points = lower(qmodel, IntFormat("u8s8"))
     off = [p for p in points if p.form == OFF]
     assert off and all(p.role in ("attn_scores", "norm_input") for p in off)
+
+
+def test_per_token_and_logsqrt2_points_are_emulated(images):
+    """Points with no QDQ form (dynamic per-token scales, log√2 probabilities) compute the same values."""
+    from vitq.quant.spec import QuantSpec
+
+    qmodel = quantized(tiny_vit, "p1", 8, 8)
+    fc2 = qmodel.blocks[0].mlp.fc2.input_quantizer
+    fc2.set_spec(QuantSpec(bits=8, granularity="per_token"))
+    probs = qmodel.blocks[1].attn.probs_quantizer
+    probs.set_spec(QuantSpec("logsqrt2", bits=4))
+    probs.set_qparams(torch.tensor(1.0), torch.tensor(0.0))
+    lowered, points = lower(qmodel, IntFormat("u8u8"))
+    forms = {p.name: p for p in points}
+    assert forms["blocks.0.mlp.fc2.input_quantizer"].form == EMULATED
+    assert forms["blocks.1.attn.probs_quantizer"].form == EMULATED
+    assert "per_token" in forms["blocks.0.mlp.fc2.input_quantizer"].note
+    tokens = torch.randn(6, 17, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(lowered.blocks(tokens), qmodel.blocks(tokens), rtol=0, atol=1e-5)

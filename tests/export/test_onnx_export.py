@@ -39,7 +39,8 @@ def test_export_runs_in_onnxruntime_close_to_simulated(tmp_path, images):
     # every linear layer, the patch embedding and both attention products run in integer kernels
     assert [lay["name"] for lay in report.layers if lay["precision"] == "float"] == []
     names = {lay["name"] for lay in report.integer_layers}
-    expected = {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn (q·kᵀ)", "blocks.0.attn (attn·v)", "blocks.0.mlp.fc2", "head"}
+    expected = {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn (q·kᵀ)", "blocks.0.attn (attn·v)",
+                "blocks.0.mlp.fc2", "head"}
     assert expected <= names
     assert report.op_counts.get("MatMulIntegerToFloat", 0) > 0
 
@@ -136,3 +137,23 @@ def test_missing_dependency_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib, "import_module", fake_import)
     with pytest.raises(VitqError, match=r"pip install 'vitq\[deploy\]'"):
         export_onnx(tiny_vit(), tmp_path / "m.onnx")
+
+
+def test_emulated_points_export_and_run(tmp_path, images):
+    from vitq.quant.spec import QuantSpec
+
+    qmodel = quantize(tiny_vit()).model
+    qmodel.blocks[0].mlp.fc2.input_quantizer.set_spec(QuantSpec(bits=8, granularity="per_token"))
+    probs = qmodel.blocks[1].attn.probs_quantizer
+    probs.set_spec(QuantSpec("logsqrt2", bits=4))
+    probs.set_qparams(torch.tensor(1.0), torch.tensor(0.0))
+    report = export_onnx(qmodel, tmp_path / "m.onnx", int_format="u8u8", cpu=AVX2)
+    assert report.summary()["float_emulated_points"] == 2
+    precision = {lay["name"]: lay["precision"] for lay in report.layers}
+    assert precision["blocks.1.attn (attn·v)"] == "float"
+    # a float input and int8 weights: ONNX Runtime runs a weight-only kernel, not an integer GEMM
+    assert precision["blocks.0.mlp.fc2"] in ("float", "weights-only")
+    assert "blocks.0.mlp.fc2" not in {lay["name"] for lay in report.integer_layers}
+    with torch.no_grad():
+        sim = qmodel(images)
+    assert (OnnxModel(report.path)(images) - sim).abs().max() <= 0.05 * sim.abs().max()

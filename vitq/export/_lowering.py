@@ -73,26 +73,20 @@ def _shift_for(spec: QuantSpec, signed: bool) -> int:
 
 
 class _QuantDequant(torch.autograd.Function):
-    """Fake quantization whose ONNX form is [Clip →] QuantizeLinear → DequantizeLinear.
+    """Per-tensor fake quantization whose ONNX form is [Clip →] QuantizeLinear → DequantizeLinear.
 
-    Tensors reach ``symbolic`` as graph values (the module's buffers, exported as initializers);
-    ``per_channel`` and ``axis`` say how to read them.
+    Tensors reach ``symbolic`` as graph values: the module's buffers, exported as initializers.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, c_zero_point, lo, hi, qmin, qmax, axis, per_channel):
-        if per_channel:
-            shape = broadcast_shape(x.ndim, axis)
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    def forward(ctx, x, scale, zero_point, c_zero_point, lo, hi, qmin, qmax):
         return fake_quantize_affine(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax)
 
     @staticmethod
-    def symbolic(g, x, scale, zero_point, c_zero_point, lo, hi, qmin, qmax, axis, per_channel):
+    def symbolic(g, x, scale, zero_point, c_zero_point, lo, hi, qmin, qmax):
         if lo is not None:  # the quantizer's range is narrower than its 8-bit container
-            x = g.op("Min", g.op("Max", x, lo), hi) if per_channel else g.op("Clip", x, lo, hi)
-        kw = {"axis_i": axis} if per_channel else {}
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, c_zero_point, **kw), scale,
-                    c_zero_point, **kw)
+            x = g.op("Clip", x, lo, hi)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, c_zero_point), scale, c_zero_point)
 
 
 class _Dequant(torch.autograd.Function):
@@ -131,7 +125,7 @@ class ExportQuantizer(nn.Module):
             self.form = EMULATED
         else:
             self.form = QDQ
-        if scale is not None:  # 0-d per tensor, 1-d per channel: what QuantizeLinear expects
+        if scale is not None:  # 0-d per tensor (what QuantizeLinear expects), 1-d per channel
             scale = scale.reshape(-1) if self.per_channel else scale.reshape(())
             zero_point = zero_point.reshape(-1) if self.per_channel else zero_point.reshape(())
         self.register_buffer("scale", scale)
@@ -155,8 +149,8 @@ class ExportQuantizer(nn.Module):
 
     @property
     def per_tensor(self) -> bool:
-        """Whether the quantizer commutes with a transpose (one scale for the whole tensor)."""
-        return self.form == OFF or (self.form == QDQ and not self.per_channel)
+        """Whether the quantizer commutes with a transpose (it acts on each element alone)."""
+        return self.form == OFF or self.spec.granularity == "per_tensor"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.form == OFF:
@@ -164,13 +158,8 @@ class ExportQuantizer(nn.Module):
         spec = self.spec
         qmin, qmax = spec.qrange
         if self.form == QDQ:
-            axis = spec.axis % x.ndim
-            lo, hi = self.clip_lo, self.clip_hi
-            if lo is not None and self.per_channel:
-                shape = broadcast_shape(x.ndim, axis)
-                lo, hi = lo.reshape(shape), hi.reshape(shape)
-            return _QuantDequant.apply(x, self.scale, self.zero_point, self.c_zero_point, lo, hi, qmin, qmax,
-                                       axis, self.per_channel)
+            return _QuantDequant.apply(x, self.scale, self.zero_point, self.c_zero_point, self.clip_lo,
+                                       self.clip_hi, qmin, qmax)
         if spec.kind == "log2":
             return _log2(x, spec.bits)
         if spec.kind == "logsqrt2":

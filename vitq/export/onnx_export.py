@@ -67,7 +67,8 @@ class ExportReport:
 
     @property
     def integer_layers(self) -> List[Dict[str, str]]:
-        return [layer for layer in self.layers if layer["precision"] != "float"]
+        """The GEMMs that run in integer arithmetic (both operands integer)."""
+        return [layer for layer in self.layers if layer["precision"] not in ("float", "weights-only")]
 
     def to_dict(self) -> Dict[str, Any]:
         fmt = self.int_format
@@ -101,7 +102,8 @@ class ExportReport:
         forms = Counter(p.form for p in self.points)
         return {
             "integer_gemms": len(self.integer_layers),
-            "float_gemms": len(self.layers) - len(self.integer_layers),
+            "float_gemms": sum(1 for layer in self.layers if layer["precision"] == "float"),
+            "weight_only_gemms": sum(1 for layer in self.layers if layer["precision"] == "weights-only"),
             "int_weights": forms.get(INT_WEIGHT, 0),
             "qdq_activations": forms.get(QDQ, 0),
             "float_emulated_points": forms.get(EMULATED, 0),
@@ -131,7 +133,8 @@ class ExportReport:
             "## What runs in integers",
             "",
             f"{summ['integer_gemms']} of {len(self.layers)} matrix products run in integer kernels of ONNX Runtime "
-            f"(read back from its optimized graph); {summ['float_gemms']} run in float32. Everything else "
+            f"(read back from its optimized graph); {summ['float_gemms']} run in float32, "
+            f"{summ['weight_only_gemms']} with integer weights on float inputs. Everything else "
             "(LayerNorm, softmax, GELU, residual additions, bias additions) runs in float32.",
             "",
             "| layer | ONNX Runtime op | precision |",
@@ -309,7 +312,7 @@ def export_onnx(
     report.op_counts = analysis["op_counts"]
     report.layers = [
         {"name": name, "node": n["name"], "op": n["op"],
-         "precision": "float" if not n["integer"] else (fmt.name if fmt else "integer")}
+         "precision": (fmt.name if fmt else "integer") if n["precision"] == "integer" else n["precision"]}
         for name, n in zip(_layer_names(lowered, analysis["gemms"]), analysis["gemms"])
     ]
     report.sizes = _sizes(model, path, proto, fp_bytes, quantized)
@@ -355,6 +358,11 @@ def _warnings(report: ExportReport) -> List[str]:
     floats = [lay["name"] for lay in report.layers if lay["precision"] == "float"]
     if floats:
         out.append(f"{len(floats)} matrix products run in float32: {', '.join(floats)}")
+    weight_only = [lay["name"] for lay in report.layers if lay["precision"] == "weights-only"]
+    if weight_only:
+        out.append(f"{len(weight_only)} matrix products have integer weights but float inputs (ONNX Runtime "
+                   f"{', '.join(sorted({lay['op'] for lay in report.layers if lay['precision'] == 'weights-only'}))}"
+                   f"): {', '.join(weight_only)}")
     fmt = report.int_format
     if fmt is not None and fmt.may_saturate(report.cpu, report._max_weight_bits()):
         out.append(f"{fmt.name.upper()} with 8-bit weights on a CPU without VNNI: the int16 pair sums of "

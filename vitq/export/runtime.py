@@ -21,9 +21,18 @@ METADATA_KEY = "vitq"
 # ONNX Runtime ops that compute a matrix product or convolution with integer arithmetic
 INTEGER_OPS = frozenset({
     "MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "QGemm",
-    "QLinearConv", "ConvInteger", "QAttention", "MatMulNBits",
+    "QLinearConv", "ConvInteger", "QAttention",
 })
-GEMM_OPS = INTEGER_OPS | {"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedConv", "FusedGemm"}
+# integer weights, float activations: what ONNX Runtime makes of DQ(weight) → MatMul on a float input
+WEIGHT_ONLY_OPS = frozenset({"MatMulNBits"})
+GEMM_OPS = INTEGER_OPS | WEIGHT_ONLY_OPS | {"MatMul", "Gemm", "Conv", "FusedMatMul", "FusedConv", "FusedGemm"}
+
+
+def op_precision(op: str) -> str:
+    """``integer``, ``weights-only`` or ``float`` for an ONNX Runtime op type."""
+    if op in INTEGER_OPS:
+        return "integer"
+    return "weights-only" if op in WEIGHT_ONLY_OPS else "float"
 Pathish = Union[str, Path]
 
 
@@ -183,7 +192,7 @@ def analyse_graph(path: Pathish) -> Dict[str, Any]:
         except Exception as err:
             raise VitqError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0][:300]}") from None
         graph = onnx.load(options.optimized_model_filepath).graph
-    gemms = [{"name": n.name, "op": n.op_type, "integer": n.op_type in INTEGER_OPS}
+    gemms = [{"name": n.name, "op": n.op_type, "precision": op_precision(n.op_type)}
              for n in graph.node if n.op_type in GEMM_OPS]
     return {"op_counts": dict(Counter(n.op_type for n in graph.node)), "gemms": gemms}
 
@@ -210,7 +219,7 @@ def profile_ops(path: Pathish, images: np.ndarray, *, runs: int = 3, threads: Op
     total = sum(per_op.values()) or 1.0
     rows = [
         {"op": op, "ms": round(ms, 3), "percent": round(100 * ms / total, 1), "nodes": count[op] // runs,
-         "precision": "integer" if op in INTEGER_OPS else ("quantize" if op.endswith("QuantizeLinear") else "float")}
+         "precision": "quantize" if op.endswith("QuantizeLinear") else op_precision(op)}
         for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])
     ]
     return {"batch": int(images.shape[0]), "runs": runs, "total_ms": round(total, 3), "ops": rows}

@@ -158,7 +158,7 @@ def bench_speed(
             "sizes": {"fp32_onnx_bytes": fp_report.sizes["onnx_bytes"], **q_report.sizes},
             "export": {"summary": q_report.summary(), "warnings": q_report.warnings,
                        "verification": q_report.verification,
-                       "float_gemms": [lay["name"] for lay in q_report.layers if lay["precision"] == "float"]},
+                       "float_gemms": [lay["name"] for lay in q_report.layers if lay not in q_report.integer_layers]},
         }
         if profile:
             batch = max(batch_sizes)
