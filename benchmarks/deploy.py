@@ -15,9 +15,10 @@ and throughput (batch 32), medians of `--repeats` runs after `--warmup`, for PyT
 ONNX Runtime FP32 and ONNX Runtime int8, and the sizes. ONNX Runtime's profiler shows where the
 DeiT-Small's time goes (per op type, integer or float).
 
-`--formats auto` is the exact format this CPU gets by default (U8U8 for 8-bit weights on AVX2
-without VNNI, U8S8 otherwise); `u8s8` is measured beside it because it is the fastest kernel
-where it may saturate (see vitq/export/formats.py).
+`--formats auto` is the exact format this CPU gets by default (U8U8 for W8A8 plans on AVX2
+without VNNI, U8S8 otherwise); `u8s8` is measured beside it because it is the fastest kernel,
+even where it may saturate (see vitq/export/formats.py). Speed is timed for `--speed-plans`
+(default W8A8 with the auto format and W7A8 with U8S8, which is exact on any CPU).
 
 Writes benchmarks/results/deploy.json and the "Deploy" section of benchmarks/RESULTS.md.
 """

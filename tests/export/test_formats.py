@@ -25,13 +25,14 @@ def test_cpu_info_without_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "cpu, bits, expected",
-    [(AVX2, 8, "u8u8"), (AVX2, 7, "u8s8"), (AVX2, 4, "u8s8"), (VNNI, 8, "u8s8"), (AVX_VNNI, 8, "u8s8")],
+    "cpu, bits, act_bits, expected",
+    [(AVX2, 8, 8, "u8u8"), (AVX2, 7, 8, "u8s8"), (AVX2, 4, 8, "u8s8"), (AVX2, 8, 7, "u8s8"), (AVX2, 8, 6, "u8s8"),
+     (VNNI, 8, 8, "u8s8"), (AVX_VNNI, 8, 8, "u8s8")],
 )
-def test_auto_format(cpu, bits, expected):
-    fmt = choose_format("auto", bits, cpu)
+def test_auto_format(cpu, bits, act_bits, expected):
+    fmt = choose_format("auto", bits, cpu, max_act_bits=act_bits)
     assert fmt.name == expected
-    assert not fmt.may_saturate(cpu, bits)  # auto never picks a format that can saturate
+    assert not fmt.may_saturate(cpu, bits, act_bits)  # auto never picks a format that can saturate
     assert fmt.reason
 
 
@@ -39,6 +40,8 @@ def test_requested_format_and_saturation_risk():
     fmt = choose_format("u8s8", 8, AVX2)
     assert fmt.reason == "asked for"
     assert fmt.may_saturate(AVX2, 8)
+    assert not fmt.may_saturate(AVX2, 8, 7)  # 127·128·2 fits int16
+    assert IntFormat("s8s8").may_saturate(AVX2, 8, 7)  # S8S8 shifts activations back to uint8
     assert not fmt.may_saturate(VNNI, 8)
     assert not IntFormat("u8u8").may_saturate(AVX2, 8)
     assert IntFormat("s8s8").signed_activations and IntFormat("s8s8").signed_weights

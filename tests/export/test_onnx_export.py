@@ -63,6 +63,17 @@ def test_export_stores_integer_weights(tmp_path):
     assert any("8-bit containers" in w for w in report.warnings)
 
 
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 7), (7, 8)])
+def test_u8s8_is_exact_below_8_bits(tmp_path, images, w_bits, a_bits):
+    """With 7-bit weights or 7-bit activations the int16 pair sums of AVX2's U8S8 cannot saturate:
+    auto picks it, and it gives exactly U8U8's output."""
+    model = quantize(tiny_vit(), w_bits=w_bits, a_bits=a_bits).model
+    fast = export_onnx(model, tmp_path / "fast.onnx", cpu=AVX2, verify=False)
+    assert fast.int_format.name == "u8s8" and not fast.to_dict()["int_format"]["may_saturate"]
+    exact = export_onnx(model, tmp_path / "exact.onnx", int_format="u8u8", cpu=AVX2, verify=False)
+    torch.testing.assert_close(OnnxModel(fast.path)(images), OnnxModel(exact.path)(images), rtol=0, atol=0)
+
+
 def test_report_and_metadata(tmp_path):
     result = quantize(tiny_vit(), protocol="p2", w_bits=4, a_bits=8)
     report = export_onnx(result.model, tmp_path / "m.onnx", meta=result.plan.meta, cpu=AVX2)

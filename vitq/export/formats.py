@@ -6,9 +6,10 @@ activations, int8 weights), U8U8 or S8S8. Which is fastest, and which is exact, 
 * with VNNI (``avx512_vnni``, ``avx_vnni``) ``vpdpbusd`` multiplies uint8 by int8 and accumulates in
   int32: U8S8 is fast and exact;
 * with AVX2 alone the U8S8 (and S8S8) kernels use ``vpmaddubsw``, which adds two neighbouring
-  uint8·int8 products in a *saturating int16*: with 8-bit weights (|w| up to 127) the sum can
-  exceed 32767 and the result is wrong. Weights of at most 7 bits (|w| ≤ 64) cannot saturate
-  (255·(64+64) = 32640), so U8S8 is exact for them. U8U8 widens to int16 before multiplying:
+  uint8·int8 products in a *saturating int16*: with 8-bit weights (|w| up to 128) and 8-bit
+  activations (up to 255) the sum can leave [-32768, 32767] and the result is wrong. Weights of
+  at most 7 bits (255·64·2 = 32640) or activation codes of at most 7 bits (127·128·2 = 32512)
+  cannot saturate, so U8S8 is exact for such plans. U8U8 widens to int16 before multiplying:
   exact at 8 bits, about 15 % slower than U8S8 on an AVX2 machine measured for vitq.
 
 Every format is an exact re-encoding of the same integer grid: an unsigned code ``q`` with zero
@@ -84,18 +85,30 @@ class IntFormat:
     def signed_weights(self) -> bool:
         return self.name != "u8u8"
 
-    def may_saturate(self, cpu: CpuInfo, max_weight_bits: int) -> bool:
-        """Whether int16 saturation of AVX2's ``vpmaddubsw`` can change results."""
-        return self.signed_weights and not cpu.vnni and max_weight_bits >= 8
+    def may_saturate(self, cpu: CpuInfo, max_weight_bits: int, max_act_bits: int = 8) -> bool:
+        """Whether int16 saturation of AVX2's ``vpmaddubsw`` can change results.
+
+        ``max_act_bits``: the widest activation feeding a weight GEMM (S8S8 shifts activations
+        into uint8 inside the kernel, so only U8S8 profits from narrow activations).
+        """
+        if not self.signed_weights or cpu.vnni or max_weight_bits <= 7:
+            return False
+        return self.name == "s8s8" or max_act_bits >= 8
 
 
-def choose_format(requested: Optional[str], max_weight_bits: int, cpu: Optional[CpuInfo] = None) -> IntFormat:
+def choose_format(
+    requested: Optional[str], max_weight_bits: int, cpu: Optional[CpuInfo] = None, max_act_bits: int = 8
+) -> IntFormat:
     """The format for ``requested`` (``auto``/None: the fastest exact one for ``cpu``).
 
+    ``max_weight_bits`` / ``max_act_bits``: the widest weight and the widest activation that feed
+    the weight GEMMs.
+
     Example:
-        >>> choose_format("auto", 8, CpuInfo(frozenset({"avx2"}))).name
-        'u8u8'
-        >>> choose_format("auto", 4, CpuInfo(frozenset({"avx2"}))).name
+        >>> avx2 = CpuInfo(frozenset({"avx2"}))
+        >>> choose_format("auto", 8, avx2).name, choose_format("auto", 4, avx2).name
+        ('u8u8', 'u8s8')
+        >>> choose_format("auto", 8, avx2, max_act_bits=7).name
         'u8s8'
         >>> choose_format(None, 8, CpuInfo(frozenset({"avx2", "avx512_vnni"}))).name
         'u8s8'
@@ -105,12 +118,13 @@ def choose_format(requested: Optional[str], max_weight_bits: int, cpu: Optional[
     cpu = cpu if cpu is not None else cpu_info()
     if cpu.vnni:
         return IntFormat("u8s8", f"{cpu.isa}: uint8×int8 products accumulate in int32, U8S8 is fast and exact")
-    if max_weight_bits <= 7:
+    if max_weight_bits <= 7 or max_act_bits <= 7:
+        narrow = "weights" if max_weight_bits <= 7 else "activations"
         return IntFormat(
-            "u8s8", f"{cpu.isa}: weights of ≤ 7 bits cannot saturate the int16 pair sums of U8S8, which is fastest"
+            "u8s8", f"{cpu.isa}: {narrow} of ≤ 7 bits cannot saturate the int16 pair sums of U8S8, which is fastest"
         )
     return IntFormat(
         "u8u8",
-        f"{cpu.isa}: with 8-bit weights U8S8 can saturate int16 pair sums (vpmaddubsw); U8U8 is exact. "
-        "Quantize with --w-bits 7 (or run on a VNNI CPU) for the faster U8S8 kernels",
+        f"{cpu.isa}: with 8-bit weights and activations U8S8 can saturate int16 pair sums (vpmaddubsw); U8U8 is "
+        "exact. Quantize with --w-bits 7 or --a-bits 7 (or run on a VNNI CPU) for the faster U8S8 kernels",
     )

@@ -15,7 +15,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from ..errors import VitqError
 from ..eval.metrics import model_size
 from ..models.adapters import iter_quantizers
 from ..models.loading import data_config_of
+from ..quant import protocol as roles
 from ._deps import require
 from ._lowering import EMULATED, INT_WEIGHT, OFF, QDQ, PointExport, _ExportAttend, lower
 from .formats import CpuInfo, IntFormat, choose_format, cpu_info
@@ -80,7 +81,7 @@ class ExportReport:
                 "name": fmt.name, "reason": fmt.reason,
                 "activations": "int8" if fmt.signed_activations else "uint8",
                 "weights": "int8" if fmt.signed_weights else "uint8",
-                "may_saturate": fmt.may_saturate(self.cpu, self._max_weight_bits()),
+                "may_saturate": fmt.may_saturate(self.cpu, *self._max_bits()),
             },
             "cpu": {"isa": self.cpu.isa, "vnni": self.cpu.vnni},
             "plan": {k: self.meta.get(k) for k in ("recipe", "protocol", "w_bits", "a_bits")},
@@ -94,9 +95,11 @@ class ExportReport:
             "seconds": round(self.seconds, 2),
         }
 
-    def _max_weight_bits(self) -> int:
-        bits = [p.spec.bits for p in self.points if p.form == INT_WEIGHT]
-        return max(bits) if bits else 0
+    def _max_bits(self) -> Tuple[int, int]:
+        """The widest integer weight, and the widest integer activation feeding a weight GEMM."""
+        weights = [p.spec.bits for p in self.points if p.form == INT_WEIGHT]
+        acts = [p.spec.bits for p in self.points if p.form == QDQ and p.role == roles.ACT]
+        return max(weights, default=0), max(acts, default=0)
 
     def summary(self) -> Dict[str, int]:
         forms = Counter(p.form for p in self.points)
@@ -268,8 +271,8 @@ def export_onnx(
     cpu = cpu or cpu_info()
     model = model.eval()
     if quantized:
-        weight_bits = [q.spec.bits for n, q in iter_quantizers(model) if q.role == "weight" and q.spec.enabled]
-        fmt: Optional[IntFormat] = choose_format(int_format, max(weight_bits, default=8), cpu)
+        w_bits, a_bits = _gemm_bits(model)
+        fmt: Optional[IntFormat] = choose_format(int_format, w_bits, cpu, max_act_bits=a_bits)
         lowered, points = lower(model, fmt)
     else:
         fmt, points = None, []
@@ -324,6 +327,20 @@ def export_onnx(
     return report
 
 
+def _gemm_bits(model: nn.Module) -> Tuple[int, int]:
+    """The widest integer weight and the widest integer activation (linear/conv inputs) of ``model``."""
+    weights, acts = [0], [0]
+    for _, q in iter_quantizers(model):
+        spec = q.spec
+        if not (spec.enabled and spec.kind == "uniform"):
+            continue
+        if q.role == roles.WEIGHT:
+            weights.append(spec.bits)
+        elif q.role == roles.ACT and spec.granularity == "per_tensor":
+            acts.append(spec.bits)
+    return max(weights), max(acts)
+
+
 def _sizes(model: nn.Module, path: Path, proto, fp_bytes: int, quantized: bool) -> Dict[str, Any]:
     sizes: Dict[str, Any] = {"onnx_bytes": path.stat().st_size, "fp32_weight_bytes": fp_bytes}
     if not quantized:
@@ -364,9 +381,10 @@ def _warnings(report: ExportReport) -> List[str]:
                    f"{', '.join(sorted({lay['op'] for lay in report.layers if lay['precision'] == 'weights-only'}))}"
                    f"): {', '.join(weight_only)}")
     fmt = report.int_format
-    if fmt is not None and fmt.may_saturate(report.cpu, report._max_weight_bits()):
-        out.append(f"{fmt.name.upper()} with 8-bit weights on a CPU without VNNI: the int16 pair sums of "
-                   "vpmaddubsw can saturate; use --int-format u8u8 (exact) or quantize with --w-bits 7")
+    if fmt is not None and fmt.may_saturate(report.cpu, *report._max_bits()):
+        out.append(f"{fmt.name.upper()} with 8-bit weights and activations on a CPU without VNNI: the int16 pair "
+                   "sums of vpmaddubsw can saturate; use --int-format u8u8 (exact) or quantize with --w-bits 7 "
+                   "or --a-bits 7")
     return out
 
 
