@@ -25,7 +25,7 @@ from .export.speed import BACKENDS, profile_table, size_table, speed_table
 from .methods.lifecycle import check_bits
 from .methods.plan import Plan, apply_plan
 from .models.adapters import ADAPTERS, find_adapter
-from .models.loading import LoadedModel, load_model
+from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .quant.observers import OBSERVERS
 from .quant.protocol import PROTOCOLS, get_protocol
 from .recipes.recipe import RECIPES, load_recipe
@@ -354,18 +354,20 @@ def _is_onnx(model: str) -> bool:
     return Path(model).suffix.lower() == ".onnx"
 
 
-def _load_plan_model(plan: Plan, args: argparse.Namespace, model: Optional[str] = None) -> LoadedModel:
-    """The float model a plan was made for: ``model`` (or ``args.model``), else the one the plan records."""
+def _load_plan_model(plan: Plan, model: Optional[str] = None, arch: Optional[str] = None,
+                     model_kwargs: Optional[Dict[str, Any]] = None, random_weights: bool = False) -> LoadedModel:
+    """The float model a plan was made for: ``model`` if given, else the one the plan records."""
     recorded = plan.meta.get("model") or {}
-    name = model or recorded.get("name")
-    if not name:
-        raise VitqError("the plan does not record its model: pass --model MODEL")
-    if model is None and not Path(name).expanduser().exists() and ("/" in name or Path(name).suffix):
-        raise VitqError(f"the plan's model {name} is not found from here: pass --model PATH")
-    kwargs = {**(recorded.get("kwargs") or {}), **(getattr(args, "model_kwargs", None) or {})} \
-        if model is None else getattr(args, "model_kwargs", None)
-    arch = getattr(args, "arch", None) or (recorded.get("arch") if model is None else None)
-    loaded = load_model(name, arch=arch, model_kwargs=kwargs, pretrained=not getattr(args, "random_weights", False))
+    if model is None:
+        model = recorded.get("name")
+        if not model:
+            raise VitqError("the plan does not record its model: pass --model MODEL")
+        path = Path(model).expanduser()
+        if not path.exists() and ("/" in model or path.suffix.lower() in CHECKPOINT_SUFFIXES):
+            raise VitqError(f"the plan's model {model} is not found from here: pass --model PATH")
+        arch = arch or recorded.get("arch")
+        model_kwargs = {**(recorded.get("kwargs") or {}), **(model_kwargs or {})}
+    loaded = load_model(model, arch=arch, model_kwargs=model_kwargs, pretrained=not random_weights)
     find_adapter(loaded.model)
     planned = recorded.get("arch")
     if planned and planned != loaded.arch:
@@ -392,12 +394,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if run.is_file() and run.suffix.lower() != ".json":
         raise VitqError(f"{run} is not a run folder nor a plan.json: pass the --out folder of `vitq quantize`")
     plan = Plan.load(run)
-    loaded = _load_plan_model(plan, args, args.model)
+    loaded = _load_plan_model(plan, args.model, args.arch, args.model_kwargs, args.random_weights)
     if args.random_weights and not args.quiet:
         print("note: --random-weights: the exported model has random weights, not the ones the plan was "
               "calibrated on (for speed measurements only)", file=sys.stderr)
     qmodel = apply_plan(loaded.model, plan)
-    meta = {**plan.meta, "classes": loaded.classes}
+    meta = {**plan.meta, "model": loaded.identity, "classes": loaded.classes}
     report = export_onnx(qmodel, out, int_format=args.int_format, data_config=loaded.data_config, meta=meta,
                          opset=args.opset)
     files = report.save()
@@ -438,7 +440,10 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     reference = None
     if args.plan:
         plan = Plan.load(args.plan)
-        reference = apply_plan(_load_plan_model(plan, args).model, plan)
+        exported = meta.get("model") or {}  # the float model the file was exported from
+        loaded = _load_plan_model(plan, exported.get("name"), exported.get("arch"), exported.get("kwargs")) \
+            if exported.get("name") else _load_plan_model(plan)
+        reference = apply_plan(loaded.model, plan)
     loader = make_loader(images, onnx_model.data_config, args.batch_size, args.workers)
     metrics = evaluate_onnx(onnx_model, loader, reference=reference, progress=not args.quiet)
     metrics = {"model": str(args.model), "int_format": onnx_model.meta.get("int_format"),
