@@ -29,8 +29,8 @@ def quantized(make, protocol, w_bits, a_bits):
                          protocol=protocol, progress=False, device="cpu").model
 
 
-@pytest.mark.parametrize("make, protocol, w_bits, a_bits", CASES)
-@pytest.mark.parametrize("fmt", ["u8s8", "u8u8", "s8s8"])
+@pytest.mark.parametrize("make, protocol, w_bits, a_bits, fmt",
+                         [case + ("u8s8",) for case in CASES] + [CASES[1] + ("u8u8",), CASES[1] + ("s8s8",)])
 def test_lowered_equals_simulated(make, protocol, w_bits, a_bits, fmt, images):
     qmodel = quantized(make, protocol, w_bits, a_bits)
     lowered, points = lower(qmodel, IntFormat(fmt))
