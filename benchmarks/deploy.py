@@ -182,8 +182,8 @@ def write_markdown(results: Dict[str, Any], command: str) -> None:
         f"Date: {results['date']}",
         "",
         "Export: `vitq export RUN --format onnx --out FILE.onnx` (QDQ: int8 weights per output channel, "
-        "uint8 activations per tensor; every linear layer, the patch embedding and both attention products "
-        "run in ONNX Runtime integer kernels, LayerNorm/softmax/GELU/residuals in float32). *Δ*: ONNX top-1 "
+        "uint8 activations per tensor; protocol p1: every linear layer, the patch embedding and both attention "
+        "products run in ONNX Runtime integer kernels, LayerNorm/softmax/GELU/residuals in float32). *Δ*: ONNX top-1 "
         "minus the simulated (fake-quant) PyTorch model's top-1 on the same images; *agreement*: top-1 "
         "agreement of the two. Latencies are medians over "
         f"{results['repeats']} runs after {results['warmup']} warm-up runs, on seeded random inputs.",
