@@ -38,7 +38,7 @@ def test_auto_format(cpu, bits, act_bits, expected):
 
 def test_requested_format_and_saturation_risk():
     fmt = choose_format("u8s8", 8, AVX2)
-    assert fmt.reason == "asked for"
+    assert fmt.reason.startswith("chosen by the caller")
     assert fmt.may_saturate(AVX2, 8)
     assert not fmt.may_saturate(AVX2, 8, 7)  # 127·128·2 fits int16
     assert IntFormat("s8s8").may_saturate(AVX2, 8, 7)  # S8S8 shifts activations back to uint8

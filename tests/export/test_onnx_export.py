@@ -49,6 +49,9 @@ def test_export_stores_integer_weights(tmp_path):
     result = quantize(tiny_vit(), w_bits=4)
     report = export_onnx(result.model, tmp_path / "m.onnx", cpu=AVX2, verify=False)
     assert report.int_format.name == "u8s8"  # 4-bit weights cannot saturate AVX2's int16 sums
+    precision = {lay["name"]: lay["precision"] for lay in report.layers}
+    assert precision["blocks.0.attn.qkv"] == "u8s8"
+    assert precision["blocks.0.attn (q·kᵀ)"] == precision["blocks.0.attn (attn·v)"] == "u8u8"  # two activations
     proto = onnx.load(str(report.path))
     int_inits = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8
                  and t.name.endswith("weight_codes")]

@@ -71,7 +71,7 @@ class IntFormat:
     """
 
     name: str
-    reason: str = "asked for"
+    reason: str = "chosen by the caller (int_format / --int-format)"
 
     def __post_init__(self) -> None:
         if self.name not in FORMATS:
@@ -114,7 +114,7 @@ def choose_format(
         'u8s8'
     """
     if requested not in (None, "auto"):
-        return IntFormat(requested, "asked for")
+        return IntFormat(requested)
     cpu = cpu if cpu is not None else cpu_info()
     if cpu.vnni:
         return IntFormat("u8s8", f"{cpu.isa}: uint8×int8 products accumulate in int32, U8S8 is fast and exact")

@@ -125,7 +125,7 @@ class ExportReport:
             lines += [
                 f"Plan: recipe {plan['recipe']}, protocol {plan['protocol']}, W{plan['w_bits']}A{plan['a_bits']}.  ",
                 f"Integer format: **{fmt['name'].upper()}** (activations {fmt['activations']}, weights "
-                f"{fmt['weights']}) for a {d['cpu']['isa']} CPU: {fmt['reason']}.",
+                f"{fmt['weights']}). {fmt['reason']}.",
             ]
             if fmt["may_saturate"]:
                 lines.append("**Warning**: on this CPU the U8S8/S8S8 kernels can saturate int16 sums with 8-bit "
@@ -195,6 +195,18 @@ def _dotted(node_name: str) -> str:
     return ".".join(out) or node_name
 
 
+ATTENTION_PRODUCTS = ("(q·kᵀ)", "(attn·v)")
+
+
+def _precision(kind: str, fmt: Optional[IntFormat], activations_only: bool) -> str:
+    """``u8s8``-style operand types of an integer GEMM (both activations in attention products)."""
+    if kind != "integer" or fmt is None:
+        return kind
+    if activations_only:
+        return "s8s8" if fmt.signed_activations else "u8u8"
+    return fmt.name
+
+
 def _layer_names(model: nn.Module, nodes: List[Dict[str, Any]]) -> List[str]:
     """A readable name per GEMM node: its module, and for attention which of the two products."""
     modules = dict(model.named_modules())
@@ -204,9 +216,8 @@ def _layer_names(model: nn.Module, nodes: List[Dict[str, Any]]) -> List[str]:
         dotted = _dotted(node["name"])
         owner = max((m for m in modules if m and (dotted == m or dotted.startswith(m + "."))), key=len, default="")
         if owner and isinstance(modules[owner], _ExportAttend):
-            which = ("q·kᵀ", "attn·v")[min(seen[owner], 1)]
+            names.append(f"{owner} {ATTENTION_PRODUCTS[min(seen[owner], 1)]}")
             seen[owner] += 1
-            names.append(f"{owner} ({which})")
         else:
             names.append(owner or dotted)
     return names
@@ -315,7 +326,7 @@ def export_onnx(
     report.op_counts = analysis["op_counts"]
     report.layers = [
         {"name": name, "node": n["name"], "op": n["op"],
-         "precision": (fmt.name if fmt else "integer") if n["precision"] == "integer" else n["precision"]}
+         "precision": _precision(n["precision"], fmt, activations_only=name.endswith(ATTENTION_PRODUCTS))}
         for name, n in zip(_layer_names(lowered, analysis["gemms"]), analysis["gemms"])
     ]
     report.sizes = _sizes(model, path, proto, fp_bytes, quantized)
