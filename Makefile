@@ -6,7 +6,7 @@ VITQ_ASSETS ?= ../shared/assets
 export VITQ_ASSETS
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-slow bench bench-foundation bench-data-free bench-search clean
+.PHONY: setup demo test test-slow bench bench-foundation bench-data-free bench-search bench-deploy clean
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e '.[test,plots]' $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e '.[test,plots,deploy]' $(TORCH_PINS)
 	touch $@
 
 # Quantize the bundled CIFAR-10 reference ViT to W4A8 with OMSE and print the table.
@@ -31,7 +31,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 # All benchmarks on the real assets (hours on 2 CPU cores); each also runs alone.
-bench: bench-foundation bench-data-free bench-search
+bench: bench-foundation bench-data-free bench-search bench-deploy
 
 bench-foundation: setup
 	$(BIN)/python benchmarks/foundation.py --assets $(VITQ_ASSETS)
@@ -41,6 +41,9 @@ bench-data-free: setup
 
 bench-search: setup
 	$(BIN)/python benchmarks/search.py --assets $(VITQ_ASSETS)
+
+bench-deploy: setup
+	$(BIN)/python benchmarks/deploy.py --assets $(VITQ_ASSETS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -55,3 +55,22 @@ def test_cifar_reference_cptv_from_an_omse_plan(assets, tmp_path):
     assert after["search"]["last_fitness"] <= after["search"]["first_fitness"]
     assert after["quant_top1"] >= before["quant_top1"] - 2.0
     assert (tmp_path / "cptv" / "search_curve.png").exists()
+
+
+def test_cifar_reference_exported_onnx_matches_simulated(assets, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model = assets / "models" / "vit_cifar10_d6.pth"
+    out = tmp_path / "run"
+    rc = main(["quantize", str(model), "--recipe", "omse", "--w-bits", "8", "--a-bits", "8",
+               "--calib", str(assets / "cifar10" / "train"), "--num-calib", "64", "--device", "cpu", "--quiet",
+               "--out", str(out)])
+    assert rc == 0
+    onnx_path = tmp_path / "model.int8.onnx"
+    assert main(["export", str(out), "--format", "onnx", "--out", str(onnx_path), "--quiet"]) == 0
+    capsys.readouterr()
+    rc = main(["eval", str(onnx_path), "--eval", str(assets / "cifar10" / "test"), "--num-eval", "1000",
+               "--plan", str(out), "--quiet"])
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(metrics["top1_diff"]) <= 0.3  # the bound: ONNX Runtime vs the simulated model
+    assert metrics["agreement"] >= 98

@@ -9,6 +9,7 @@ Example:
 """
 __version__ = "0.1.0"
 
+from . import export  # vitq.export.export_onnx, OnnxModel, evaluate_onnx, bench_speed (needs vitq[deploy])
 from .api import QuantizedModel, evaluate, quantize, resolve_device
 from .errors import VitqError
 from .methods import Plan, apply_plan, calibrate, convert, prepare
@@ -24,6 +25,7 @@ __all__ = [
     "calibrate",
     "convert",
     "evaluate",
+    "export",
     "load_model",
     "load_recipe",
     "prepare",

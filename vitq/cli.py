@@ -21,10 +21,14 @@ from .methods.stages import STAGES, Refresher
 from .data.synthetic.io import image_stats, save_grid, save_images
 from .errors import VitqError
 from .eval.metrics import count_quant_points, model_size
+from .export import FORMATS, OnnxModel, bench_speed, evaluate_onnx, export_onnx
+from .export._deps import require
+from .export.onnx_export import DEFAULT_OPSET
+from .export.speed import BACKENDS, profile_table, size_table, speed_table
 from .methods.lifecycle import check_bits
 from .methods.plan import Plan, apply_plan
 from .models.adapters import ADAPTERS, find_adapter
-from .models.loading import LoadedModel, load_model
+from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .quant.observers import OBSERVERS
 from .quant.protocol import PROTOCOLS, get_protocol
 from .recipes.recipe import RECIPES, load_recipe
@@ -126,10 +130,51 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="run folder to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
-    e = sub.add_parser("eval", help="evaluate a plan (re-applied to a fresh float model) against the float model")
+    e = sub.add_parser("eval", help="evaluate a plan (re-applied to a fresh float model) against the float model, "
+                                     "or an exported .onnx file in ONNX Runtime")
     _common(e)
-    e.add_argument("--plan", required=True, help="plan.json of a run (or the run folder)")
+    e.add_argument("--plan", help="plan.json of a run (or the run folder); with an .onnx MODEL: also evaluate the "
+                                  "simulated PyTorch model of this plan and compare")
     e.add_argument("--out", help="write metrics.json here (a file path)")
+    e.add_argument("--threads", type=_positive_int, default=None, help=".onnx: ONNX Runtime threads")
+
+    x = sub.add_parser("export", help="export a run's quantized model to ONNX (QDQ: integer kernels in ONNX Runtime)")
+    x.add_argument("run", help="run folder of `vitq quantize` (or its plan.json)")
+    x.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    x.add_argument("--out", required=True, help="the .onnx file to write; the export report goes beside it")
+    x.add_argument("--model", help="the float model the plan was made for (default: the one the plan records)")
+    x.add_argument("--arch", help="timm architecture of a checkpoint without a sidecar card")
+    x.add_argument("--model-kwargs", type=_json_object, default=None, help="JSON of timm.create_model arguments")
+    x.add_argument("--random-weights", action="store_true", help="timm name only: random weights, no download")
+    x.add_argument("--int-format", choices=["auto", *FORMATS], default="auto",
+                   help="integer kernels of ONNX Runtime (default auto: the fastest exact one for this CPU)")
+    x.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    x.add_argument("--quiet", action="store_true", help="print only the output paths")
+
+    b = sub.add_parser("bench-speed",
+                       help="latency and throughput of PyTorch FP32, ONNX Runtime FP32 and int8; sizes")
+    b.add_argument("model", help="timm model name, or checkpoint (.pth/.safetensors/.npz) with a sidecar .json")
+    b.add_argument("--arch", help="timm architecture of a checkpoint without a sidecar card")
+    b.add_argument("--model-kwargs", type=_json_object, default=None, help="JSON of timm.create_model arguments")
+    b.add_argument("--random-weights", action="store_true", help="timm name only: random weights, no download")
+    b.add_argument("--plan", help="plan.json of a run made for this model (default: a minmax plan calibrated here)")
+    b.add_argument("--calib", help="without --plan: calibration images (default: seeded random images, speed only)")
+    b.add_argument("--num-calib", type=_positive_int, default=32, help="without --plan: calibration images to use")
+    b.add_argument("--w-bits", type=_bits, default=8, help="without --plan")
+    b.add_argument("--a-bits", type=_bits, default=8, help="without --plan")
+    b.add_argument("--protocol", choices=sorted(PROTOCOLS), default="p1", help="without --plan")
+    b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32], help="default: 1 32")
+    b.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per backend and batch size")
+    b.add_argument("--warmup", type=_positive_int, default=2, help="untimed runs first")
+    b.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: the libraries')")
+    b.add_argument("--int-format", choices=["auto", *FORMATS], default="auto")
+    b.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
+    b.add_argument("--profile", action="store_true", help="ONNX Runtime's time per op type at the largest batch")
+    b.add_argument("--keep", help="keep the exported .onnx files in this folder")
+    b.add_argument("--out", default="bench-speed.json", help="JSON file to write (default bench-speed.json)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quiet", action="store_true", help="no progress on the console")
 
     g = sub.add_parser("generate", help="synthesise calibration images from the model (data-free)")
     _common(g)
@@ -164,9 +209,9 @@ def _eval_images(args: argparse.Namespace, calib: Optional[ImageList], seed: int
     return load_images(args.eval_dir, args.num_eval, seed, exclude, what="evaluation images")
 
 
-def _calib_images_of_plan(plan: Plan, eval_dir: str) -> Optional[ImageList]:
-    """Re-derive a plan's calibration subset when evaluating on the folder it calibrated on."""
-    calib = plan.meta.get("calibration") or {}
+def _calib_images_of_plan(meta: Dict[str, Any], eval_dir: str) -> Optional[ImageList]:
+    """Re-derive a plan's calibration subset (from its ``meta``) when evaluating on the folder it calibrated on."""
+    calib = meta.get("calibration") or {}
     folder = calib.get("folder")
     if not folder or Path(eval_dir).expanduser().resolve() != Path(folder).resolve():
         return None
@@ -388,7 +433,180 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_onnx(model: str) -> bool:
+    return Path(model).suffix.lower() == ".onnx"
+
+
+def _load_plan_model(plan: Plan, model: Optional[str] = None, arch: Optional[str] = None,
+                     model_kwargs: Optional[Dict[str, Any]] = None, random_weights: bool = False) -> LoadedModel:
+    """The float model a plan was made for: ``model`` if given, else the one the plan records."""
+    recorded = plan.meta.get("model") or {}
+    if model is None:
+        model = recorded.get("name")
+        if not model:
+            raise VitqError("the plan does not record its model: pass --model MODEL")
+        path = Path(model).expanduser()
+        if not path.exists() and ("/" in model or path.suffix.lower() in CHECKPOINT_SUFFIXES):
+            raise VitqError(f"the plan's model {model} is not found from here: pass --model PATH")
+        arch = arch or recorded.get("arch")
+        model_kwargs = {**(recorded.get("kwargs") or {}), **(model_kwargs or {})}
+    loaded = load_model(model, arch=arch, model_kwargs=model_kwargs, pretrained=not random_weights)
+    find_adapter(loaded.model)
+    planned = recorded.get("arch")
+    if planned and planned != loaded.arch:
+        raise VitqError(f"the plan was made for {planned!r} but the model is {loaded.arch!r}: "
+                        "pass the model the plan was made for")
+    return loaded
+
+
+def _check_deploy() -> None:
+    require("onnx")
+    require("onnxruntime")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _check_deploy()
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() != ".onnx":
+        raise VitqError(f"--out must name an .onnx file, got {args.out!r}")
+    if out.exists() and not args.overwrite:
+        raise VitqError(f"{out} already exists: choose another --out or pass --overwrite")
+    run = Path(args.run).expanduser()
+    if not run.exists():
+        raise VitqError(f"run folder or plan {run} does not exist: pass the --out folder of `vitq quantize`")
+    if run.is_file() and run.suffix.lower() != ".json":
+        raise VitqError(f"{run} is not a run folder nor a plan.json: pass the --out folder of `vitq quantize`")
+    plan = Plan.load(run)
+    loaded = _load_plan_model(plan, args.model, args.arch, args.model_kwargs, args.random_weights)
+    if args.random_weights and not args.quiet:
+        print("note: --random-weights: the exported model has random weights, not the ones the plan was "
+              "calibrated on (for speed measurements only)", file=sys.stderr)
+    qmodel = apply_plan(loaded.model, plan)
+    meta = {**plan.meta, "model": loaded.identity, "classes": loaded.classes}
+    report = export_onnx(qmodel, out, int_format=args.int_format, data_config=loaded.data_config, meta=meta,
+                         opset=args.opset)
+    files = report.save()
+    if not args.quiet:
+        d = report.to_dict()
+        fmt, s, v = d["int_format"], report.sizes, report.verification
+        print(f"integer format: {fmt['name'].upper()} ({fmt['reason']})")
+        others = [f"{lay['name']} ({lay['precision']})" for lay in report.layers if lay not in report.integer_layers]
+        print(f"integer matrix products: {len(report.integer_layers)} of {len(report.layers)} "
+              f"(float: {', '.join(others) or 'none'})")
+        print(f"size: {s['onnx_bytes'] / 1e6:.2f} MB ({s['onnx_ratio']:.3f}× float); weights packed at "
+              f"{'/'.join(map(str, s['weight_bits']))} bits: {s['packed_weight_bytes'] / 1e6:.2f} MB "
+              f"({s['packed_ratio']:.3f}×)")
+        print(f"ONNX Runtime vs PyTorch ({v['num_images']} {v['inputs']}): max |Δ logit| {v['max_abs_diff']:.3g}, "
+              f"top-1 agreement {v['agreement']:.1f} %")
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {out} and {files['json']}, {files['markdown']}")
+    return 0
+
+
+def _eval_onnx(args: argparse.Namespace) -> int:
+    _check_deploy()
+    if args.random_weights or args.arch or args.model_kwargs or args.protocol:
+        raise VitqError("--arch, --model-kwargs, --random-weights and --protocol do not apply to an .onnx file: "
+                        "its model and protocol were fixed at export")
+    if not args.eval_dir:
+        raise VitqError("vitq eval needs --eval DIR (the images to evaluate on)")
+    onnx_model = OnnxModel(args.model, threads=args.threads)
+    if not onnx_model.meta:
+        raise VitqError(f"{args.model} has no vitq metadata (preprocessing, classes): export it with `vitq export`")
+    meta = onnx_model.meta.get("meta") or {}
+    seed = args.seed if args.seed is not None else meta.get("seed", 0)
+    calib = _calib_images_of_plan(meta, args.eval_dir)
+    images = _eval_images(args, calib, seed)
+    if onnx_model.num_classes:
+        check_labels(images, onnx_model.num_classes)
+    reference = None
+    if args.plan:
+        plan = Plan.load(args.plan)
+        exported = meta.get("model") or {}  # the float model the file was exported from
+        loaded = _load_plan_model(plan, exported.get("name"), exported.get("arch"), exported.get("kwargs")) \
+            if exported.get("name") else _load_plan_model(plan)
+        reference = apply_plan(loaded.model, plan)
+    loader = make_loader(images, onnx_model.data_config, args.batch_size, args.workers)
+    metrics = evaluate_onnx(onnx_model, loader, reference=reference, progress=not args.quiet)
+    metrics = {"model": str(args.model), "int_format": onnx_model.meta.get("int_format"),
+               **{k: meta.get(k) for k in ("recipe", "protocol", "w_bits", "a_bits")}, "seed": seed, **metrics}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=1) + "\n")
+    row = [("ONNX top-1", metrics["onnx_top1"]), ("ONNX top-5", metrics["onnx_top5"])]
+    if reference is not None:
+        row += [("PyTorch simulated top-1", metrics["reference_top1"]), ("Δ top-1", metrics["top1_diff"]),
+                ("agreement", metrics["agreement"])]
+    print("| " + " | ".join(k for k, _ in row) + " |\n|" + "---|" * len(row) + "\n| "
+          + " | ".join(f"{v:.2f}" for _, v in row) + " |")
+    print(json.dumps(metrics))
+    return 0
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    _check_deploy()
+    loaded = _load(args)
+    float_model = loaded.model
+    if args.plan:
+        if args.calib:
+            raise VitqError("--calib calibrates a plan here; with --plan the plan's scales are used: "
+                            "pass one of them")
+        plan = Plan.load(args.plan)
+        planned = plan.meta.get("model", {}).get("arch")
+        if planned and planned != loaded.arch:
+            raise VitqError(f"the plan was made for {planned!r} but the model is {loaded.arch!r}")
+        qmodel, plan_note = apply_plan(float_model, plan), f"plan {args.plan}"
+        meta = dict(plan.meta)
+    else:
+        if args.calib:
+            calib = load_images(args.calib, min(args.num_calib, len(scan_folder(args.calib))), args.seed,
+                                what="calibration images")
+            batches = make_loader(calib, loaded.data_config, 32)
+            source = f"{len(calib)} images of {calib.root}"
+        else:
+            size = tuple(loaded.data_config["input_size"])
+            batches = [torch.randn(args.num_calib, *size, generator=torch.Generator().manual_seed(args.seed))]
+            source = f"{args.num_calib} seeded random images (speed only: accuracy is not meaningful)"
+        result = quantize(float_model, "minmax", batches, w_bits=args.w_bits, a_bits=args.a_bits,
+                          protocol=args.protocol, device="cpu", progress=False, meta={"model": loaded.identity})
+        qmodel, meta = result.model, result.plan.meta
+        plan_note = f"minmax W{args.w_bits}A{args.a_bits} {args.protocol} calibrated on {source}"
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+    result = bench_speed(
+        float_model, qmodel, data_config=loaded.data_config, batch_sizes=args.batch_sizes, repeats=args.repeats,
+        warmup=args.warmup, threads=args.threads, int_format=args.int_format, workdir=args.keep,
+        backends=args.backends, profile=args.profile, meta=meta, progress=not args.quiet,
+    )
+    result = {"model": loaded.name, "arch": loaded.arch, "plan": plan_note, **result}
+    out = Path(args.out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    fmt = result["int_format"]
+    print(f"{loaded.name}: {plan_note}")
+    print(f"int8 format {fmt['name'].upper()}: {fmt['reason']}; threads: {result['threads']}; "
+          f"median of {args.repeats} runs after {args.warmup} warm-up")
+    print(speed_table(result))
+    print(size_table(result))
+    if "profile" in result:
+        for name in ("ort_int8", "ort_fp32"):
+            prof = result["profile"][name]
+            print(f"\nONNX Runtime {name[4:]} at batch {prof['batch']}: {prof['total_ms']:.1f} ms in kernels")
+            print(profile_table(prof))
+    floats = result["export"]["float_gemms"]
+    if floats:
+        print(f"matrix products left in float32: {', '.join(floats)}")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if _is_onnx(args.model):
+        return _eval_onnx(args)
+    if not args.plan:
+        raise VitqError("vitq eval needs --plan PLAN (the plan.json of a run) for a PyTorch model; "
+                        "an exported .onnx file needs none")
     plan = Plan.load(args.plan)
     if args.protocol and args.protocol != plan.meta.get("protocol"):
         raise VitqError(f"the plan uses protocol {plan.meta.get('protocol')!r}; drop --protocol or pass that one")
@@ -402,7 +620,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"the plan was made for {planned['arch']!r} but the model is {loaded.arch!r}: pass the model the plan was made for"
         )
     seed = args.seed if args.seed is not None else plan.meta.get("seed", 0)
-    calib = _calib_images_of_plan(plan, args.eval_dir)
+    calib = _calib_images_of_plan(plan.meta, args.eval_dir)
     images = _eval_images(args, calib, seed)
     if _num_classes(loaded):
         check_labels(images, _num_classes(loaded))
@@ -478,7 +696,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "list": cmd_list}
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "bench-speed": cmd_bench_speed,
+    "generate": cmd_generate,
+    "list": cmd_list,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,173 @@
+"""ONNX export: the file runs in ONNX Runtime, close to the simulated model, with integer kernels."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+import vitq  # noqa: E402
+from vitq import VitqError  # noqa: E402
+from vitq.export import OnnxModel, evaluate_onnx, export_onnx, read_metadata  # noqa: E402
+from vitq.export.formats import CpuInfo  # noqa: E402
+
+from conftest import IMG, NUM_CLASSES, tiny_swin, tiny_vit  # noqa: E402
+
+AVX2 = CpuInfo(frozenset({"avx2"}))
+
+
+def quantize(model, protocol="p1", w_bits=8, a_bits=8):
+    torch.manual_seed(0)
+    return vitq.quantize(model, "minmax", [torch.randn(8, 3, IMG, IMG)], w_bits=w_bits, a_bits=a_bits,
+                         protocol=protocol, progress=False, device="cpu")
+
+
+def test_export_runs_in_onnxruntime_close_to_simulated(tmp_path, images):
+    result = quantize(tiny_vit())
+    report = export_onnx(result.model, tmp_path / "m.onnx", int_format="u8u8", meta=result.plan.meta, cpu=AVX2)
+    ort_logits = OnnxModel(report.path)(images)
+    with torch.no_grad():
+        sim = result.model(images)
+    # U8U8 is exact: only float rounding of the non-integer ops differs
+    assert (ort_logits - sim).abs().max() <= 0.05 * sim.abs().max()
+    assert bool((ort_logits.argmax(1) == sim.argmax(1)).all())
+    assert report.verification["agreement"] == 100.0
+
+    # every linear layer, the patch embedding and both attention products run in integer kernels
+    assert [lay["name"] for lay in report.layers if lay["precision"] == "float"] == []
+    names = {lay["name"] for lay in report.integer_layers}
+    expected = {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn (q·kᵀ)", "blocks.0.attn (attn·v)",
+                "blocks.0.mlp.fc2", "head"}
+    assert expected <= names
+    assert report.op_counts.get("MatMulIntegerToFloat", 0) > 0
+
+
+def test_export_stores_integer_weights(tmp_path):
+    result = quantize(tiny_vit(), w_bits=4)
+    report = export_onnx(result.model, tmp_path / "m.onnx", cpu=AVX2, verify=False)
+    assert report.int_format.name == "u8s8"  # 4-bit weights cannot saturate AVX2's int16 sums
+    precision = {lay["name"]: lay["precision"] for lay in report.layers}
+    assert precision["blocks.0.attn.qkv"] == "u8s8"
+    assert precision["blocks.0.attn (q·kᵀ)"] == precision["blocks.0.attn (attn·v)"] == "u8u8"  # two activations
+    proto = onnx.load(str(report.path))
+    int_inits = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8
+                 and t.name.endswith("weight_codes")]
+    assert len(int_inits) == 26  # every linear and the patch conv
+    assert not [t.name for t in proto.graph.initializer if t.name.endswith(".weight") and len(t.dims) > 1]
+    qkv = onnx.numpy_helper.to_array(next(t for t in int_inits if t.dims == [64, 192]))  # test_vit: 64 → 192
+    assert qkv.min() >= -8 and qkv.max() <= 7
+    sizes = report.sizes
+    assert sizes["onnx_bytes"] < 0.45 * sizes["fp32_weight_bytes"]
+    assert sizes["packed_weight_bytes"] < sizes["container_weight_bytes"]
+    assert sizes["weight_bits"] == [4]
+    assert any("8-bit containers" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 7), (7, 8)])
+def test_u8s8_is_exact_below_8_bits(tmp_path, images, w_bits, a_bits):
+    """With 7-bit weights or 7-bit activations the int16 pair sums of AVX2's U8S8 cannot saturate:
+    auto picks it, and it gives exactly U8U8's output."""
+    model = quantize(tiny_vit(), w_bits=w_bits, a_bits=a_bits).model
+    fast = export_onnx(model, tmp_path / "fast.onnx", cpu=AVX2, verify=False)
+    assert fast.int_format.name == "u8s8" and not fast.to_dict()["int_format"]["may_saturate"]
+    exact = export_onnx(model, tmp_path / "exact.onnx", int_format="u8u8", cpu=AVX2, verify=False)
+    torch.testing.assert_close(OnnxModel(fast.path)(images), OnnxModel(exact.path)(images), rtol=0, atol=0)
+
+
+def test_report_and_metadata(tmp_path):
+    result = quantize(tiny_vit(), protocol="p2", w_bits=4, a_bits=8)
+    report = export_onnx(result.model, tmp_path / "m.onnx", meta=result.plan.meta, cpu=AVX2)
+    files = report.save()
+    body = json.loads(files["json"].read_text())
+    assert body["int_format"]["name"] == "u8s8"
+    assert body["plan"]["protocol"] == "p2"
+    assert body["summary"]["float_emulated_points"] == 19  # 6 log2 probabilities, 13 PTF LayerNorm inputs
+    emulated = {p["name"] for p in body["points"] if p["form"] == "float_emulated"}
+    assert "blocks.0.attn.probs_quantizer" in emulated and "norm.input_quantizer" in emulated
+    assert any("run in float" in w and "log2" in w for w in body["warnings"])
+    markdown = files["markdown"].read_text()
+    assert "What runs in integers" in markdown and "U8S8" in markdown
+    meta = read_metadata(report.path)
+    assert meta["format"] == "vitq-onnx/1" and meta["quantized"] and meta["int_format"] == "u8s8"
+    assert meta["num_classes"] == NUM_CLASSES
+    assert meta["data_config"]["input_size"] == [3, IMG, IMG]
+    assert meta["meta"]["w_bits"] == 4
+
+
+def test_swin_exports(tmp_path, images):
+    result = quantize(tiny_swin())
+    report = export_onnx(result.model, tmp_path / "swin.onnx", int_format="u8u8", cpu=AVX2)
+    assert report.verification["agreement"] == 100.0
+    assert len(report.integer_layers) == len(report.layers)
+    assert any(lay["name"] == "layers.0.blocks.0.attn.qkv" for lay in report.layers)
+
+
+def test_float_model_exports_as_float(tmp_path, images):
+    model = tiny_vit()
+    report = export_onnx(model, tmp_path / "fp.onnx")
+    assert report.int_format is None and not report.integer_layers
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxModel(report.path)(images), model(images), rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_onnx_against_reference(tmp_path, images):
+    result = quantize(tiny_vit())
+    report = export_onnx(result.model, tmp_path / "m.onnx", int_format="u8u8", verify=False)
+    labels = torch.arange(len(images)) % NUM_CLASSES
+    metrics = evaluate_onnx(report.path, [(images, labels)], reference=result.model, progress=False)
+    assert metrics["num_eval"] == len(images)
+    assert metrics["agreement"] == 100.0 and metrics["top1_diff"] == 0.0
+
+
+def test_bad_inputs(tmp_path):
+    model = quantize(tiny_vit()).model
+    with pytest.raises(VitqError, match="must end in .onnx"):
+        export_onnx(model, tmp_path / "m.pth")
+    with pytest.raises(VitqError, match="opset 13 is too old"):
+        export_onnx(model, tmp_path / "m.onnx", opset=13)
+    with pytest.raises(VitqError, match="unknown integer format"):
+        export_onnx(model, tmp_path / "m.onnx", int_format="int4")
+    with pytest.raises(VitqError, match="does not exist"):
+        OnnxModel(tmp_path / "missing.onnx")
+    fake = tmp_path / "fake.onnx"
+    fake.write_text("not a protobuf")
+    with pytest.raises(VitqError, match="is not an ONNX model"):
+        OnnxModel(fake)
+
+
+def test_missing_dependency_names_the_extra(monkeypatch, tmp_path):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake_import(name, *args, **kwargs):
+        if name.split(".")[0] == "onnx":
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    with pytest.raises(VitqError, match=r"pip install 'vitq\[deploy\]'"):
+        export_onnx(tiny_vit(), tmp_path / "m.onnx")
+
+
+def test_emulated_points_export_and_run(tmp_path, images):
+    from vitq.quant.spec import QuantSpec
+
+    qmodel = quantize(tiny_vit()).model
+    qmodel.blocks[0].mlp.fc2.input_quantizer.set_spec(QuantSpec(bits=8, granularity="per_token"))
+    probs = qmodel.blocks[1].attn.probs_quantizer
+    probs.set_spec(QuantSpec("logsqrt2", bits=4))
+    probs.set_qparams(torch.tensor(1.0), torch.tensor(0.0))
+    report = export_onnx(qmodel, tmp_path / "m.onnx", int_format="u8u8", cpu=AVX2)
+    assert report.summary()["float_emulated_points"] == 2
+    precision = {lay["name"]: lay["precision"] for lay in report.layers}
+    assert precision["blocks.1.attn (attn·v)"] == "float"
+    # a float input and int8 weights: ONNX Runtime runs a weight-only kernel, not an integer GEMM
+    assert precision["blocks.0.mlp.fc2"] in ("float", "weights-only")
+    assert "blocks.0.mlp.fc2" not in {lay["name"] for lay in report.integer_layers}
+    with torch.no_grad():
+        sim = qmodel(images)
+    assert (OnnxModel(report.path)(images) - sim).abs().max() <= 0.05 * sim.abs().max()
