@@ -47,9 +47,19 @@ def _images(subset, data_config) -> torch.Tensor:
     return torch.cat([x for x, _ in make_loader(subset, data_config, 100)])
 
 
+def save_part(name: str, part: Dict[str, Any]) -> None:
+    """Write one part into the results file at once (other parts kept), so a cut run keeps its rows."""
+    results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
+    results[name] = part
+    RESULTS_JSON.parent.mkdir(exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
+
+
 class Bench:
-    def __init__(self, name: str, loaded, eval_batches) -> None:
+    def __init__(self, name: str, loaded, eval_batches, facts: Dict[str, Any], save: bool = True) -> None:
         self.name, self.loaded, self.eval_batches = name, loaded, eval_batches
+        self.facts, self.save = facts, save
         (self.fp_logits,), _ = predict(loaded.model, eval_batches, "cpu", progress=False)
         self.rows: List[Dict[str, Any]] = []
 
@@ -68,6 +78,8 @@ class Bench:
                                                        "unit_searches", "refreshes", "fitness", "mean_unit_gain",
                                                        "improved_units")} if search else None)
         self.rows.append(row)
+        if self.save:
+            save_part(self.name, {**self.facts, "rows": self.rows, "complete": False})
         extra = (f" search {search['seconds']:.0f} s, {search['improved_units']}/{search['unit_searches']} unit searches "
                  f"improved, mean relative fitness gain per unit {100 * search['mean_unit_gain']:.3f}%") if search else ""
         print(f"[{self.name}] seed {seed} W{w}A{a} {method:22s} top-1 {row['top1']:.2f} agree {row['agreement']:.2f}"
@@ -106,7 +118,10 @@ def cifar(root: Path, args) -> Dict[str, Any]:
     loaded = load_model(root / "models/vit_cifar10_d6.pth")
     pool = scan_folder(root / "cifar10/train")
     evalset = load_images(root / "cifar10/test", args.num_eval, seed=0)
-    bench = Bench("cifar", loaded, in_memory(make_loader(evalset, loaded.data_config, 100)))
+    facts = {"num_eval": len(evalset), "passes": args.passes, "search_images": args.search_images,
+             "df_passes": args.df_passes, "df_refresh_every": args.df_refresh_every, "seeds": args.seeds,
+             "refresh_steps": args.refresh_steps, "kl_seeds": args.kl_seeds}
+    bench = Bench("cifar", loaded, in_memory(make_loader(evalset, loaded.data_config, 100)), facts, not args.dry_run)
     for seed in args.seeds:
         images = _images(balanced_subset(pool, 1000, seed=seed, what="calibration images"), loaded.data_config)
         for w, a in ((4, 8), (3, 8)):
@@ -118,9 +133,7 @@ def cifar(root: Path, args) -> Dict[str, Any]:
                 bench.run("omse → cpt-v" + ("" if fitness == "infonce" else f" ({fitness})"), recipe,
                           images[:args.search_images], w, a, seed, start_plan=start.plan)
         data_free_rows(bench, seed, 4, 8, args.df_passes, args.df_refresh_every, args.refresh_steps, 32)
-    return {"rows": bench.rows, "num_eval": len(evalset), "passes": args.passes, "search_images": args.search_images,
-            "df_passes": args.df_passes, "df_refresh_every": args.df_refresh_every, "seeds": args.seeds,
-            "refresh_steps": args.refresh_steps}
+    return {**facts, "rows": bench.rows, "complete": True}
 
 
 def imagenet(root: Path, args) -> Dict[str, Any]:
@@ -128,15 +141,16 @@ def imagenet(root: Path, args) -> Dict[str, Any]:
     sample = scan_folder(root / "imagenet-sample")
     calib_split = balanced_subset(sample, 100, seed=0, what="calibration images")
     evalset = balanced_subset(sample, args.num_eval, seed=0, exclude=calib_split.paths, what="evaluation images")
-    bench = Bench("imagenet", loaded, in_memory(make_loader(evalset, loaded.data_config, 50)))
+    facts = {"num_eval": len(evalset), "passes": args.in_passes, "df_passes": args.in_df_passes,
+             "df_refresh_every": args.in_df_refresh_every, "refresh_steps": args.refresh_steps}
+    bench = Bench("imagenet", loaded, in_memory(make_loader(evalset, loaded.data_config, 50)), facts, not args.dry_run)
     images = _images(calib_split, loaded.data_config)
     t0 = time.perf_counter()
     start = bench.run("omse", "omse", images, 4, 8, 0)
     bench.run("omse → cpt-v", cptv_recipe(args.in_passes), images, 4, 8, 0, start_plan=start.plan)
     data_free_rows(bench, 0, 4, 8, args.in_df_passes, args.in_df_refresh_every, args.refresh_steps, 32)
-    return {"rows": bench.rows, "num_eval": len(evalset), "passes": args.in_passes, "df_passes": args.in_df_passes,
-            "df_refresh_every": args.in_df_refresh_every, "refresh_steps": args.refresh_steps,
-            "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(peak_rss_mib())}
+    return {**facts, "rows": bench.rows, "complete": True, "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mib": round(peak_rss_mib())}
 
 
 def _ms(values: List[float]) -> str:
@@ -179,12 +193,17 @@ def _deltas(rows: List[Dict[str, Any]]) -> List[str]:
 
 
 def write_markdown(results: Dict[str, Any], command: str) -> None:
-    lines = [f"Command: `{command}`. Machine: {results['machine']}. Date: {results['date']}. Protocol p1;",
-             "the evaluation images are never used to choose anything (the search keeps its last model).", ""]
+    commands = sorted({results.get(k) for k in ("command", "command_cifar", "command_imagenet") if results.get(k)}
+                      or {command})
+    lines = ["Commands: " + ", ".join(f"`{c}`" for c in commands) + f". Machine: {results['machine']}. "
+             f"Date: {results['date']}. Protocol p1; the evaluation images are never used to choose anything "
+             "(the search keeps its last model).", ""]
     if "cifar" in results:
         c = results["cifar"]
         fp = c["rows"][0]["fp_top1"]
-        lines += [f"**CIFAR-10 reference ViT** (FP top-1 {fp:.2f} on {c['num_eval']} test images; seeds {c['seeds']}; "
+        done = sorted({r["seed"] for r in c["rows"]})
+        cut = "" if c.get("complete", True) else f" — **run cut short: seeds {done} only, the last one partly**"
+        lines += [f"**CIFAR-10 reference ViT**{cut} (FP top-1 {fp:.2f} on {c['num_eval']} test images; seeds {done}; "
                   f"each seed its own 1,000 train images; cpt-v searches {c['passes']} passes (of the paper's 10) on "
                   f"{c['search_images']} of them; clamp-vit {c['df_passes']} passes, refresh every "
                   f"{c['df_refresh_every']} cycles with {c['refresh_steps']} steps):", ""]
@@ -195,7 +214,8 @@ def write_markdown(results: Dict[str, Any], command: str) -> None:
         lines += [f"**ImageNet DeiT-Tiny** (FP top-1 {fp:.2f} on the {i['num_eval']} evaluation images; seed 0; "
                   f"cpt-v {i['passes']} passes on the 100 calibration images; clamp-vit {i['df_passes']} pass, "
                   f"refresh every {i['df_refresh_every']} cycles with {i['refresh_steps']} steps; "
-                  f"{i['seconds'] / 60:.0f} min in all, peak RSS {i['peak_rss_mib']} MiB):", ""]
+                  + (f"{i['seconds'] / 60:.0f} min in all, peak RSS {i['peak_rss_mib']} MiB" if "seconds" in i
+                     else "run cut short") + "):", ""]
         lines += _summary(i["rows"]) + [""] + _deltas(i["rows"]) + [""]
     write_section("Evolutionary search (CPT-V, CLAMP-ViT)", lines)
 
@@ -216,6 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--in-df-refresh-every", type=int, default=72, help="ImageNet clamp-vit refresh")
     parser.add_argument("--kl-seeds", type=int, nargs="*", default=None,
                         help="CIFAR W3A8: seeds that also run cpt-v with the KL fitness (default: every seed)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the RESULTS.md section from benchmarks/results/search.json (also a cut run)")
     parser.add_argument("--dry-run", action="store_true", help="tiny budget, nothing written (checks the script)")
     args = parser.parse_args(argv)
     if args.kl_seeds is None:
@@ -225,13 +247,16 @@ def main(argv=None) -> int:
         args.df_passes, args.in_passes, args.in_df_passes = 1, 1, 1
         global GEN_ITERATIONS
         GEN_ITERATIONS = 2
+    if args.report_only:
+        results = json.loads(RESULTS_JSON.read_text())
+        write_markdown(results, results.get("command", "python benchmarks/search.py"))
+        return 0
     root = assets_dir(args.assets)
     torch.manual_seed(0)
     results: Dict[str, Any] = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
     if args.only in (None, "cifar"):
         results["cifar"] = cifar(root, args)
-        results["cifar"]["kl_seeds"] = args.kl_seeds
     if args.only in (None, "imagenet"):
         results["imagenet"] = imagenet(root, args)
     if args.dry_run:
@@ -245,6 +270,8 @@ def main(argv=None) -> int:
         results = merged
     RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
     command = "python benchmarks/search.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command" if args.only is None else f"command_{args.only}"] = command.strip()
+    RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, command.strip())
     print(f"wrote {RESULTS_JSON} and the RESULTS.md section")
     return 0
