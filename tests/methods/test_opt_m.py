@@ -142,7 +142,7 @@ def test_mptq_end_to_end_through_the_cli(checkpoint, image_folder, tmp_path, cap
     assert metrics["recipe"] == "mptq-vit"
     plan = json.loads((out / "plan.json").read_text())
     assert plan["meta"]["smooth"] and plan["meta"]["opt_m"]["layers"]
-    assert plan["meta"]["smooth_settings"]["alpha"] == 0.5
+    assert plan["meta"]["smooth_settings"]["alpha"] == [0.5, 0.75, 0.9, 1.0]
     eval_out = tmp_path / "eval.json"
     rc = main(["eval", str(checkpoint), "--plan", str(out / "plan.json"), "--eval", str(image_folder),
                "--out", str(eval_out), "--device", "cpu", "--quiet"])

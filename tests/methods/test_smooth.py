@@ -8,6 +8,7 @@ from vitq.errors import VitqError
 from vitq.methods import Plan, apply_plan, fold_smoothing, prepare, smoothing_of
 from vitq.methods.smooth import SmoothFactor, smoothing_factors
 from vitq.models import find_adapter, iter_quantizers
+from vitq.recipes import load_recipe
 
 SMOOTH_ONLY = {"name": "sqb", "weights": {"observer": "minmax", "symmetric": True},
                "stages": ["smooth", "calibrate"]}
@@ -49,7 +50,8 @@ def test_smoothing_is_exact_in_float(family, shift):
 
 def test_smoothing_centres_the_activation_and_makes_its_quantizer_symmetric():
     model = tiny_deit()
-    result = quantize(model, SMOOTH_ONLY, batches(), progress=False)
+    recipe = {**SMOOTH_ONLY, "stages": [{"smooth": {"symmetric": True}}, "calibrate"]}
+    result = quantize(model, recipe, batches(), progress=False)
     qkv = result.model.blocks[0].attn.qkv
     assert qkv.input_quantizer.spec.symmetric and qkv.input_quantizer.zero_point.item() == 0
     seen = []
@@ -60,10 +62,33 @@ def test_smoothing_centres_the_activation_and_makes_its_quantizer_symmetric():
     hook.remove()
     mean = seen[0].reshape(-1, seen[0].shape[-1]).mean(dim=0)
     assert mean.abs().max() < 1e-4  # μ = the channel means of these very batches
-    # symmetric: false keeps the recipe's (asymmetric) activation range
-    recipe = {**SMOOTH_ONLY, "stages": [{"smooth": {"symmetric": False}}, "calibrate"]}
-    kept = quantize(model, recipe, batches(), progress=False).model.blocks[0].attn.qkv.input_quantizer
+    # the default (symmetric: false) keeps the recipe's (asymmetric) activation range
+    kept = quantize(model, SMOOTH_ONLY, batches(), progress=False).model.blocks[0].attn.qkv.input_quantizer
     assert not kept.spec.symmetric
+
+
+def test_alpha_is_chosen_per_pair_by_quantized_output_error(tmp_path):
+    from vitq.methods.smooth import _quantized_error
+
+    model = tiny_vit()
+    recipe = {**SMOOTH_ONLY, "stages": [{"smooth": {"alpha": [0.0, 0.5, 1.0], "max_tokens": 64}}, "calibrate"]}
+    result = quantize(model, recipe, batches(), w_bits=4, a_bits=4, progress=False)
+    chosen = result.record["smooth"]["chosen_alpha"]
+    assert set(chosen) == {f.linear for f in smoothing_of(result.model)}
+    assert set(chosen.values()) <= {0.0, 0.5, 1.0}
+    assert [e["alpha"] for e in result.plan.meta["smooth"]] == list(chosen.values())
+    # the chosen α of the first pair has the least error among the candidates on the same tokens
+    first = find_adapter(model).norm_linear_pairs(model)[0]
+    qmodel = prepare(model, w_bits=4, a_bits=4)
+    linear = qmodel.get_submodule(first.linear)
+    x = torch.randn(64, linear.in_features) * 2 + 1
+    errors = {}
+    for alpha in (0.0, 0.5, 1.0):
+        eps, mu = smoothing_factors(x.amin(0), x.amax(0), x.mean(0), linear.weight, alpha, "mean")
+        errors[alpha] = _quantized_error(linear, x, eps, mu, load_recipe("omse").weights, load_recipe("omse").activations)
+    assert len(set(errors.values())) == 3  # α changes the quantized error (so choosing it matters)
+    result.plan.save(tmp_path)
+    assert [e.get("alpha") for e in Plan.load(tmp_path).meta["smooth"]] == list(chosen.values())
 
 
 def test_smoothing_factors_exact():
@@ -124,6 +149,9 @@ def test_fold_refuses_twice_and_foreign_factors():
     [
         ({"alpha": 1.5}, "alpha"),
         ({"alpha": "half"}, "alpha"),
+        ({"alpha": []}, "alpha"),
+        ({"alpha": [0.5, 2]}, "alpha"),
+        ({"max_tokens": 0}, "max_tokens"),
         ({"shift": "median"}, "shift"),
         ({"points": ["qkv", "proj"]}, "points"),
         ({"points": []}, "points"),

@@ -49,9 +49,9 @@ class OptMSettings(StageSettings):
     """
 
     max_m: int = 8
-    grid: int = 20
-    refine: int = 10
-    max_tokens: int = 4096
+    grid: int = 12
+    refine: int = 6
+    max_tokens: int = 2048
     keep_uniform: bool = True
 
     def __post_init__(self) -> None:
