@@ -103,7 +103,7 @@ class Suite:
 def _mean_std(values: List[float], fmt: str = ".2f") -> str:
     if len(values) == 1:
         return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
 def table(rows: List[Dict[str, Any]], methods) -> List[str]:
@@ -120,7 +120,7 @@ def table(rows: List[Dict[str, Any]], methods) -> List[str]:
                 o = sel[0]["opt_m"]
                 twin = f"{o['twin_layers']}/{o['layers']} ({', '.join('u' if m is None else str(m) for m in o['m'])})"
             out.append(f"| W{w}A{a} | {method} | {len(sel)} | {_mean_std([r['top1'] for r in sel])} | "
-                       f"{_mean_std(delta)} | {_mean_std([r['agreement'] for r in sel])} | "
+                       f"{_mean_std(delta, '+.2f')} | {_mean_std([r['agreement'] for r in sel])} | "
                        f"{_mean_std([r['kl'] for r in sel], '.4f')} | "
                        f"{statistics.mean(r['calib_seconds'] for r in sel):.1f} | {twin} |")
     return out

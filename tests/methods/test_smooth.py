@@ -163,3 +163,22 @@ def test_bad_smooth_settings(settings, match):
     with pytest.raises(VitqError, match=match):
         quantize(tiny_vit(), {**SMOOTH_ONLY, "stages": [{"smooth": settings}, "calibrate"]}, batches(),
                  progress=False)
+
+
+def test_swin_with_padded_windows_is_exact_without_the_shift_there():
+    import timm
+
+    torch.manual_seed(0)
+    # 16×16 then 8×8 tokens in windows of 3: the blocks pad their normalised tokens with zeros
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=IMG, patch_size=2, window_size=3,
+                              embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=4).eval()
+    pairs = find_adapter(model).norm_linear_pairs(model)
+    padded = {p.linear for p in pairs if not p.shift_exact}
+    assert padded and all(p.point == "qkv" for p in pairs if p.linear in padded)
+    result = quantize(model, SMOOTH_ONLY, batches(), progress=False)
+    assert set(result.record["smooth"]["unshifted"]) == padded
+    for f in smoothing_of(result.model):
+        assert (f.linear in padded) == (not f.shift.any())
+    with torch.no_grad():
+        x = torch.cat(batches())
+        assert torch.allclose(disabled(result.model)(x), model(x), atol=1e-5, rtol=0)
