@@ -19,6 +19,7 @@ from .data.synthetic.io import image_stats, save_grid, save_images
 from .errors import VitqError
 from .eval.metrics import count_quant_points, model_size
 from .methods.lifecycle import check_bits
+from .methods.mixed import parse_budget
 from .methods.plan import Plan, apply_plan
 from .models.adapters import ADAPTERS, find_adapter
 from .models.loading import LoadedModel, load_model
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="omse", help="recipe name (vitq list) or YAML file")
     q.add_argument("--w-bits", type=_bits, default=8)
     q.add_argument("--a-bits", type=_bits, default=8)
+    q.add_argument("--budget", default=None,
+                   help="mixed precision: average weight/activation bits of the blocks' linear layers, e.g. w4a4 "
+                        "(a recipe with a greedy_mp stage, e.g. mptq-vit-mp; other points keep --w-bits/--a-bits)")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--calib", help="calibration images (ImageFolder or flat synset folder)")
     source.add_argument("--data-free", choices=GENERATORS.names(),
@@ -207,6 +211,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     args.seed = 0 if args.seed is None else args.seed
     protocol = get_protocol(args.protocol or "p1")
     recipe = load_recipe(args.recipe)
+    if args.budget is not None:
+        budget_w, budget_a = parse_budget(args.budget)
+        if "greedy_mp" not in recipe.stage_names:
+            raise VitqError(f"--budget needs a recipe with a greedy_mp stage (e.g. mptq-vit-mp); recipe {recipe.name!r} "
+                            f"has {', '.join(recipe.stage_names)}")
+        recipe = recipe.with_overrides({"greedy_mp": {"budget_w": budget_w, "budget_a": budget_a}})
     device = resolve_device(args.device)
     loaded = _load(args)
     calib: Optional[ImageList] = None
@@ -234,6 +244,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "protocol": protocol.name,
             "w_bits": args.w_bits,
             "a_bits": args.a_bits,
+            "budget": args.budget,
             "seed": args.seed,
             "device": str(device),
             "batch_size": args.batch_size,
@@ -281,6 +292,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "protocol": protocol.name,
             "w_bits": args.w_bits,
             "a_bits": args.a_bits,
+            "budget": args.budget,
             "seed": args.seed,
             "num_calib": num_calib,
             "data_free": args.data_free,
