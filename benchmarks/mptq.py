@@ -49,6 +49,10 @@ METHODS: Dict[str, Any] = {
     # ablation: SQ-b as first specified (α = 0.5 for every layer, symmetric quantizer after the shift)
     "sq-b-a0.5-sym": {"name": "sq-b-a0.5-sym", **_OMSE,
                       "stages": [{"smooth": {"alpha": 0.5, "symmetric": True}}, "calibrate"]},
+    # Greedy MP at the same average width as W4A4: block linears' weights and inputs from {6, 4, 3}
+    # averaging 4 bits (run it with --bits w4a4: the other quant points at 4 bits)
+    "mptq-vit-mp-avg4": load_recipe("mptq-vit-mp").with_overrides(
+        {"greedy_mp": {"bits": [6, 4, 3], "budget_w": 4.0, "budget_a": 4.0}}),
 }
 DEFAULT_METHODS = ("omse", "omse+sq-b", "mptq-vit")
 
@@ -92,6 +96,12 @@ class Suite:
                    calib_seconds=round(calib_seconds, 1), seconds=round(time.perf_counter() - t0, 1))
         if "opt_m" in result.record:
             row["opt_m"] = opt_m_summary(result.record)
+        if "greedy_mp" in result.record:
+            g = result.record["greedy_mp"]
+            widths = list(g["bits"].values())
+            row["greedy_mp"] = {"avg_w": g["avg_w"], "avg_a": g["avg_a"],
+                                "count": {str(b): widths.count(b) for b in sorted(set(widths), reverse=True)},
+                                "bits": g["bits"]}
         print(f"[{self.name}] seed {seed} {method:10s} W{w}A{a}: top-1 {row['top1']:.2f} (fp {row['fp_top1']:.2f}) "
               f"agree {row['agreement']:.2f} KL {row['kl']:.4f} calib {row['calib_seconds']} s, "
               f"total {row['seconds']} s" + (f", twin {row['opt_m']['twin_layers']}/{row['opt_m']['layers']}"
@@ -139,7 +149,10 @@ def write_markdown(results: Dict[str, Any], command: str) -> None:
              "m ∈ {0..8}; a layer keeps its uniform quantizer where no twin candidate has a smaller fc2 "
              "output error: `u` in the last column, which lists the first seed's choice per block). "
              "*sq-b-a0.5-sym*: ablation, SQ-b with α = 0.5 everywhere and a symmetric quantizer after "
-             "the shift (the first reading of the paper). *quantize s*: smoothing + calibration + OPT-m, "
+             "the shift (the first reading of the paper). *mptq-vit-mp-avg4* (rows W4A4): mptq-vit with "
+             "Greedy MP, the blocks' linear weights and inputs from {6, 4, 3} bits averaging 4 (by "
+             "parameters and by elements per image), the other points at 4 bits: the same average width as "
+             "the uniform W4A4 rows. *quantize s*: smoothing + calibration + OPT-m (+ Greedy MP), "
              "one thread. Mean ± std over the seeds; each seed draws a different calibration set.", ""]
     methods = results.get("methods", list(DEFAULT_METHODS))
     if results.get("cifar"):
@@ -147,6 +160,12 @@ def write_markdown(results: Dict[str, Any], command: str) -> None:
         lines += [f"### CIFAR-10 reference ViT (`vit_cifar10_d6`), 256 calibration images from `cifar10/train`, "
                   f"all {c['num_eval']} `cifar10/test` images, seeds {c['seeds']}", "",
                   f"Float top-1: {c['rows'][0]['fp_top1']:.2f}.", "", *table(c["rows"], methods), ""]
+        for r in c["rows"]:
+            if "greedy_mp" in r:
+                g = r["greedy_mp"]
+                lines += [f"Greedy MP ({r['method']}, seed {r['seed']}): weights average {g['avg_w']:.2f} bits, "
+                          f"inputs {g['avg_a']:.2f}; units per width: "
+                          + ", ".join(f"{n} at {b}" for b, n in g["count"].items()) + ".", ""]
     if results.get("imagenet"):
         i = results["imagenet"]
         lines += [f"### ImageNet DeiT-Tiny (`deit_tiny_imagenet`), `imagenet-sample/`: 100 calibration images "
@@ -174,7 +193,8 @@ def main(argv=None) -> int:
     root = assets_dir(args.assets)
     previous: Dict[str, Any] = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     results: Dict[str, Any] = dict(previous) if args.append else {}
-    command = ("OMP_NUM_THREADS=1 python benchmarks/mptq.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    given = argv if argv is not None else sys.argv[1:]
+    command = ("OMP_NUM_THREADS=1 python benchmarks/mptq.py " + " ".join(given)).strip()
     methods = list(results.get("methods", [])) if args.append else []
     results.update(machine=machine(), date=time.strftime("%Y-%m-%d"),
                    methods=methods + [m for m in args.methods if m not in methods],

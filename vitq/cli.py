@@ -214,8 +214,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.budget is not None:
         budget_w, budget_a = parse_budget(args.budget)
         if "greedy_mp" not in recipe.stage_names:
-            raise VitqError(f"--budget needs a recipe with a greedy_mp stage (e.g. mptq-vit-mp); recipe {recipe.name!r} "
-                            f"has {', '.join(recipe.stage_names)}")
+            raise VitqError(f"--budget needs a recipe with a greedy_mp stage (e.g. mptq-vit-mp); recipe "
+                            f"{recipe.name!r} has {', '.join(recipe.stage_names)}")
         recipe = recipe.with_overrides({"greedy_mp": {"budget_w": budget_w, "budget_a": budget_a}})
     device = resolve_device(args.device)
     loaded = _load(args)

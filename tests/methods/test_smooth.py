@@ -85,7 +85,8 @@ def test_alpha_is_chosen_per_pair_by_quantized_output_error(tmp_path):
     errors = {}
     for alpha in (0.0, 0.5, 1.0):
         eps, mu = smoothing_factors(x.amin(0), x.amax(0), x.mean(0), linear.weight, alpha, "mean")
-        errors[alpha] = _quantized_error(linear, x, eps, mu, load_recipe("omse").weights, load_recipe("omse").activations)
+        omse = load_recipe("omse")
+        errors[alpha] = _quantized_error(linear, x, eps, mu, omse.weights, omse.activations)
     assert len(set(errors.values())) == 3  # α changes the quantized error (so choosing it matters)
     result.plan.save(tmp_path)
     assert [e.get("alpha") for e in Plan.load(tmp_path).meta["smooth"]] == list(chosen.values())

@@ -209,8 +209,8 @@ class GreedyMPStage(Stage):
             if isinstance(module, QuantLinear):
                 owners[module.weight_quantizer] = module.weight
         for u in units:
-            u.observers = {b: (ctx.weights if u.kind == "weight" else ctx.activations).build(u.quantizer.spec.with_(bits=b))
-                           for b in bits}
+            config = ctx.weights if u.kind == "weight" else ctx.activations
+            u.observers = {b: config.build(u.quantizer.spec.with_(bits=b)) for b in bits}
             if u.kind == "weight":
                 weight = owners[u.quantizer].detach()
                 u.size = weight.numel()

@@ -263,7 +263,8 @@ class SmoothSettings(StageSettings):
             object.__setattr__(self, "alpha", tuple(self.alpha))
         if not all(not isinstance(a, bool) and isinstance(a, (int, float)) and 0 <= a <= 1 for a in self.alphas) \
                 or not self.alphas:
-            raise VitqError(f"smooth.alpha must be a number from 0 to 1 or a non-empty list of them, got {self.alpha!r}")
+            raise VitqError(f"smooth.alpha must be a number from 0 to 1 or a non-empty list of them, "
+                            f"got {self.alpha!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise VitqError(f"smooth.max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.shift not in SHIFTS:
