@@ -134,8 +134,11 @@ def quantize(
                  **(meta or {})}
     if start_plan is not None:
         plan_meta["start_plan"] = {"recipe": plan.meta.get("recipe"), "skipped_stages": skipped}
-    if "search" in ctx.record:
-        plan_meta["search"] = ctx.record["search"]
+    for key in ("search", "opt_m", "greedy_mp"):
+        if key in ctx.record:
+            plan_meta[key] = ctx.record[key]
+    if "smooth" in ctx.record:  # the smoothed pairs themselves go into meta["smooth"] (plan_from_model)
+        plan_meta["smooth_settings"] = ctx.record["smooth"]
     return QuantizedModel(qmodel, plan_from_model(qmodel, plan_meta), ctx.record)
 
 

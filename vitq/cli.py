@@ -26,6 +26,7 @@ from .export._deps import require
 from .export.onnx_export import DEFAULT_OPSET
 from .export.speed import BACKENDS, profile_table, size_table, speed_table
 from .methods.lifecycle import check_bits
+from .methods.mixed import parse_budget
 from .methods.plan import Plan, apply_plan
 from .models.adapters import ADAPTERS, find_adapter
 from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe stage setting, e.g. --set search.passes=2 (repeatable)")
     q.add_argument("--resume", action="store_true",
                    help="continue an unfinished run from the checkpoint in <out>.partial (same options)")
+    q.add_argument("--budget", default=None,
+                   help="mixed precision: average weight/activation bits of the blocks' linear layers, e.g. w4a4 "
+                        "(a recipe with a greedy_mp stage, e.g. mptq-vit-mp; other points keep --w-bits/--a-bits)")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--calib", help="calibration images (ImageFolder or flat synset folder)")
     source.add_argument("--data-free", choices=GENERATORS.names(),
@@ -318,6 +322,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     args.w_bits = 8 if args.w_bits is None else args.w_bits
     args.a_bits = 8 if args.a_bits is None else args.a_bits
     protocol = get_protocol(args.protocol or "p1")
+    if args.budget is not None:
+        budget_w, budget_a = parse_budget(args.budget)
+        if "greedy_mp" not in recipe.stage_names:
+            raise VitqError(f"--budget needs a recipe with a greedy_mp stage (e.g. mptq-vit-mp); recipe "
+                            f"{recipe.name!r} has {', '.join(recipe.stage_names)}")
+        recipe = recipe.with_overrides({"greedy_mp": {"budget_w": budget_w, "budget_a": budget_a}})
     device = resolve_device(args.device)
     loaded = _load(args)
     if start_plan is not None:
@@ -350,6 +360,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "protocol": protocol.name,
             "w_bits": args.w_bits,
             "a_bits": args.a_bits,
+            "budget": args.budget,
             "seed": args.seed,
             "device": str(device),
             "batch_size": args.batch_size,
@@ -407,6 +418,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "protocol": protocol.name,
             "w_bits": args.w_bits,
             "a_bits": args.a_bits,
+            "budget": args.budget,
             "seed": args.seed,
             "num_calib": num_calib,
             "data_free": args.data_free,

@@ -85,3 +85,28 @@ def test_no_grad_path_is_bit_identical_to_the_gradient_path():
     slow = fake_quantize_affine(x.clone().requires_grad_(True), scale, zp, 0, 15)
     assert torch.equal(fast, slow.detach())
     assert torch.equal(x, before)  # the in-place arithmetic never touches the input
+
+
+def test_twin_quantizer_exact():
+    from vitq.quant.primitives import fake_quantize_twin
+
+    # 4 bits: a sign bit and 7 magnitudes per side; s_pos = 0.5, m = 3 → s_neg = 0.0625
+    x = torch.tensor([-1.0, -0.17, -0.03, 0.0, 0.2, 0.3, 1.3, 3.4, 100.0])
+    out = fake_quantize_twin(x, torch.tensor(0.5), 3, 4)
+    # −1 clamps at −7·0.0625; −0.17/0.0625 = −2.72 → −3; −0.03 → −0.48 → −0; 0.2/0.5 = 0.4 → 0;
+    # 0.3 → 0.6 → 1; 1.3 → 2.6 → 3; 3.4 → 6.8 → 7; 100 clamps at 7·0.5
+    assert out.tolist() == [-0.4375, -0.1875, 0.0, 0.0, 0.0, 0.5, 1.5, 3.5, 3.5]
+    # m = 0: one scale on both sides, 7 magnitudes each
+    out0 = fake_quantize_twin(torch.tensor([-5.0, -1.2, 1.2]), torch.tensor(0.5), 0, 4)
+    assert out0.tolist() == [-3.5, -1.0, 1.0]
+
+
+def test_twin_quantizer_straight_through_gradient():
+    from vitq.quant.primitives import fake_quantize_twin
+
+    x = torch.tensor([-0.6, 0.7, 9.0], requires_grad=True)
+    y = fake_quantize_twin(x, torch.tensor(1.0), 2, 3)  # s_neg = 0.25
+    assert y.tolist() == [-0.5, 1.0, 3.0]
+    y.sum().backward()
+    # straight through inside each value's own region, nothing where clipped
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]

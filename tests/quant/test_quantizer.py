@@ -52,3 +52,42 @@ def test_spec_dict_roundtrip():
     assert QuantSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(VitqError, match="unknown"):
         QuantSpec.from_dict({**spec.to_dict(), "bitz": 3})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kind="twin", symmetric=True, granularity="per_channel", axis=0), "per_tensor and symmetric"),
+        (dict(kind="twin", symmetric=False), "per_tensor and symmetric"),
+        (dict(kind="twin", symmetric=True, ratio_log2=-1), "ratio_log2"),
+        (dict(kind="twin", symmetric=True, ratio_log2=17), "ratio_log2"),
+        (dict(kind="uniform", ratio_log2=2), "setting of 'twin'"),
+    ],
+)
+def test_twin_spec_validation(kwargs, match):
+    with pytest.raises(VitqError, match=match):
+        QuantSpec(**kwargs)
+
+
+def test_twin_quantizer_module_and_spec_roundtrip():
+    spec = QuantSpec("twin", 4, symmetric=True, ratio_log2=3)
+    assert spec.qrange == (-7, 7)
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+    assert "ratio_log2" not in QuantSpec().to_dict()  # other kinds' plans read as before
+    q = Quantizer("act", spec)
+    q.set_qparams(torch.tensor(0.5), torch.tensor(0.0))
+    assert q(torch.tensor([-0.17, 1.3, 100.0])).tolist() == [-0.1875, 1.5, 3.5]
+    assert "twin(m=3)" in repr(q)
+
+
+def test_omse_observer_sets_twin_positive_scale():
+    from vitq.quant.observers import create_observer
+
+    spec = QuantSpec("twin", 8, symmetric=True, ratio_log2=4)
+    for name in ("minmax", "omse"):
+        obs = create_observer(name, spec)
+        obs.observe(torch.tensor([-0.17, 0.0, 0.5, 12.7]))
+        scale, zp = obs.qparams()
+        assert zp.item() == 0.0
+        assert 0 < scale.item() <= 12.7 / 127 + 1e-7
+    assert create_observer("minmax", spec).__class__.__name__ == "MinMaxObserver"

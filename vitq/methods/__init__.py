@@ -3,8 +3,13 @@ from .lifecycle import calibrate, check_bits, convert, is_prepared, prepare
 from .plan import Plan, apply_plan, plan_from_model
 from .stages import STAGES, Stage, StageContext, StageSettings
 from .search import FITNESS, MUTATIONS, Evolution, SearchSettings, SearchStage  # registers the "search" stage
+from .smooth import SmoothSettings, SmoothStage, fold_smoothing, smoothing_of  # registers "smooth"
+from .opt_m import OptMSettings, OptMStage  # registers "opt_m"
+from .mixed import GreedyMPSettings, GreedyMPStage, parse_budget  # registers "greedy_mp"
 
 __all__ = [
-    "FITNESS", "MUTATIONS", "STAGES", "Evolution", "Plan", "SearchSettings", "SearchStage", "Stage", "StageContext",
-    "StageSettings", "apply_plan", "calibrate", "check_bits", "convert", "is_prepared", "plan_from_model", "prepare",
+    "FITNESS", "MUTATIONS", "STAGES", "Evolution", "GreedyMPSettings", "GreedyMPStage", "OptMSettings", "OptMStage",
+    "Plan", "SearchSettings", "SearchStage", "SmoothSettings", "SmoothStage", "Stage", "StageContext",
+    "StageSettings", "apply_plan", "calibrate", "check_bits", "convert", "fold_smoothing", "is_prepared",
+    "parse_budget", "plan_from_model", "prepare", "smoothing_of",
 ]

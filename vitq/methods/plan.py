@@ -1,6 +1,9 @@
 """The quantization plan: every quant point's spec and parameters, as one serialisable object.
 
 ``plan.json`` holds the metadata and specs, ``plan.safetensors`` the scales and zero points.
+A plan of a smoothed model (SQ-b) also lists the smoothed pairs in ``meta["smooth"]`` and holds
+their factors as ``smooth.<linear>.scale`` (ε) and ``smooth.<linear>.shift`` (μ);
+:func:`apply_plan` folds them into the fresh model before it sets any quantizer.
 Specs can be given by rules: an exact name, a ``re:`` pattern, or ``default``; exact names win,
 then the first matching pattern, then the default.
 """
@@ -20,6 +23,7 @@ from ..errors import VitqError
 from ..models.adapters import iter_quantizers
 from ..quant.spec import QuantSpec
 from .lifecycle import convert, prepare
+from .smooth import fold_smoothing, smoothing_from_plan, smoothing_of, smoothing_to_plan
 
 PLAN_FORMAT = "vitq-plan/1"
 
@@ -31,7 +35,7 @@ class Plan:
     Attributes:
         meta: what made the plan (model identity, protocol, bits, recipe, seed, ...).
         rules: spec per exact quant-point name, ``re:<pattern>`` or ``default``.
-        tensors: ``<point>.scale`` and ``<point>.zero_point`` tensors.
+        tensors: ``<point>.scale`` and ``<point>.zero_point`` tensors (and ``smooth.*``, see above).
     """
 
     meta: Dict[str, Any]
@@ -96,13 +100,21 @@ def plan_from_model(model: nn.Module, meta: Dict[str, Any]) -> Plan:
         if quantizer.scale is not None:
             tensors[f"{name}.scale"] = quantizer.scale
             tensors[f"{name}.zero_point"] = quantizer.zero_point
-    return Plan(dict(meta), rules, tensors)
+    meta = dict(meta)
+    smoothing = smoothing_of(model)
+    if smoothing:
+        meta["smooth"], smooth_tensors = smoothing_to_plan(smoothing)
+        tensors.update(smooth_tensors)
+    return Plan(meta, rules, tensors)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """A quantized, converted copy of the float ``model`` with the plan's specs and parameters."""
+    """A quantized, converted copy of the float ``model`` with the plan's specs and parameters
+    (and its SQ-b smoothing folded in first)."""
     protocol = plan.meta.get("protocol", "p1")
     qmodel = prepare(model, protocol=protocol)
+    if plan.meta.get("smooth"):
+        fold_smoothing(qmodel, smoothing_from_plan(plan.meta["smooth"], plan.tensors))
     names = [n for n, _ in iter_quantizers(qmodel)]
     exact = {k for k in plan.rules if not k.startswith("re:") and k != "default"}
     unknown = sorted(exact - set(names))

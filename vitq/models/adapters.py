@@ -5,13 +5,15 @@ Chosen by module type through a registry, never by module names.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterator, List, Tuple, Type
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import timm.layers
+from timm.layers import Mlp
 from timm.layers.attention import Attention
 import torch
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import VitqError
@@ -27,6 +29,38 @@ _COMMON: Dict[type, Type[QuantModule]] = {
     nn.LayerNorm: QuantLayerNorm,
     timm.layers.LayerNorm: QuantLayerNorm,
 }
+
+
+_NORMS = (nn.LayerNorm, timm.layers.LayerNorm)
+
+
+@dataclass(frozen=True)
+class NormLinearPair:
+    """A LayerNorm whose output feeds exactly one linear layer, and nothing else (SQ-b folds into both).
+
+    Attributes:
+        point: what the linear is: ``qkv``, ``fc1`` or ``reduction`` (Swin patch merging).
+        norm, linear: fully-qualified module names (the same in the float and the prepared model).
+        shift_exact: whether a per-channel shift of the LayerNorm output folds exactly. It does not
+            where the model pads the normalised tokens with zeros before the linear (Swin windows
+            that do not divide the feature map): a zero in the shifted domain is not a zero before.
+    """
+
+    point: str
+    norm: str
+    linear: str
+    shift_exact: bool = True
+
+
+def _is_norm(module: Optional[nn.Module]) -> bool:
+    """A last-axis LayerNorm with γ and β (float or quantized; not a channels-first subclass)."""
+    return type(module) in (*_NORMS, QuantLayerNorm) and module.elementwise_affine
+
+
+def _gelu_mlp(mlp: nn.Module) -> bool:
+    """timm's ``Mlp`` whose fc2 input is exactly the GELU output (no hidden norm)."""
+    return (type(mlp) is Mlp and isinstance(mlp.act, nn.GELU) and isinstance(mlp.norm, nn.Identity)
+            and isinstance(mlp.fc2, nn.Linear))
 
 
 class ModelAdapter:
@@ -66,6 +100,20 @@ class ModelAdapter:
     def block_parts(self, block: nn.Module) -> Dict[str, nn.Module]:
         """A block's attention and MLP sub-modules."""
         return {"attn": block.attn, "mlp": block.mlp}
+
+    def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
+        """Every LayerNorm → linear pair whose activation SQ-b can smooth, in forward order."""
+        return []
+
+    def gelu_linears(self, model: nn.Module) -> List[str]:
+        """Names of the linear layers whose input is a GELU output (each block's MLP ``fc2``)."""
+        names = {id(m): n for n, m in model.named_modules()}
+        out = []
+        for _, block in self.blocks(model):
+            mlp = self.block_parts(block)["mlp"]
+            if _gelu_mlp(mlp):
+                out.append(names[id(mlp.fc2)])
+        return out
 
     def quantize_modules(self, model: nn.Module) -> nn.Module:
         """Replace, in place, every mapped float module of ``model`` by its quantized module."""
@@ -122,6 +170,21 @@ class ViTAdapter(ModelAdapter):
             x = blk(x)
         return model.forward_head(model.norm(x))
 
+    def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
+        """Pre-norm blocks (timm ``Block``): norm1 → attn.qkv and norm2 → mlp.fc1. Blocks of other
+        types (post-norm, parallel) and attention with a gate (which also reads norm1's output)
+        have no such pair."""
+        pairs = []
+        for name, block in self.blocks(model):
+            if type(block) is not Block:
+                continue
+            attn = block.attn
+            if _is_norm(block.norm1) and getattr(attn, "gate", None) is None and isinstance(attn.qkv, nn.Linear):
+                pairs.append(NormLinearPair("qkv", f"{name}.norm1", f"{name}.attn.qkv"))
+            if _is_norm(block.norm2) and type(block.mlp) is Mlp:
+                pairs.append(NormLinearPair("fc1", f"{name}.norm2", f"{name}.mlp.fc1"))
+        return pairs
+
 
 @ADAPTERS.register("swin")
 class SwinAdapter(ModelAdapter):
@@ -157,6 +220,23 @@ class SwinAdapter(ModelAdapter):
             else:
                 x = stage(x)
         return model.forward_head(model.norm(x))
+
+    def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
+        """Each block's norm1 → attn.qkv (windows are partitioned in between: a per-channel map
+        commutes with that) and norm2 → mlp.fc1, and each patch merging's norm → reduction."""
+        pairs = []
+        for name, module in model.named_modules():
+            if type(module) is SwinTransformerBlock:
+                h, w = module.input_resolution
+                wh, ww = module.window_size
+                padded = bool(h % wh or w % ww)
+                if _is_norm(module.norm1) and isinstance(module.attn.qkv, nn.Linear):
+                    pairs.append(NormLinearPair("qkv", f"{name}.norm1", f"{name}.attn.qkv", shift_exact=not padded))
+                if _is_norm(module.norm2) and type(module.mlp) is Mlp:
+                    pairs.append(NormLinearPair("fc1", f"{name}.norm2", f"{name}.mlp.fc1"))
+            elif type(module) is PatchMerging and _is_norm(module.norm):
+                pairs.append(NormLinearPair("reduction", f"{name}.norm", f"{name}.reduction"))
+        return pairs
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter:

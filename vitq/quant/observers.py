@@ -14,7 +14,13 @@ import torch
 
 from ..errors import VitqError, reject_unknown_keys
 from ..registry import Registry
-from .primitives import channel_view, choose_ptf_factors, choose_qparams_affine, fake_quantize_affine
+from .primitives import (
+    channel_view,
+    choose_ptf_factors,
+    choose_qparams_affine,
+    fake_quantize_affine,
+    fake_quantize_twin,
+)
 from .spec import QuantSpec
 
 Tensor = torch.Tensor
@@ -85,12 +91,21 @@ class Observer:
             delta = torch.clamp(self.max_val, min=1e-8)
             return delta, torch.zeros_like(delta)
         lo, hi = self._clip_range()
+        if spec.kind == "twin":
+            return twin_qparams(hi, spec)
         scale, zero_point = choose_qparams_affine(lo, hi, qmin, qmax, spec.symmetric)
         if spec.kind == "ptf":
             # FQ-ViT PTF: channel scales s1·2^α, α ∈ {0..3}, s1 = s8 / 8, one shared zero point
             scale = choose_ptf_factors(self.last, scale / 8, zero_point, qmin, qmax)
             zero_point = zero_point.expand_as(scale).clone()
         return scale, zero_point
+
+
+def twin_qparams(max_val: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
+    """A ``twin`` quantizer's parameters: the positive scale ``max / (2^(b-1) - 1)`` and zero point 0
+    (the negative scale follows from the spec's ``ratio_log2``)."""
+    scale = torch.clamp(torch.clamp(max_val, min=0.0) / spec.qrange[1], min=1e-8)
+    return scale, torch.zeros_like(scale)
 
 
 @OBSERVERS.register("minmax")
@@ -174,8 +189,13 @@ class OMSEObserver(Observer):
         for i in range(self.steps):
             f = 1.0 - self.step * i
             cand_lo, cand_hi = lo * f, hi * f
-            scale, zp = choose_qparams_affine(cand_lo, cand_hi, qmin, qmax, spec.symmetric)
-            err = (fake_quantize_affine(data, scale, zp, qmin, qmax) - data).pow(2).sum(dim=1, keepdim=True)
+            if spec.kind == "twin":
+                scale, _ = twin_qparams(cand_hi, spec)
+                err = (fake_quantize_twin(data, scale, spec.ratio_log2, spec.bits) - data).pow(2)
+            else:
+                scale, zp = choose_qparams_affine(cand_lo, cand_hi, qmin, qmax, spec.symmetric)
+                err = (fake_quantize_affine(data, scale, zp, qmin, qmax) - data).pow(2)
+            err = err.sum(dim=1, keepdim=True)
             if best_err is None:
                 best_err = err
                 continue

@@ -95,6 +95,30 @@ def fake_quantize_logsqrt2(p: Tensor, delta: Tensor, bits: int) -> Tensor:
     return torch.where((q > qmax) | (p <= 0), torch.zeros_like(out), out)
 
 
+def fake_quantize_twin(x: Tensor, scale: Tensor, ratio_log2: int, bits: int) -> Tensor:
+    """Two-region ("twin") quantizer for post-GELU values (PTQ4ViT twin uniform; MPTQ-ViT OPT-m, §4.2).
+
+    One bit of the ``bits`` is the sign; it picks the region. Positive values use the scale
+    ``s_pos = scale`` and negative values ``s_neg = scale / 2^ratio_log2``, each with the
+    ``2^(bits-1)`` magnitudes ``0 … 2^(bits-1) - 1``::
+
+        x_hat = s_pos · clamp(round(x / s_pos), 0, q)  +  s_neg · clamp(round(x / s_neg), -q, 0),  q = 2^(bits-1) - 1
+
+    (for each x one of the two terms is 0, so each x takes its own region's term). Rounding is
+    straight-through with gradients.
+
+    Example (3 bits, s_pos = 1, m = 2, so s_neg = 0.25 and three magnitudes per side):
+        >>> fake_quantize_twin(torch.tensor([-1.0, -0.3, 0.1, 0.6, 5.0]), torch.tensor(1.0), 2, 3).tolist()
+        [-0.75, -0.25, 0.0, 1.0, 3.0]
+    """
+    qmax = 2 ** (bits - 1) - 1
+    s_neg = scale * 2.0 ** (-ratio_log2)
+    rnd = round_ste if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad) else torch.round
+    pos = torch.clamp(rnd(x / scale), 0, qmax) * scale
+    neg = torch.clamp(rnd(x / s_neg), -qmax, 0) * s_neg
+    return torch.where(x < 0, neg, pos)
+
+
 def choose_ptf_factors(
     x: Tensor, base_scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, num_factors: int = 4
 ) -> Tensor:

@@ -13,6 +13,7 @@ from .primitives import (
     fake_quantize_affine,
     fake_quantize_log2,
     fake_quantize_logsqrt2,
+    fake_quantize_twin,
 )
 from .spec import QuantSpec
 
@@ -80,6 +81,8 @@ class Quantizer(nn.Module):
         scale, zp = self.scale.to(x.dtype), self.zero_point.to(x.dtype)
         if spec.kind == "logsqrt2":
             return fake_quantize_logsqrt2(x, scale, spec.bits)
+        if spec.kind == "twin":
+            return fake_quantize_twin(x, scale, spec.ratio_log2, spec.bits)
         if scale.numel() > 1:
             shape = broadcast_shape(x.ndim, spec.axis)
             scale, zp = scale.reshape(shape), zp.reshape(shape)
@@ -91,4 +94,5 @@ class Quantizer(nn.Module):
             return f"role={self.role}, disabled"
         sym = "sym" if s.symmetric else "asym"
         state = "calibrated" if self.is_calibrated else "uncalibrated"
-        return f"role={self.role}, {s.kind}, {s.bits}b, {s.granularity}, {sym}, {state}"
+        kind = f"twin(m={s.ratio_log2})" if s.kind == "twin" else s.kind
+        return f"role={self.role}, {kind}, {s.bits}b, {s.granularity}, {sym}, {state}"

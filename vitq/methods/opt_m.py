@@ -1,0 +1,174 @@
+"""OPT-m: search of the optimal scaling-factor ratio of two-region post-GELU quantizers
+(MPTQ-ViT, METHODS.md §4.2), the ``opt_m`` stage.
+
+GELU outputs have a short negative tail (down to about −0.17) and a long positive one. A
+``twin`` quantizer (:func:`vitq.quant.primitives.fake_quantize_twin`) spends a sign bit to give
+each region its own scale, tied by a power of two: ``s_pos = 2^m · s_neg``. PTQ4ViT and TSPTQ-ViT
+fix the negative scale by hand; OPT-m searches m per layer, jointly with ``s_pos``, for the least
+error of the layer output on calibration data:
+
+    min over m ∈ {0..M}, s_pos ∈ grid:  ‖ fc2(Q_twin(x; s_pos, m)) − fc2_float(x) ‖²
+
+with fc2's quantized weight and x the float fc2 inputs of the calibration images ("parallel"
+calibration, as PTQ4ViT). The grid of ``s_pos`` is ``f · max(x) / (2^(b−1) − 1)`` for ``grid``
+values of f in (0, 1], refined around the best f with ``refine`` more.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import VitqError
+from ..models.adapters import find_adapter
+from ..nn import QuantLinear
+from ..quant.primitives import fake_quantize_twin
+from ..quant.spec import MAX_RATIO_LOG2, QuantSpec
+from .stages import STAGES, Stage, StageContext, StageSettings
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class OptMSettings(StageSettings):
+    """Settings of the ``opt_m`` stage.
+
+    Attributes:
+        max_m: the largest ratio exponent M tried (m ∈ {0..M}).
+        grid: candidate positive scales per m on the coarse grid.
+        refine: candidates of the finer grid around the best coarse one (0: none).
+        max_tokens: calibration tokens (rows of fc2's input) the error is measured on, drawn
+            evenly from every batch with the run's seed.
+        keep_uniform: keep a layer's calibrated (uniform) quantizer where no twin candidate has a
+            smaller output error; ``false`` always installs the best twin quantizer.
+    """
+
+    max_m: int = 8
+    grid: int = 12
+    refine: int = 6
+    max_tokens: int = 2048
+    keep_uniform: bool = True
+
+    def __post_init__(self) -> None:
+        checks = (("max_m", 0, MAX_RATIO_LOG2), ("grid", 1, 10_000), ("refine", 0, 10_000),
+                  ("max_tokens", 1, 1 << 30))
+        for key, lo, hi in checks:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise VitqError(f"opt_m.{key} must be an integer from {lo} to {hi}, got {value!r}")
+        if not isinstance(self.keep_uniform, bool):
+            raise VitqError(f"opt_m.keep_uniform must be true or false, got {self.keep_uniform!r}")
+
+
+def _output_error(x: Tensor, weight: Tensor, bias, reference: Tensor) -> float:
+    return float((F.linear(x, weight, bias) - reference).pow(2).mean())
+
+
+def search_twin(
+    x: Tensor, weight: Tensor, bias, reference: Tensor, bits: int, max_m: int, grid: int, refine: int,
+    positive_max: float,
+) -> Tuple[int, float, float]:
+    """The ``(m, s_pos, error)`` of the twin quantizer of ``x`` with the least output error.
+
+    ``weight`` is the layer's (quantized) weight, ``reference`` the float layer's output on ``x``.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    top = max(positive_max, 1e-8) / qmax
+    best = (0, top, math.inf)
+    step = 1.0 / grid
+    for m in range(max_m + 1):
+        def error(f: float) -> float:
+            scale = torch.tensor(f * top, dtype=x.dtype, device=x.device)
+            return _output_error(fake_quantize_twin(x, scale, m, bits), weight, bias, reference)
+
+        coarse = [(error(f), f) for f in (1.0 - i * step for i in range(grid))]
+        err, f_best = min(coarse)
+        if refine:
+            lo, hi = max(f_best - step, step / 10), min(f_best + step, 1.0)
+            fine = [(error(lo + (hi - lo) * (i + 1) / (refine + 1)), lo + (hi - lo) * (i + 1) / (refine + 1))
+                    for i in range(refine)]
+            err, f_best = min([(err, f_best)] + fine)
+        if err < best[2]:
+            best = (m, f_best * top, err)
+    return best
+
+
+class _TokenSample:
+    """A seeded sample of the rows a module receives, up to ``per_batch`` rows of each batch,
+    and the largest value seen over all of them."""
+
+    def __init__(self, per_batch: int, generator: torch.Generator) -> None:
+        self.per_batch, self.generator = per_batch, generator
+        self.rows: List[Tensor] = []
+        self.max = -math.inf
+
+    def __call__(self, module: nn.Module, args: Tuple[Tensor, ...]) -> None:
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1])
+        self.max = max(self.max, float(flat.max()))
+        if flat.shape[0] > self.per_batch:
+            idx = torch.randperm(flat.shape[0], generator=self.generator)[: self.per_batch]
+            flat = flat[idx.to(flat.device)]
+        self.rows.append(flat.clone())
+
+
+@STAGES.register("opt_m")
+class OptMStage(Stage):
+    """OPT-m: give each post-GELU quant point (fc2's input) a twin quantizer with the power-of-two
+    ratio m and positive scale that minimise the layer output error. Runs after ``calibrate``."""
+
+    Settings = OptMSettings
+    needs_calibrated = True
+
+    def run(self, ctx: StageContext) -> None:
+        s: OptMSettings = self.settings
+        model, device = ctx.model.to(ctx.device).eval(), ctx.device
+        names = [n for n in find_adapter(model).gelu_linears(model)
+                 if isinstance(model.get_submodule(n), QuantLinear)
+                 and model.get_submodule(n).input_quantizer.spec.enabled
+                 and model.get_submodule(n).input_quantizer.spec.granularity == "per_tensor"]
+        if not names:
+            raise VitqError("opt_m found no quantized post-GELU input (an MLP fc2 with an enabled per-tensor input "
+                            "quantizer) in this model")
+        per_batch = max(1, math.ceil(s.max_tokens / max(1, len(ctx.data))))
+        generator = torch.Generator().manual_seed(ctx.seed)
+        samples = {n: _TokenSample(per_batch, generator) for n in names}
+        float_model = ctx.float_model.to(device).eval()
+        hooks = [float_model.get_submodule(n).register_forward_pre_hook(samples[n]) for n in names]
+        try:
+            with torch.no_grad():
+                for batch in ctx.data:
+                    float_model(batch.to(device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+        chosen: List[Dict[str, Any]] = []
+        for name in tqdm(names, desc="opt_m", unit="layer", disable=not ctx.progress, leave=False):
+            layer: QuantLinear = model.get_submodule(name)
+            float_layer = float_model.get_submodule(name)
+            quantizer = layer.input_quantizer
+            x = torch.cat(samples[name].rows)[: s.max_tokens]
+            with torch.no_grad():
+                reference = F.linear(x, float_layer.weight, float_layer.bias)
+                weight = layer.weight_quantizer(layer.weight)
+                uniform_error = _output_error(quantizer(x), weight, layer.bias, reference)
+                bits = quantizer.spec.bits
+                m, scale, error = search_twin(x, weight, layer.bias, reference, bits, s.max_m, s.grid, s.refine,
+                                              samples[name].max)
+            keep = s.keep_uniform and uniform_error <= error
+            if not keep:
+                quantizer.set_spec(QuantSpec("twin", bits, "per_tensor", symmetric=True, ratio_log2=m))
+                scale_t = torch.tensor(scale, device=device)
+                quantizer.set_qparams(scale_t, torch.zeros_like(scale_t))
+            chosen.append({"point": f"{name}.input_quantizer", "m": m, "scale_pos": scale, "scale_neg": scale / 2**m,
+                           "twin_mse": error, "uniform_mse": uniform_error,
+                           "chosen": "uniform" if keep else "twin"})
+            ctx.log("opt_m: %s m=%d s_pos=%.4g output MSE %.4g (uniform %.4g) -> %s", name, m, scale, error,
+                    uniform_error, chosen[-1]["chosen"])
+        ctx.record["opt_m"] = {**s.to_dict(), "layers": chosen}
