@@ -195,14 +195,14 @@ def _deltas(rows: List[Dict[str, Any]]) -> List[str]:
 def write_markdown(results: Dict[str, Any], command: str) -> None:
     commands = sorted({results.get(k) for k in ("command", "command_cifar", "command_imagenet") if results.get(k)}
                       or {command})
-    lines = ["Commands: " + ", ".join(f"`{c}`" for c in commands) + f". Machine: {results['machine']}. "
+    lines = ["## Evolutionary search: CPT-V and CLAMP-ViT (issue 4)", "", "Commands: " + ", ".join(f"`{c}`" for c in commands) + f". Machine: {results['machine']}. "
              f"Date: {results['date']}. Protocol p1; the evaluation images are never used to choose anything "
              "(the search keeps its last model).", ""]
     if "cifar" in results:
         c = results["cifar"]
         fp = c["rows"][0]["fp_top1"]
         done = sorted({r["seed"] for r in c["rows"]})
-        cut = "" if c.get("complete", True) else f" — **run cut short: seeds {done} only, the last one partly**"
+        cut = "" if c.get("complete", True) else f" — **run cut short: seeds {done} only** ({c.get('note', '')})"
         lines += [f"**CIFAR-10 reference ViT**{cut} (FP top-1 {fp:.2f} on {c['num_eval']} test images; seeds {done}; "
                   f"each seed its own 1,000 train images; cpt-v searches {c['passes']} passes (of the paper's 10) on "
                   f"{c['search_images']} of them; clamp-vit {c['df_passes']} passes, refresh every "
@@ -217,7 +217,7 @@ def write_markdown(results: Dict[str, Any], command: str) -> None:
                   + (f"{i['seconds'] / 60:.0f} min in all, peak RSS {i['peak_rss_mib']} MiB" if "seconds" in i
                      else "run cut short") + "):", ""]
         lines += _summary(i["rows"]) + [""] + _deltas(i["rows"]) + [""]
-    write_section("Evolutionary search (CPT-V, CLAMP-ViT)", lines)
+    write_section("## Evolutionary search", lines)
 
 
 def main(argv=None) -> int:
