@@ -684,27 +684,22 @@ def _first_sentence(text: Optional[str]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    print("recipes:")
-    for name in RECIPES.names():
-        print(f"  {name:12s} {_first_sentence(load_recipe(name).description)}")
-    print("observers:")
-    for name, cls in OBSERVERS.items():
-        print(f"  {name:12s} {_first_sentence(cls.__doc__)}")
-    print("protocols:")
-    for name, proto in PROTOCOLS.items():
-        print(f"  {name:12s} {proto.description}")
-    print("generators (data-free):")
-    for name, cls in GENERATORS.items():
-        print(f"  {name:12s} {_first_sentence(cls.__doc__)}")
-    print("recipe stages (settings: vitq/recipes/*.yaml; override with --set STAGE.KEY=VALUE):")
-    for name, cls in STAGES.items():
-        print(f"  {name:12s} {_first_sentence(cls.__doc__)}")
-    print("search fitness functions:")
-    for name, fn in FITNESS.items():
-        print(f"  {name:18s} {_first_sentence(fn.__doc__)}")
+    sections = [
+        ("recipes", [(n, load_recipe(n).description) for n in RECIPES.names()]),
+        ("observers", [(n, cls.__doc__) for n, cls in OBSERVERS.items()]),
+        ("protocols", [(n, proto.description) for n, proto in PROTOCOLS.items()]),
+        ("generators (data-free)", [(n, cls.__doc__) for n, cls in GENERATORS.items()]),
+        ("recipe stages (settings: vitq/recipes/*.yaml; override with --set STAGE.KEY=VALUE)",
+         [(n, cls.__doc__) for n, cls in STAGES.items()]),
+        ("search fitness functions", [(n, fn.__doc__) for n, fn in FITNESS.items()]),
+    ]
+    for title, entries in sections:
+        print(f"{title}:")
+        for name, text in entries:
+            print(f"  {name:18s} {_first_sentence(text)}")
     print("model families:")
     for name, cls in ADAPTERS.items():
-        print(f"  {name:12s} {cls.family}")
+        print(f"  {name:18s} {cls.family}")
     return 0
 
 

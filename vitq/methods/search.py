@@ -131,9 +131,6 @@ class Evolution:
     def best(self) -> Tuple[Tensor, float]:
         return self.members[0]
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"members": self.members, "rng": self.generator.get_state(), "evaluations": self.evaluations}
-
 
 # -- fitness functions ------------------------------------------------------------------------------
 FITNESS: Registry[Callable[..., Tensor]] = Registry("fitness")
@@ -199,12 +196,11 @@ def kl_loss(quant: Tensor, float_out: Tensor, temperature: float = 1.0) -> Tenso
 # -- units: what one search step changes ------------------------------------------------------------
 @dataclass
 class Unit:
-    """The quantizers whose scales one search step changes, and the module whose output a
-    layer-local fitness compares (``output``)."""
+    """The quantizers whose scales one search step changes, and the module (``output_name``)
+    whose output a layer-local fitness compares."""
 
     name: str
     quantizers: List[Tuple[str, Quantizer]]
-    output: Optional[nn.Module] = None
     output_name: str = ""
     block: str = ""  # the block holding every quantizer of the unit: fitness runs from its input
 
@@ -251,7 +247,7 @@ def block_units(model: nn.Module, targets: Sequence[str]) -> List[Unit]:
                     if isinstance(q, Quantizer) and q.role != roles.WEIGHT and _searchable(q):
                         chosen.append((f"{block_name}.{name}", q))
         if chosen:
-            units.append(Unit(block_name, chosen, block, block_name, block_name))
+            units.append(Unit(block_name, chosen, block_name, block_name))
     return units
 
 
@@ -271,7 +267,7 @@ def layer_units(model: nn.Module, activations: bool = True) -> List[Unit]:
             if activations and _searchable(module.input_quantizer):
                 chosen.append((f"{full}.input_quantizer", module.input_quantizer))
             if chosen:
-                units.append(Unit(full, chosen, module, full, block_name))
+                units.append(Unit(full, chosen, full, block_name))
     return units
 
 

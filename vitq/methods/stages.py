@@ -7,9 +7,9 @@ built-in ``calibrate`` stage sets every quantizer from statistics; refiners (``s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -139,8 +139,3 @@ class StageConfig:
     def with_overrides(self, overrides: Mapping[str, Any]) -> "StageConfig":
         data = {**self.settings.to_dict(), **overrides}
         return StageConfig(self.name, type(self.settings).from_dict(data, f"--set {self.name}"))
-
-
-def setting_names(stage: str) -> Sequence[str]:
-    """The settings a stage accepts (for error messages and ``vitq list``)."""
-    return [f.name for f in fields(STAGES.get(stage).Settings)]
