@@ -6,7 +6,7 @@ VITQ_ASSETS ?= ../shared/assets
 export VITQ_ASSETS
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-slow bench bench-foundation bench-data-free bench-search bench-deploy clean
+.PHONY: setup demo test test-slow bench bench-foundation bench-data-free bench-search bench-mptq bench-mixed bench-deploy clean
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 # All benchmarks on the real assets (hours on 2 CPU cores); each also runs alone.
-bench: bench-foundation bench-data-free bench-search bench-deploy
+bench: bench-foundation bench-data-free bench-search bench-mptq bench-mixed bench-deploy
 
 bench-foundation: setup
 	$(BIN)/python benchmarks/foundation.py --assets $(VITQ_ASSETS)
@@ -41,6 +41,12 @@ bench-data-free: setup
 
 bench-search: setup
 	$(BIN)/python benchmarks/search.py --assets $(VITQ_ASSETS)
+
+bench-mptq: setup
+	$(BIN)/python benchmarks/mptq.py --assets $(VITQ_ASSETS)
+
+bench-mixed: setup
+	$(BIN)/python benchmarks/mixed.py --assets $(VITQ_ASSETS)
 
 bench-deploy: setup
 	$(BIN)/python benchmarks/deploy.py --assets $(VITQ_ASSETS)

@@ -14,7 +14,8 @@ from vitq.cli import main
 
 from conftest import tiny_vit, write_images
 
-RUN_FILES = {"config.yaml", "plan.json", "plan.safetensors", "metrics.json", "report.md", "log.txt"}
+RUN_FILES = {"config.yaml", "plan.json", "plan.safetensors", "metrics.json", "report.md", "log.txt", "bits.json",
+             "bits_per_layer.png"}
 METRIC_KEYS = {
     "model", "recipe", "protocol", "w_bits", "a_bits", "seed", "num_calib", "num_eval",
     "fp_top1", "quant_top1", "fp_top5", "quant_top5", "agreement", "kl", "weight_bytes", "seconds",

@@ -20,6 +20,7 @@ from .methods.search import FITNESS
 from .methods.stages import STAGES, Refresher
 from .data.synthetic.io import image_stats, save_grid, save_images
 from .errors import VitqError
+from .eval.bits import bit_stats
 from .eval.metrics import count_quant_points, model_size
 from .export import FORMATS, OnnxModel, bench_speed, evaluate_onnx, export_onnx
 from .export._deps import require
@@ -32,8 +33,8 @@ from .models.adapters import ADAPTERS, find_adapter
 from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .quant.observers import OBSERVERS
 from .quant.protocol import PROTOCOLS, get_protocol
-from .recipes.recipe import RECIPES, load_recipe
-from .report import RunFolder, run_report, search_curve
+from .recipes.recipe import RECIPES, Recipe, load_recipe
+from .report import RunFolder, bits_per_layer, pareto, run_report, search_curve
 
 DEFAULT_NUM_CALIB = 256
 
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an unfinished run from the checkpoint in <out>.partial (same options)")
     q.add_argument("--budget", default=None,
                    help="mixed precision: average weight/activation bits of the blocks' linear layers, e.g. w4a4 "
-                        "(a recipe with a greedy_mp stage, e.g. mptq-vit-mp; other points keep --w-bits/--a-bits)")
+                        "(recipes mptq-vit-mp or clamp-vit-mp; other points keep --w-bits/--a-bits)")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--calib", help="calibration images (ImageFolder or flat synset folder)")
     source.add_argument("--data-free", choices=GENERATORS.names(),
@@ -299,6 +300,40 @@ def _metric_keys(metrics: Dict[str, Any]) -> str:
     return f"| {head} |\n| {' | '.join('---' for _ in row)} |\n| {vals} |"
 
 
+def _apply_budget(args: argparse.Namespace, recipe: Recipe) -> Recipe:
+    """Put ``--budget`` into the recipe's allocator: a ``greedy_mp`` stage or a mixed-precision
+    ``search`` (CLAMP-ViT)."""
+    budget_w, budget_a = parse_budget(args.budget)
+    if "greedy_mp" in recipe.stage_names:
+        return recipe.with_overrides({"greedy_mp": {"budget_w": budget_w, "budget_a": budget_a}})
+    if "search" in recipe.stage_names and recipe.stage("search").settings.bits:
+        return recipe.with_overrides({"search": {"budget_w": budget_w, "budget_a": budget_a}})
+    raise VitqError(f"--budget needs a recipe that allocates widths: a greedy_mp stage (mptq-vit-mp) or a search "
+                    f"with bits (clamp-vit-mp); recipe {recipe.name!r} has {', '.join(recipe.stage_names)}")
+
+
+def _write_bits(run: RunFolder, result: Any, loaded: LoadedModel, title: str) -> Dict[str, Any]:
+    """``bits.json`` and ``bits_per_layer.png``; for Greedy MP, ``greedy_mp.json`` and ``pareto.png``.
+    Returns the summary that goes into ``metrics.json``."""
+    stats = bit_stats(result.model, torch.zeros(1, *loaded.data_config["input_size"]))
+    run.write_json("bits.json", stats)
+    drawn = bits_per_layer(stats["layers"], run.path / "bits_per_layer.png", f"bits per layer: {title}")
+    if "greedy_mp" in result.record:
+        record = result.record["greedy_mp"]
+        run.write_json("greedy_mp.json", record)
+        points = record.get("checkpoints") or []
+        series = {}
+        if record.get("budget_w") is not None:
+            series["against average weight bits"] = [{"bits": p["avg_w"], **p} for p in points]
+        if record.get("budget_a") is not None:
+            series["against average input bits"] = [{"bits": p["avg_a"], **p} for p in points]
+        pareto(series, run.path / "pareto.png", x="bits", y="kl", xlabel="average bits of the blocks' linear layers",
+               ylabel="KL(float ‖ quantized), calibration images", title=f"Greedy MP trajectory: {title}")
+    if drawn is None:
+        run.log.info("bits_per_layer.png not drawn: matplotlib is not installed (pip install 'vitq[plots]')")
+    return {k: v for k, v in stats.items() if k != "layers"}
+
+
 # -- commands -----------------------------------------------------------------------------------
 def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
@@ -319,15 +354,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                 f"drop {flag} (the plan's bit-widths and protocol are kept)")
         args.w_bits, args.a_bits = start_plan.meta.get("w_bits"), start_plan.meta.get("a_bits")
         args.protocol = start_plan.meta.get("protocol")
+    if args.budget is not None:
+        recipe = _apply_budget(args, recipe)
     args.w_bits = 8 if args.w_bits is None else args.w_bits
     args.a_bits = 8 if args.a_bits is None else args.a_bits
     protocol = get_protocol(args.protocol or "p1")
-    if args.budget is not None:
-        budget_w, budget_a = parse_budget(args.budget)
-        if "greedy_mp" not in recipe.stage_names:
-            raise VitqError(f"--budget needs a recipe with a greedy_mp stage (e.g. mptq-vit-mp); recipe "
-                            f"{recipe.name!r} has {', '.join(recipe.stage_names)}")
-        recipe = recipe.with_overrides({"greedy_mp": {"budget_w": budget_w, "budget_a": budget_a}})
     device = resolve_device(args.device)
     loaded = _load(args)
     if start_plan is not None:
@@ -404,6 +435,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if png is None:
                 run.log.info("search_curve.png not drawn: matplotlib is not installed (pip install 'vitq[plots]')")
 
+        bits = _write_bits(run, result, loaded, f"{Path(loaded.name).name} {recipe.name}")
+
         if eval_images is not None:
             run.log.info("evaluation: %d images from %s", len(eval_images), eval_images.root)
             loader = make_loader(eval_images, loaded.data_config, args.batch_size, args.workers)
@@ -424,7 +457,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "data_free": args.data_free,
             "start_plan": str(args.start_plan) if args.start_plan else None,
             **metrics,
+            "bits": bits,
             **({"search": result.record["search"]} if "search" in result.record else {}),
+            **({"greedy_mp": {k: result.record["greedy_mp"][k] for k in ("mode", "avg_w", "avg_a", "budget_w", "budget_a")}}
+               if "greedy_mp" in result.record else {}),
             "seconds": round(time.perf_counter() - start, 2),
             "device": str(device),
         }

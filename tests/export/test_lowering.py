@@ -105,3 +105,19 @@ def test_per_token_and_logsqrt2_points_are_emulated(images):
     tokens = torch.randn(6, 17, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(lowered.blocks(tokens), qmodel.blocks(tokens), rtol=0, atol=1e-5)
+
+
+def test_twin_points_are_emulated_exactly():
+    """OPT-m's twin quantizers (two scales 2^m apart) have no 8-bit QDQ form: emulated, same values."""
+    from vitq.quant.spec import QuantSpec
+
+    qmodel = quantized(tiny_vit, "p1", 8, 8)
+    fc2 = qmodel.blocks[0].mlp.fc2.input_quantizer
+    fc2.set_spec(QuantSpec("twin", bits=6, symmetric=True, ratio_log2=3))
+    fc2.set_qparams(torch.tensor(0.05), torch.tensor(0.0))
+    lowered, points = lower(qmodel, IntFormat("u8u8"))
+    point = {p.name: p for p in points}["blocks.0.mlp.fc2.input_quantizer"]
+    assert point.form == EMULATED and "twin" in point.note
+    tokens = torch.randn(6, 17, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(lowered.blocks(tokens), qmodel.blocks(tokens), rtol=0, atol=1e-5)

@@ -187,6 +187,11 @@ def test_holdout_selects_on_held_out_images():
     assert all("holdout" in p for p in result.record["search_curve"] if p.get("event") == "end")
 
 
+def test_search_uses_only_the_first_max_images():
+    record = quantize(cptv(max_images=6, passes=1)).record["search"]
+    assert record["images"] == 6
+
+
 def test_search_extends_to_mlp_and_activation_scales():
     result = quantize(cptv(targets=["attn_weights", "mlp_weights", "activations"], passes=1))
     units = block_units(result.model, ["attn_weights", "mlp_weights", "activations"])

@@ -119,7 +119,8 @@ class ExportQuantizer(nn.Module):
         self.per_channel = scale is not None and scale.numel() > 1
         if not (quantizer.enabled and spec.enabled):
             self.form = OFF
-        elif spec.kind in ("log2", "logsqrt2") or spec.granularity == "per_token" or self.per_channel:
+        elif spec.kind in ("log2", "logsqrt2", "twin") or spec.granularity == "per_token" or self.per_channel:
+            # twin (OPT-m): two scales 2^m apart have no common 8-bit code, so its consumer runs in float
             # per-channel activation scales (PTF LayerNorm inputs) feed float LayerNorms: QDQ would
             # gain nothing, and ONNX Runtime wrongly fuses a per-channel Q into QLinearConv
             self.form = EMULATED
@@ -164,6 +165,8 @@ class ExportQuantizer(nn.Module):
             return _log2(x, spec.bits)
         if spec.kind == "logsqrt2":
             return _logsqrt2(x, self.scale.to(x.dtype), spec.bits)
+        if spec.kind == "twin":
+            return _twin(x, self.scale.to(x.dtype), spec.ratio_log2, spec.bits)
         if self.per_channel:
             shape = broadcast_shape(x.ndim, spec.axis % x.ndim)
             scale, zp = self.scale.reshape(shape).to(x.dtype), self.zero_point.reshape(shape).to(x.dtype)
@@ -171,6 +174,15 @@ class ExportQuantizer(nn.Module):
         lo_v, hi_v = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)  # per-token, at run time
         scale, zp = choose_qparams_affine(lo_v, hi_v, qmin, qmax, spec.symmetric)
         return torch.clamp(torch.round(x / scale) + zp, qmin, qmax).sub(zp).mul(scale)
+
+
+def _twin(x: Tensor, scale: Tensor, ratio_log2: int, bits: int) -> Tensor:
+    """:func:`vitq.quant.primitives.fake_quantize_twin` in exportable float operations."""
+    qmax = 2 ** (bits - 1) - 1
+    s_neg = scale * 2.0 ** (-ratio_log2)
+    pos = torch.clamp(torch.round(x / scale), 0, qmax) * scale
+    neg = torch.clamp(torch.round(x / s_neg), -qmax, 0) * s_neg
+    return torch.where(x < 0, neg, pos)
 
 
 def _log2(p: Tensor, bits: int) -> Tensor:

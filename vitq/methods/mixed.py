@@ -17,7 +17,7 @@ units (q/k/v, post-softmax, patch embedding, head) keep the run's widths.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +61,20 @@ class GreedyMPSettings(StageSettings):
             None leaves that kind at the widest candidate.
         bits: candidate widths, widest first (every unit starts at the first).
         max_images: calibration images the sensitivities are measured on.
+        mode: ``oneshot`` (each unit's damage at each width measured once, alone: L·|B|
+            evaluations) or ``greedy`` (every step re-measures each candidate drop on the current
+            allocation: about L evaluations per step, O(L²·|B|) in all; slower, exact).
+        checkpoints: points of the trajectory (evenly spaced, first and last included) at which
+            the model is measured on the calibration images (KL and agreement with the float
+            model) for ``pareto.png``; 0 skips.
     """
 
     budget_w: Optional[float] = None
     budget_a: Optional[float] = None
     bits: Tuple[int, ...] = (8, 6, 4)
     max_images: int = 32
+    mode: str = "oneshot"
+    checkpoints: int = 12
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", tuple(self.bits) if isinstance(self.bits, (list, tuple)) else self.bits)
@@ -86,6 +94,10 @@ class GreedyMPSettings(StageSettings):
                 raise VitqError(f"greedy_mp.{key} = {value} is outside the candidate widths {list(self.bits)}")
         if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 1:
             raise VitqError(f"greedy_mp.max_images must be a positive integer, got {self.max_images!r}")
+        if self.mode not in ("oneshot", "greedy"):
+            raise VitqError(f"greedy_mp.mode must be 'oneshot' or 'greedy', got {self.mode!r}")
+        if isinstance(self.checkpoints, bool) or not isinstance(self.checkpoints, int) or self.checkpoints < 0:
+            raise VitqError(f"greedy_mp.checkpoints must be an integer ≥ 0, got {self.checkpoints!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         out = super().to_dict()
@@ -94,7 +106,13 @@ class GreedyMPSettings(StageSettings):
 
 
 @dataclass
-class _Unit:
+class BitUnit:
+    """One quantizer whose width an allocator chooses: a linear layer's weights or its input.
+
+    ``size`` weighs it in the averages: a weight's parameter count, an input's elements per image.
+    ``qparams`` holds its calibrated scale and zero point at each candidate width.
+    """
+
     name: str  # quantizer name
     kind: str  # "weight" or "act"
     quantizer: Quantizer
@@ -107,9 +125,79 @@ class _Unit:
         self.quantizer.set_qparams(*self.qparams[bits])
 
 
+def allocatable_units(model: nn.Module) -> List[BitUnit]:
+    """The weight and input quantizers of the linear layers inside the transformer blocks that
+    take a per-layer width (uniform, not per-token), in forward order."""
+    names = {id(m): n for n, m in model.named_modules()}
+    units = []
+    for _, block in find_adapter(model).blocks(model):
+        for module in block.modules():
+            if not isinstance(module, QuantLinear):
+                continue
+            for kind, q in (("weight", module.weight_quantizer), ("act", module.input_quantizer)):
+                spec = q.spec
+                if spec.enabled and spec.kind == "uniform" and spec.granularity != "per_token":
+                    units.append(BitUnit(names[id(q)], kind, q))
+    return units
+
+
+def average_bits(units: Sequence[BitUnit], chosen: Dict[str, int], kind: str) -> Optional[float]:
+    """Σ size·bits / Σ size over the units of one kind (``weight`` or ``act``); None without any."""
+    sel = [u for u in units if u.kind == kind]
+    total = sum(u.size for u in sel)
+    return sum(u.size * chosen[u.name] for u in sel) / total if total else None
+
+
+def calibrate_widths(ctx: StageContext, model: nn.Module, units: Sequence[BitUnit], bits: Sequence[int]) -> None:
+    """Calibrate every unit at every width with the run's observers, fed as :func:`vitq.calibrate`
+    feeds them (all quantizers passing through), and measure each unit's size."""
+    owners = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            owners[module.weight_quantizer] = module.weight
+    for u in units:
+        config = ctx.weights if u.kind == "weight" else ctx.activations
+        u.observers = {b: config.build(u.quantizer.spec.with_(bits=b)) for b in bits}
+        if u.kind == "weight":
+            weight = owners[u.quantizer].detach()
+            u.size = weight.numel()
+            for obs in u.observers.values():
+                obs.observe(weight)
+    acts = {u.quantizer: u for u in units if u.kind == "act"}
+
+    def hook(module: nn.Module, args: Tuple[Tensor, ...]) -> None:
+        unit = acts[module]
+        x = args[0]
+        unit.size = x[0].numel()  # elements per image
+        for obs in unit.observers.values():
+            obs.observe(x)
+
+    hooks = [q.register_forward_pre_hook(hook) for q in acts]
+    quantizers = [q for _, q in iter_quantizers(model)]
+    previous = {q: q.enabled for q in quantizers}
+    try:
+        for q in quantizers:
+            q.enabled = False
+        with torch.no_grad():
+            for batch in ctx.data:
+                model(batch.to(ctx.device))
+    finally:
+        for h in hooks:
+            h.remove()
+        for q, enabled in previous.items():
+            q.enabled = enabled
+    for u in units:
+        u.qparams = {b: obs.qparams() for b, obs in u.observers.items()}
+        u.observers = None
+
+
 def _kl(reference: Tensor, logits: Tensor) -> float:
     return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True,
                           reduction="batchmean"))
+
+
+def _agreement(reference: Tensor, logits: Tensor) -> float:
+    return 100.0 * float((reference.argmax(-1) == logits.argmax(-1)).double().mean())
 
 
 @STAGES.register("greedy_mp")
@@ -120,125 +208,103 @@ class GreedyMPStage(Stage):
     Settings = GreedyMPSettings
     needs_calibrated = True
 
-    def units(self, model: nn.Module) -> List[_Unit]:
-        names = {id(m): n for n, m in model.named_modules()}
-        units = []
-        for _, block in find_adapter(model).blocks(model):
-            for module in block.modules():
-                if not isinstance(module, QuantLinear):
-                    continue
-                for kind, q in (("weight", module.weight_quantizer), ("act", module.input_quantizer)):
-                    spec = q.spec
-                    if spec.enabled and spec.kind == "uniform" and spec.granularity != "per_token":
-                        units.append(_Unit(names[id(q)], kind, q))
-        return units
-
     def run(self, ctx: StageContext) -> None:
         s: GreedyMPSettings = self.settings
         if s.budget_w is None and s.budget_a is None:
             raise VitqError("greedy_mp needs a budget: budget_w and/or budget_a (on the command line: --budget w4a4)")
         model, device = ctx.model.to(ctx.device).eval(), ctx.device
         budgets = {"weight": s.budget_w, "act": s.budget_a}
-        units = [u for u in self.units(model) if budgets[u.kind] is not None]  # a kind without budget keeps its widths
+        units = [u for u in allocatable_units(model) if budgets[u.kind] is not None]  # no budget: widths kept
         for kind, budget in budgets.items():
             if budget is not None and not any(u.kind == kind for u in units):
                 raise VitqError(f"greedy_mp has a {kind} budget but found no uniform {kind} quantizer of a block's "
                                 "linear layer to allocate")
-        self._calibrate_all_widths(ctx, model, units, s.bits)
+        calibrate_widths(ctx, model, units, s.bits)
         images = torch.cat(ctx.data)[: s.max_images].to(device)
+        chosen = {u.name: s.bits[0] for u in units}
         with torch.no_grad():
             reference = ctx.float_model.to(device).eval()(images)
             for u in units:
                 u.set_bits(s.bits[0])
             base = _kl(reference, model(images))
             damage: Dict[Tuple[str, int], float] = {}
-            for u in tqdm(units, desc="greedy_mp", unit="unit", disable=not ctx.progress, leave=False):
-                damage[(u.name, s.bits[0])] = base
-                for b in s.bits[1:]:
-                    u.set_bits(b)
-                    damage[(u.name, b)] = _kl(reference, model(images))
-                u.set_bits(s.bits[0])
-        chosen = {u.name: s.bits[0] for u in units}
-        trajectory = [{"avg_w": self._average(units, chosen, "weight"), "avg_a": self._average(units, chosen, "act"),
-                       "damage": 0.0}]
-        while True:
-            open_kinds = [k for k, budget in budgets.items()
-                          if budget is not None and self._average(units, chosen, k) > budget + 1e-9]
-            if not open_kinds:
-                break
-            best = None
+            if s.mode == "oneshot":
+                for u in tqdm(units, desc="greedy_mp", unit="unit", disable=not ctx.progress, leave=False):
+                    damage[(u.name, s.bits[0])] = base
+                    for b in s.bits[1:]:
+                        u.set_bits(b)
+                        damage[(u.name, b)] = _kl(reference, model(images))
+                    u.set_bits(s.bits[0])
+            trajectory = [{"avg_w": average_bits(units, chosen, "weight"), "avg_a": average_bits(units, chosen, "act"),
+                           "damage": 0.0}]
+            current = base
+            bar = tqdm(desc="greedy_mp steps", unit="step", disable=not ctx.progress, leave=False)
+            while True:
+                open_kinds = [k for k, budget in budgets.items()
+                              if budget is not None and average_bits(units, chosen, k) > budget + 1e-9]
+                if not open_kinds:
+                    break
+                best = None
+                for u in units:
+                    if u.kind not in open_kinds:
+                        continue
+                    i = s.bits.index(chosen[u.name])
+                    if i + 1 == len(s.bits):
+                        continue
+                    b, b_next = s.bits[i], s.bits[i + 1]
+                    if s.mode == "oneshot":
+                        step = damage[(u.name, b_next)] - damage[(u.name, b)]
+                    else:  # measured on the current allocation
+                        u.set_bits(b_next)
+                        step = _kl(reference, model(images)) - current
+                        u.set_bits(b)
+                    score = step / (u.size * (b - b_next))
+                    if best is None or score < best[0]:
+                        best = (score, u, b_next, step)
+                if best is None:
+                    raise VitqError(f"greedy_mp cannot meet the budget with widths {list(s.bits)}")
+                _, u, b_next, step = best
+                chosen[u.name] = b_next
+                if s.mode == "greedy":
+                    u.set_bits(b_next)
+                current += step
+                trajectory.append({"unit": u.name, "bits": b_next, "avg_w": average_bits(units, chosen, "weight"),
+                                   "avg_a": average_bits(units, chosen, "act"), "damage": current - base})
+                bar.update(1)
+            bar.close()
             for u in units:
-                if u.kind not in open_kinds:
-                    continue
-                i = s.bits.index(chosen[u.name])
-                if i + 1 == len(s.bits):
-                    continue
-                b, b_next = s.bits[i], s.bits[i + 1]
-                score = (damage[(u.name, b_next)] - damage[(u.name, b)]) / (u.size * (b - b_next))
-                if best is None or score < best[0]:
-                    best = (score, u, b_next)
-            if best is None:
-                raise VitqError(f"greedy_mp cannot meet the budget with widths {list(s.bits)}")
-            _, u, b_next = best
-            step = damage[(u.name, b_next)] - damage[(u.name, chosen[u.name])]
-            chosen[u.name] = b_next
-            trajectory.append({"unit": u.name, "bits": b_next, "avg_w": self._average(units, chosen, "weight"),
-                               "avg_a": self._average(units, chosen, "act"),
-                               "damage": trajectory[-1]["damage"] + step})
-        for u in units:
-            u.set_bits(chosen[u.name])
+                u.set_bits(chosen[u.name])
+            checkpoints = self._checkpoints(model, units, trajectory, s, reference, images) if s.checkpoints else []
         ctx.record["greedy_mp"] = {
             **s.to_dict(), "base_kl": base, "bits": chosen,
-            "avg_w": self._average(units, chosen, "weight"), "avg_a": self._average(units, chosen, "act"),
+            "avg_w": average_bits(units, chosen, "weight"), "avg_a": average_bits(units, chosen, "act"),
+            "sizes": {u.name: u.size for u in units},
             "sensitivity": {f"{n}@{b}": d - base for (n, b), d in damage.items() if b != s.bits[0]},
             "trajectory": trajectory,
+            "checkpoints": checkpoints,
         }
-        ctx.log("greedy_mp: average bits W%s A%s", ctx.record["greedy_mp"]["avg_w"], ctx.record["greedy_mp"]["avg_a"])
+        ctx.log("greedy_mp (%s): %d steps, average bits W%s A%s", s.mode, len(trajectory) - 1,
+                ctx.record["greedy_mp"]["avg_w"], ctx.record["greedy_mp"]["avg_a"])
 
     @staticmethod
-    def _average(units: List[_Unit], chosen: Dict[str, int], kind: str) -> Optional[float]:
-        sel = [u for u in units if u.kind == kind]
-        total = sum(u.size for u in sel)
-        return sum(u.size * chosen[u.name] for u in sel) / total if total else None
-
-    @staticmethod
-    def _calibrate_all_widths(ctx: StageContext, model: nn.Module, units: List[_Unit], bits: Tuple[int, ...]) -> None:
-        """Observers of every unit at every width, fed as :func:`vitq.calibrate` feeds them."""
-        owners = {}
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                owners[module.weight_quantizer] = module.weight
+    def _checkpoints(model: nn.Module, units: List[BitUnit], trajectory: List[Dict[str, Any]],
+                     s: GreedyMPSettings, reference: Tensor, images: Tensor) -> List[Dict[str, Any]]:
+        """Replay the trajectory and measure the model (KL, agreement with the float model on the
+        calibration images) at evenly spaced steps; the final allocation is restored after."""
+        last = len(trajectory) - 1
+        picks = sorted({round(i * last / max(1, s.checkpoints - 1)) for i in range(s.checkpoints)}) if last else [0]
+        by_name = {u.name: u for u in units}
+        final = {u.name: u.quantizer.spec.bits for u in units}
         for u in units:
-            config = ctx.weights if u.kind == "weight" else ctx.activations
-            u.observers = {b: config.build(u.quantizer.spec.with_(bits=b)) for b in bits}
-            if u.kind == "weight":
-                weight = owners[u.quantizer].detach()
-                u.size = weight.numel()
-                for obs in u.observers.values():
-                    obs.observe(weight)
-        acts = {u.quantizer: u for u in units if u.kind == "act"}
-
-        def hook(module: nn.Module, args: Tuple[Tensor, ...]) -> None:
-            unit = acts[module]
-            x = args[0]
-            unit.size = x[0].numel()  # elements per image
-            for obs in unit.observers.values():
-                obs.observe(x)
-
-        hooks = [q.register_forward_pre_hook(hook) for q in acts]
-        quantizers = [q for _, q in iter_quantizers(model)]
-        previous = {q: q.enabled for q in quantizers}
-        try:
-            for q in quantizers:
-                q.enabled = False
-            with torch.no_grad():
-                for batch in ctx.data:
-                    model(batch.to(ctx.device))
-        finally:
-            for h in hooks:
-                h.remove()
-            for q, enabled in previous.items():
-                q.enabled = enabled
+            u.set_bits(s.bits[0])
+        points = []
+        for step, point in enumerate(trajectory):
+            if step:
+                by_name[point["unit"]].set_bits(point["bits"])
+            if step in picks:
+                logits = model(images)
+                points.append({"step": step, "avg_w": point["avg_w"], "avg_a": point["avg_a"],
+                               "kl": _kl(reference, logits), "agreement": _agreement(reference, logits)})
         for u in units:
-            u.qparams = {b: obs.qparams() for b, obs in u.observers.items()}
-            u.observers = None
+            u.set_bits(final[u.name])
+        return points

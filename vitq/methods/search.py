@@ -34,10 +34,13 @@ from ..nn import QuantLinear
 from ..quant import protocol as roles
 from ..quant.quantizer import Quantizer
 from ..registry import Registry
+from .lifecycle import check_bits
+from .mixed import BitUnit, allocatable_units, average_bits, calibrate_widths
 from .stages import STAGES, Stage, StageContext, StageSettings
 
 Tensor = torch.Tensor
 STATE_FILE = "search_state.pt"
+MAX_REDRAWS = 20  # children redrawn per cycle before a cycle is given up as over the bit budget
 
 # -- the engine -----------------------------------------------------------------------------------
 MUTATIONS: Registry[Callable[[Tensor, float, torch.Generator], Tensor]] = Registry("mutation")
@@ -66,7 +69,8 @@ class Evolution:
         population: members kept.
         tournament: members drawn, with replacement, to pick a parent.
         radius: mutation radius.
-        mutation: ``absolute`` or ``relative`` (:data:`MUTATIONS`).
+        mutation: ``absolute`` or ``relative`` (:data:`MUTATIONS`), or a function
+            ``(x, radius, generator) → child``.
         crossover: uniform crossover between two tournament winners before mutation.
         generator: the random stream (seed it for repeatable searches).
 
@@ -89,7 +93,7 @@ class Evolution:
         population: int = 15,
         tournament: int = 10,
         radius: float = 1e-3,
-        mutation: str = "absolute",
+        mutation: Any = "absolute",
         crossover: bool = False,
         generator: Optional[torch.Generator] = None,
     ) -> None:
@@ -97,7 +101,7 @@ class Evolution:
             raise VitqError(f"population and tournament must be positive, got {population} and {tournament}")
         if not math.isfinite(f0):
             raise VitqError(f"the starting fitness is {f0}: the quantized model's outputs are not finite")
-        self.mutate = MUTATIONS.get(mutation)
+        self.mutate = mutation if callable(mutation) else MUTATIONS.get(mutation)
         self.radius = float(radius)
         self.tournament = tournament
         self.crossover = crossover
@@ -294,6 +298,19 @@ class SearchSettings(StageSettings):
         refresh_every: data-free runs: re-synthesise the images from the current quantized model
             every this many cycles (0: never; CLAMP-ViT refreshes every cycles/2).
         max_units: stop after this many unit searches (for tests and trial runs; 0: no limit).
+        max_images: search on the first this many calibration images (0: all of them; the
+            calibration itself always sees all).
+        bits: mixed precision (CLAMP-ViT, ``units: layers``): the candidate widths, e.g.
+            ``[3, 4, 5, 6, 7, 8]``; each layer's genome then carries its weight and input widths
+            next to its scales (scales are searched as multipliers of the scale calibrated at the
+            gene's width, so the mutation radius is relative). Empty: fixed precision.
+        budget_w, budget_a: the average weight / input bits the allocation must keep (weighted
+            by parameter count / elements per image over the blocks' linear layers: the
+            ``blocks`` scope of :mod:`vitq.eval.bits`); a kind without budget keeps its widths.
+        budget_mode: ``reject`` (a child over budget is redrawn, up to 20 times, and never
+            evaluated) or ``penalty`` (fitness + ``penalty`` · bits over budget).
+        penalty: the penalty weight per average bit over budget.
+        bit_rate: the probability that a child's width gene moves one candidate up or down.
     """
 
     units: str = "blocks"
@@ -313,9 +330,43 @@ class SearchSettings(StageSettings):
     holdout: float = 0.0
     refresh_every: int = 0
     max_units: int = 0
+    max_images: int = 0
+    bits: Tuple[int, ...] = ()
+    budget_w: Optional[float] = None
+    budget_a: Optional[float] = None
+    budget_mode: str = "reject"
+    penalty: float = 1.0
+    bit_rate: float = 0.2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
+        if not isinstance(self.bits, (list, tuple)):
+            raise VitqError(f"search.bits must be a list of candidate widths (or empty), got {self.bits!r}")
+        object.__setattr__(self, "bits", tuple(sorted(set(self.bits))))
+        for b in self.bits:
+            check_bits(b, "search.bits")
+        if self.bits and self.units != "layers":
+            raise VitqError("search.bits (mixed precision) needs units: layers (CLAMP-ViT's layer-wise search)")
+        if self.bits and self.mutation != "relative":
+            raise VitqError("search.bits (mixed precision) searches scales as multipliers: set mutation: relative")
+        for key in ("budget_w", "budget_a"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise VitqError(f"search.{key} must be a number of bits, got {value!r}")
+            if not self.bits:
+                raise VitqError(f"search.{key} needs search.bits, the candidate widths (e.g. [3, 4, 5, 6, 7, 8])")
+            if not min(self.bits) <= value <= max(self.bits):
+                raise VitqError(f"search.{key} = {value} is outside the candidate widths {list(self.bits)}")
+        if self.budget_a is not None and "activations" not in self.targets:
+            raise VitqError("search.budget_a allocates input widths: add activations to search.targets")
+        if self.budget_mode not in ("reject", "penalty"):
+            raise VitqError(f"search.budget_mode must be 'reject' or 'penalty', got {self.budget_mode!r}")
+        if not self.penalty >= 0:
+            raise VitqError(f"search.penalty must be ≥ 0, got {self.penalty!r}")
+        if not 0 <= self.bit_rate <= 1:
+            raise VitqError(f"search.bit_rate must be a probability in [0, 1], got {self.bit_rate!r}")
         if self.units not in ("blocks", "layers"):
             raise VitqError(f"search.units must be 'blocks' or 'layers', got {self.units!r}")
         bad = [t for t in self.targets if t not in TARGETS]
@@ -329,7 +380,7 @@ class SearchSettings(StageSettings):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise VitqError(f"search.{key} must be a positive integer, got {value!r}")
-        for key in ("refresh_every", "max_units"):
+        for key in ("refresh_every", "max_units", "max_images"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise VitqError(f"search.{key} must be an integer ≥ 0, got {value!r}")
@@ -345,6 +396,7 @@ class SearchSettings(StageSettings):
     def to_dict(self) -> Dict[str, Any]:
         out = super().to_dict()
         out["targets"] = list(self.targets)
+        out["bits"] = list(self.bits)
         return out
 
 
@@ -352,9 +404,9 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the searched layer's output is captured."""
 
 
-def _rebatch(batches: Sequence[Tensor], size: int) -> List[Tensor]:
+def _rebatch(batches: Sequence[Tensor], size: int, limit: int = 0) -> List[Tensor]:
     images = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in batches])
-    return list(images.split(size))
+    return list((images[:limit] if limit else images).split(size))
 
 
 class _Objective:
@@ -470,15 +522,128 @@ class _Objective:
         return total / len(self.batches)
 
 
-def _quantizer_state(model: nn.Module) -> Dict[str, Tensor]:
-    return {n: m.scale.detach().clone().cpu() for n, m in model.named_modules()
-            if isinstance(m, Quantizer) and m.scale is not None}
+def _quantizer_state(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """Each calibrated quantizer's width, scale and zero point (what a search may change)."""
+    return {n: {"bits": int(m.spec.bits), "scale": m.scale.detach().clone().cpu(),
+                "zero_point": m.zero_point.detach().clone().cpu()}
+            for n, m in model.named_modules() if isinstance(m, Quantizer) and m.scale is not None}
 
 
-def _load_quantizer_state(model: nn.Module, state: Dict[str, Tensor]) -> None:
+def _load_quantizer_state(model: nn.Module, state: Dict[str, Dict[str, Any]]) -> None:
     modules = dict(model.named_modules())
-    for name, scale in state.items():
-        modules[name].scale.copy_(scale.to(modules[name].scale))
+    for name, saved in state.items():
+        q = modules[name]
+        device = q.scale.device
+        if saved["bits"] != q.spec.bits:
+            q.set_spec(q.spec.with_(bits=saved["bits"]))
+        q.set_qparams(saved["scale"].to(device), saved["zero_point"].to(device))
+
+
+class _MixedGenome:
+    """CLAMP-ViT's mixed-precision genome of a layer unit: ``[scale multipliers…, widths…]``.
+
+    Each quantizer of the unit is calibrated at every candidate width once; a genome sets its
+    width gene and its scale = calibrated scale at that width × multiplier. Every gene starts at
+    the widest candidate within its budget; quantizers of a kind without budget keep their
+    width (and their raw scales are in the genome, as in fixed precision).
+    """
+
+    def __init__(self, ctx: StageContext, model: nn.Module, units: List[Unit], settings: SearchSettings) -> None:
+        self.settings = s = settings
+        budgets = {"weight": s.budget_w, "act": s.budget_a}
+        self.budgets = {k: v for k, v in budgets.items() if v is not None}
+        if not self.budgets:
+            raise VitqError("search.bits (mixed precision) needs a budget: budget_w and/or budget_a "
+                            "(on the command line: --budget w4.7a5.9)")
+        searched = {id(q) for u in units for _, q in u.quantizers}
+        self.units: List[BitUnit] = [b for b in allocatable_units(model)
+                                     if b.kind in self.budgets and id(b.quantizer) in searched]
+        for kind in self.budgets:
+            if not any(b.kind == kind for b in self.units):
+                raise VitqError(f"search has a {kind} budget but none of its layers has a uniform {kind} quantizer "
+                                "to give a width")
+        calibrate_widths(ctx, model, self.units, s.bits)
+        for b in self.units:  # start: the widest candidate within the budget (other points keep theirs)
+            b.set_bits(max(w for w in s.bits if w <= self.budgets[b.kind] + 1e-9))
+        self.by_quantizer = {id(b.quantizer): b for b in self.units}
+        self.chosen = {b.name: int(b.quantizer.spec.bits) for b in self.units}
+        self.rejected = 0
+
+    def averages(self, chosen: Dict[str, int]) -> Dict[str, Optional[float]]:
+        return {kind: average_bits(self.units, chosen, kind) for kind in ("weight", "act")}
+
+    def over_budget(self, chosen: Dict[str, int]) -> float:
+        avg = self.averages(chosen)
+        return sum(max(0.0, avg[k] - budget) for k, budget in self.budgets.items())
+
+    def describe(self, chosen: Dict[str, int]) -> str:
+        avg = self.averages(chosen)
+        return " ".join(f"{'W' if k == 'weight' else 'A'}{avg[k]:.3f}" for k in ("weight", "act") if avg[k] is not None)
+
+    def describe_budget(self) -> str:
+        return " ".join(f"{'W' if k == 'weight' else 'A'}{v}" for k, v in self.budgets.items())
+
+    def _genes(self, unit: Unit) -> List[BitUnit]:
+        return [self.by_quantizer[id(q)] for _, q in unit.quantizers if id(q) in self.by_quantizer]
+
+    def genome(self, unit: Unit) -> Tensor:
+        parts = []
+        for _, q in unit.quantizers:
+            b = self.by_quantizer.get(id(q))
+            if b is None:  # no width gene: the scale itself, as in fixed precision
+                parts.append(q.scale.detach().flatten().float().cpu())
+            else:
+                base = b.qparams[q.spec.bits][0].to(q.scale)
+                parts.append((q.scale / base).detach().flatten().float().cpu())
+        widths = torch.tensor([float(b.quantizer.spec.bits) for b in self._genes(unit)])
+        return torch.cat(parts + [widths])
+
+    def allocation(self, unit: Unit, x: Tensor) -> Dict[str, int]:
+        """The whole model's widths with this unit's genes from ``x``."""
+        genes = self._genes(unit)
+        chosen = dict(self.chosen)
+        for b, w in zip(genes, x[len(x) - len(genes):].tolist()):
+            chosen[b.name] = int(round(w))
+        return chosen
+
+    def set_genome(self, unit: Unit, x: Tensor) -> None:
+        chosen = self.allocation(unit, x)
+        offset = 0
+        for _, q in unit.quantizers:
+            b = self.by_quantizer.get(id(q))
+            n = q.scale.numel()
+            multiplier = x[offset:offset + n]
+            offset += n
+            if b is None:
+                q.scale.copy_(multiplier.view_as(q.scale).to(q.scale))
+                continue
+            width = chosen[b.name]
+            scale, zero_point = b.qparams[width]
+            if width != q.spec.bits:
+                q.set_spec(q.spec.with_(bits=width))
+            device = scale.device if q.scale is None else q.scale.device
+            q.set_qparams((scale.to(device).flatten() * multiplier.to(device)).view_as(scale), zero_point.to(device))
+        self.chosen = chosen
+
+    def mutation(self, unit: Unit) -> Callable[[Tensor, float, torch.Generator], Tensor]:
+        """Scale multipliers by the recipe's mutation; each width gene moves one candidate with
+        probability ``bit_rate``."""
+        n_genes = len(self._genes(unit))
+        scale_mutation = MUTATIONS.get(self.settings.mutation)
+        widths = list(self.settings.bits)
+
+        def mutate(x: Tensor, radius: float, generator: torch.Generator) -> Tensor:
+            head = scale_mutation(x[: len(x) - n_genes], radius, generator)
+            genes = x[len(x) - n_genes:].clone()
+            moves = torch.rand(n_genes, generator=generator) < self.settings.bit_rate
+            ups = torch.rand(n_genes, generator=generator) < 0.5
+            for i in range(n_genes):
+                if moves[i]:
+                    j = widths.index(int(round(float(genes[i])))) + (1 if ups[i] else -1)
+                    genes[i] = float(widths[min(max(j, 0), len(widths) - 1)])
+            return torch.cat([head, genes])
+
+        return mutate
 
 
 @STAGES.register("search")
@@ -515,7 +680,18 @@ class SearchStage(Stage):
         units = self.units(model)
         if s.order == "reverse":
             units = units[::-1]
-        batches = _rebatch(ctx.data, s.batch_size)
+        mp = _MixedGenome(ctx, model, units, s) if s.bits else None
+        get_genome: Callable[[Unit], Tensor] = mp.genome if mp else Unit.genome
+        put_genome: Callable[[Unit, Tensor], None] = mp.set_genome if mp else Unit.set_genome
+
+        def penalty(unit: Unit, x: Tensor) -> float:
+            if mp is None or s.budget_mode != "penalty":
+                return 0.0
+            return s.penalty * mp.over_budget(mp.allocation(unit, x))
+
+        def over(unit: Unit, x: Tensor) -> bool:
+            return mp is not None and s.budget_mode == "reject" and mp.over_budget(mp.allocation(unit, x)) > 1e-9
+        batches = _rebatch(ctx.data, s.batch_size, s.max_images)
         holdout: List[Tensor] = []
         if s.holdout > 0:
             images = torch.cat(batches)
@@ -553,6 +729,9 @@ class SearchStage(Stage):
             best_select, best_state, best_step = state["best_select"], state["best_state"], state["best_step"]
             if state.get("data") is not None:
                 objective.set_batches(state["data"])
+            if mp is not None:
+                mp.chosen = {b.name: int(b.quantizer.spec.bits) for b in mp.units}
+                mp.rejected = state.get("rejected", 0)
             ctx.log("search: resumed from %s at unit %d of %d", state_path, start, total)
         elif judge is not None:
             best_select, best_state, best_step = judge(), _quantizer_state(model), 0
@@ -562,34 +741,43 @@ class SearchStage(Stage):
         for step in range(start, total):
             unit = units[step % len(units)]
             objective.focus(unit)
-            x0 = unit.genome()
-            f0 = objective()
+            x0 = get_genome(unit)
+            f0 = objective() + penalty(unit, x0)
             evaluations += 1
             radius = s.radius if s.radius is not None else (1e-4 if unit.bits >= 8 else 1e-3)
+            mutation = mp.mutation(unit) if mp else s.mutation
             evo = Evolution(x0, f0, population=s.population, tournament=s.tournament, radius=radius,
-                            mutation=s.mutation, crossover=s.crossover, generator=generator)
+                            mutation=mutation, crossover=s.crossover, generator=generator)
             curve.append({"evaluations": evaluations, "step": step, "unit": unit.name, "fitness": f0, "event": "start"})
             for _ in range(s.cycles):
                 child = evo.ask()
-                unit.set_genome(child)
-                evo.tell(child, objective())
-                evaluations += 1
+                for _ in range(MAX_REDRAWS):  # reject children over the bit budget (never evaluated)
+                    if not over(unit, child):
+                        break
+                    mp.rejected += 1
+                    child = evo.ask()
+                if over(unit, child):
+                    mp.rejected += 1
+                else:
+                    put_genome(unit, child)
+                    evo.tell(child, objective() + penalty(unit, child))
+                    evaluations += 1
                 cycles_done += 1
                 curve.append({"evaluations": evaluations, "step": step, "unit": unit.name, "fitness": evo.best[1]})
                 if s.refresh_every and ctx.refresh is not None and cycles_done % s.refresh_every == 0:
-                    unit.set_genome(evo.best[0])
+                    put_genome(unit, evo.best[0])
                     new = ctx.refresh(model, objective.batches, cycles_done)
                     objective.set_batches([b.to(device) for b in new])
                     objective.focus(unit)
                     best_x = evo.best[0]
-                    f_new = objective()
+                    f_new = objective() + penalty(unit, best_x)
                     evaluations += 1
                     evo = Evolution(best_x, f_new, population=s.population, tournament=s.tournament, radius=radius,
-                                    mutation=s.mutation, crossover=s.crossover, generator=generator)
+                                    mutation=mutation, crossover=s.crossover, generator=generator)
                     refreshes.append(evaluations)
                     curve.append({"evaluations": evaluations, "step": step, "unit": unit.name, "fitness": f_new,
                                   "event": "refresh"})
-            unit.set_genome(evo.best[0])
+            put_genome(unit, evo.best[0])
             record = {"evaluations": evaluations, "step": step, "unit": unit.name, "fitness": evo.best[1], "event": "end"}
             if judge is not None:
                 held = judge()
@@ -606,11 +794,14 @@ class SearchStage(Stage):
                     "cycles_done": cycles_done, "curve": curve, "refreshes": refreshes,
                     "best_select": best_select, "best_state": best_state, "best_step": best_step,
                     "data": [b.cpu() for b in objective.batches] if refreshes else None,
+                    "rejected": mp.rejected if mp else 0,
                 }, state_path)
         bar.close()
         selected = "last"
         if best_state is not None:
             _load_quantizer_state(model, best_state)
+            if mp is not None:
+                mp.chosen = {b.name: int(b.quantizer.spec.bits) for b in mp.units}
             selected = f"after {best_step} unit searches (held-out {judge.settings.fitness} {best_select:.4f})"
         seconds = time.perf_counter() - t0
         first = next((c["fitness"] for c in curve if c.get("event") == "start"), None)
@@ -625,6 +816,15 @@ class SearchStage(Stage):
             "improved_units": sum(g > 0 for g in gains),
             "images": sum(len(b) for b in objective.batches), "holdout_images": sum(len(b) for b in holdout),
         }
+        if mp is not None:
+            avg = mp.averages(mp.chosen)
+            ctx.record["search"]["mixed"] = {
+                "avg_w": avg["weight"], "avg_a": avg["act"], "budget_w": s.budget_w, "budget_a": s.budget_a,
+                "budget_mode": s.budget_mode, "over_budget": mp.over_budget(mp.chosen), "rejected": mp.rejected,
+                "bits": dict(mp.chosen),
+            }
+            ctx.log("search: mixed precision %s (budget %s), %d children rejected over budget",
+                    mp.describe(mp.chosen), mp.describe_budget(), mp.rejected)
         ctx.record["search_curve"] = curve
         ctx.log("search: %d unit searches, %d evaluations in %.1f s; fitness %s → %s; model %s",
                 total, evaluations, seconds, f"{first:.4f}" if first is not None else "—",

@@ -46,6 +46,18 @@ def run_report(metrics: Dict[str, Any], notes: Dict[str, Any]) -> str:
         + ", ".join(f"{role} {n}" for role, n in sorted(notes.get("quant_points", {}).items())),
         "",
     ]
+    bits = m.get("bits")
+    if bits:
+        lines += ["| layers | count | weight bits (weighted / mean) | input bits (weighted / mean) |",
+                  "|---|---:|---:|---:|"]
+        for scope, label in (("blocks", "linear layers of the blocks"), ("all", "all linear/conv layers")):
+            sc = bits["scopes"][scope]
+            lines.append(f"| {label} | {sc['layers']} | {_fmt(sc['w_bits']['weighted'], 3)} / "
+                         f"{_fmt(sc['w_bits']['unweighted'], 3)} | {_fmt(sc['a_bits']['weighted'], 3)} / "
+                         f"{_fmt(sc['a_bits']['unweighted'], 3)} |")
+        lines += ["", f"Bit-operations per image: {bits['gbops']:.3f} GBOPs ({bits['fp_gbops']:.3f} in float32, "
+                  f"{bits['gmacs']:.3f} GMACs). Definitions: {bits['definition']}. Per layer: `bits.json`, "
+                  "`bits_per_layer.png`.", ""]
     for extra in notes.get("remarks", []):
         lines.append(f"- {extra}")
     return "\n".join(lines).rstrip() + "\n"

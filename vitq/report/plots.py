@@ -54,3 +54,62 @@ def search_curve(curve: Sequence[Dict[str, Any]], path: Path, title: str = "") -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def bits_per_layer(layers: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:
+    """``bits_per_layer.png``: the weight and input width of each linear/convolution layer, in
+    forward order (``layers`` as in :func:`vitq.eval.bit_stats`; the attention products are left
+    out). A float operand is drawn at 32 bits' place as "fp"."""
+    plt = _pyplot()
+    layers = [lay for lay in layers if lay.get("params")]
+    if plt is None or not layers:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(layers) + 2), 4.2))
+    xs = list(range(len(layers)))
+    width = 0.4
+    cap = max([lay[k] for lay in layers for k in ("w_bits", "a_bits") if lay[k] < 32] + [8]) + 1
+
+    def shown(b: int) -> float:
+        return cap if b >= 32 else b
+
+    ax.bar([x - width / 2 for x in xs], [shown(lay["w_bits"]) for lay in layers], width, label="weights")
+    ax.bar([x + width / 2 for x in xs], [shown(lay["a_bits"]) for lay in layers], width, label="inputs")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([lay["name"] for lay in layers], rotation=90, fontsize=6)
+    ax.set_yticks(list(range(0, cap)) + [cap])
+    ax.set_yticklabels([str(i) for i in range(0, cap)] + ["fp"])
+    ax.set_ylabel("bits")
+    ax.set_title(title or "bits per layer")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pareto(series: Dict[str, Sequence[Dict[str, Any]]], path: Path, *, x: str = "avg_w", y: str = "agreement",
+           xlabel: str = "average weight bits", ylabel: str = "agreement with the float model (%)",
+           title: str = "") -> Optional[Path]:
+    """``pareto.png``: one line per series of points (e.g. the greedy trajectory), ``y`` against
+    ``x``; a series of one point is drawn as a marker (e.g. uniform precision)."""
+    plt = _pyplot()
+    series = {k: [p for p in v if p.get(x) is not None and p.get(y) is not None] for k, v in series.items()}
+    series = {k: v for k, v in series.items() if v}
+    if plt is None or not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, points in series.items():
+        points = sorted(points, key=lambda p: p[x])
+        style = "o" if len(points) == 1 else "o-"
+        ax.plot([p[x] for p in points], [p[y] for p in points], style, ms=4, lw=1.2, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"{ylabel} vs {xlabel}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
