@@ -115,9 +115,14 @@ def test_twin_points_are_emulated_exactly():
     fc2 = qmodel.blocks[0].mlp.fc2.input_quantizer
     fc2.set_spec(QuantSpec("twin", bits=6, symmetric=True, ratio_log2=3))
     fc2.set_qparams(torch.tensor(0.05), torch.tensor(0.0))
+    probs = qmodel.blocks[1].attn.probs_quantizer
+    probs.set_spec(QuantSpec("twin_range", bits=8, ratio_log2=4))
+    probs.set_qparams(torch.tensor(1 / 127), torch.tensor(0.0))
     lowered, points = lower(qmodel, IntFormat("u8u8"))
-    point = {p.name: p for p in points}["blocks.0.mlp.fc2.input_quantizer"]
+    forms = {p.name: p for p in points}
+    point = forms["blocks.0.mlp.fc2.input_quantizer"]
     assert point.form == EMULATED and "twin" in point.note
+    assert forms["blocks.1.attn.probs_quantizer"].form == EMULATED
     tokens = torch.randn(6, 17, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(lowered.blocks(tokens), qmodel.blocks(tokens), rtol=0, atol=1e-5)

@@ -118,6 +118,9 @@ def _plan_without_fc2_inputs():
         ({"max_tokens": 0}, "max_tokens"),
         ({"keep_uniform": "no"}, "keep_uniform"),
         ({"m": 3}, "unknown key"),
+        ({"points": ["gelu", "relu"]}, "gelu and/or softmax"),
+        ({"points": []}, "gelu and/or softmax"),
+        ({"softmax_images": 0}, "softmax_images"),
     ],
 )
 def test_bad_opt_m_settings(settings, match):
@@ -150,3 +153,44 @@ def test_mptq_end_to_end_through_the_cli(checkpoint, image_folder, tmp_path, cap
     again = json.loads(eval_out.read_text())
     for key in ("num_eval", "quant_top1", "agreement", "kl"):
         assert again[key] == metrics[key], key
+
+
+def test_softmax_twin_range_search_installs_and_survives_the_plan(tmp_path):
+    recipe = {**CALIBRATE_THEN_OPT_M, "stages": ["calibrate", {"opt_m": {"points": ["gelu", "softmax"], "grid": 6,
+                                                                         "refine": 2, "keep_uniform": False}}]}
+    model = tiny_vit()
+    result = quantize(model, recipe, batches(), w_bits=4, a_bits=4, progress=False)
+    record = result.record["opt_m"]
+    assert len(record["layers"]) == len(record["softmax"]) == len(result.model.blocks)
+    for entry in record["softmax"]:
+        q = result.model.get_submodule(entry["point"])
+        assert q.spec.kind == "twin_range" and q.spec.ratio_log2 == entry["m"] and not q.spec.symmetric
+        assert q.scale.item() == pytest.approx(entry["scale_coarse"])
+        assert 0 < entry["twin_mse"] < float("inf")
+        assert entry["scale_fine"] == pytest.approx(q.scale.item() / 2**q.spec.ratio_log2)
+    result.plan.save(tmp_path)
+    x = torch.cat(batches())
+    with torch.no_grad():
+        assert torch.equal(apply_plan(tiny_vit(), Plan.load(tmp_path))(x), result.model(x))
+
+
+def test_twin_range_grid_is_recovered_by_the_search():
+    from vitq.methods.opt_m import search_ratio
+    from vitq.quant.primitives import fake_quantize_twin_range
+
+    # probabilities on the 4-bit twin-range grid: coarse 1/7, m = 4 (fine 1/112)
+    torch.manual_seed(0)
+    fine = torch.randint(0, 8, (400,)).float() / 112
+    coarse = torch.randint(1, 8, (100,)).float() / 7
+    p = torch.cat([fine, coarse, torch.tensor([1.0])])
+    m, scale, error = search_ratio(p, lambda q: float((q - p).pow(2).mean()), fake_quantize_twin_range, 4, 8, 14, 0,
+                                   float(p.max()))
+    assert m == 4 and error == pytest.approx(0.0, abs=1e-12) and scale == pytest.approx(1 / 7)
+    # on a peaked distribution (many tiny probabilities, a few large) the two regions beat one
+    g = torch.Generator().manual_seed(1)
+    peaked = torch.softmax(torch.randn(64, 64, generator=g) * 4, dim=-1)
+    m, _, twin = search_ratio(peaked, lambda q: float((q - peaked).pow(2).mean()), fake_quantize_twin_range, 4, 8,
+                              14, 4, float(peaked.max()))
+    _, _, single = search_ratio(peaked, lambda q: float((q - peaked).pow(2).mean()), fake_quantize_twin_range, 4, 0,
+                                14, 4, float(peaked.max()))
+    assert m > 0 and twin < single

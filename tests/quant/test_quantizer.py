@@ -60,6 +60,8 @@ def test_spec_dict_roundtrip():
         (dict(kind="twin", symmetric=True, granularity="per_channel", axis=0), "per_tensor and symmetric"),
         (dict(kind="twin", symmetric=False), "per_tensor and symmetric"),
         (dict(kind="twin", symmetric=True, ratio_log2=-1), "ratio_log2"),
+        (dict(kind="twin_range", symmetric=True), "per_tensor and unsigned"),
+        (dict(kind="uniform", ratio_log2=2), "ratio_log2 is a setting"),
         (dict(kind="twin", symmetric=True, ratio_log2=17), "ratio_log2"),
         (dict(kind="uniform", ratio_log2=2), "setting of 'twin'"),
     ],

@@ -119,8 +119,9 @@ class ExportQuantizer(nn.Module):
         self.per_channel = scale is not None and scale.numel() > 1
         if not (quantizer.enabled and spec.enabled):
             self.form = OFF
-        elif spec.kind in ("log2", "logsqrt2", "twin") or spec.granularity == "per_token" or self.per_channel:
-            # twin (OPT-m): two scales 2^m apart have no common 8-bit code, so its consumer runs in float
+        elif spec.kind in ("log2", "logsqrt2", "twin", "twin_range") or spec.granularity == "per_token" \
+                or self.per_channel:
+            # twins (OPT-m): two scales 2^m apart have no common 8-bit code, so the consumer runs in float
             # per-channel activation scales (PTF LayerNorm inputs) feed float LayerNorms: QDQ would
             # gain nothing, and ONNX Runtime wrongly fuses a per-channel Q into QLinearConv
             self.form = EMULATED
@@ -167,6 +168,8 @@ class ExportQuantizer(nn.Module):
             return _logsqrt2(x, self.scale.to(x.dtype), spec.bits)
         if spec.kind == "twin":
             return _twin(x, self.scale.to(x.dtype), spec.ratio_log2, spec.bits)
+        if spec.kind == "twin_range":
+            return _twin_range(x, self.scale.to(x.dtype), spec.ratio_log2, spec.bits)
         if self.per_channel:
             shape = broadcast_shape(x.ndim, spec.axis % x.ndim)
             scale, zp = self.scale.reshape(shape).to(x.dtype), self.zero_point.reshape(shape).to(x.dtype)
@@ -183,6 +186,15 @@ def _twin(x: Tensor, scale: Tensor, ratio_log2: int, bits: int) -> Tensor:
     pos = torch.clamp(torch.round(x / scale), 0, qmax) * scale
     neg = torch.clamp(torch.round(x / s_neg), -qmax, 0) * s_neg
     return torch.where(x < 0, neg, pos)
+
+
+def _twin_range(x: Tensor, scale: Tensor, ratio_log2: int, bits: int) -> Tensor:
+    """:func:`vitq.quant.primitives.fake_quantize_twin_range` in exportable float operations."""
+    qmax = 2 ** (bits - 1) - 1
+    s_fine = scale * 2.0 ** (-ratio_log2)
+    fine = torch.clamp(torch.round(x / s_fine), 0, qmax) * s_fine
+    coarse = torch.clamp(torch.round(x / scale), 0, qmax) * scale
+    return torch.where(x < (qmax + 0.5) * s_fine, fine, coarse)
 
 
 def _log2(p: Tensor, bits: int) -> Tensor:

@@ -12,12 +12,18 @@ error of the layer output on calibration data:
 with fc2's quantized weight and x the float fc2 inputs of the calibration images ("parallel"
 calibration, as PTQ4ViT). The grid of ``s_pos`` is ``f · max(x) / (2^(b−1) − 1)`` for ``grid``
 values of f in (0, 1], refined around the best f with ``refine`` more.
+
+With ``points: [gelu, softmax]`` the attention probabilities get the same treatment (METHODS.md
+§4.2, the TSPTQ "V-2SF" lineage): a ``twin_range`` quantizer, whose region bit picks a fine scale
+``s / 2^m`` for small probabilities and the coarse ``s`` for the rest, with m and s chosen for the
+least error of the attention output ``‖(Q(P) − P)·V‖²`` on the float P and V of a few
+calibration images.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +32,9 @@ from tqdm.auto import tqdm
 
 from ..errors import VitqError
 from ..models.adapters import find_adapter
-from ..nn import QuantLinear
-from ..quant.primitives import fake_quantize_twin
+from ..models.adapters import iter_quantizers
+from ..nn import QuantAttention, QuantLinear, QuantWindowAttention
+from ..quant.primitives import fake_quantize_twin, fake_quantize_twin_range
 from ..quant.spec import MAX_RATIO_LOG2, QuantSpec
 from .stages import STAGES, Stage, StageContext, StageSettings
 
@@ -46,6 +53,10 @@ class OptMSettings(StageSettings):
             evenly from every batch with the run's seed.
         keep_uniform: keep a layer's calibrated (uniform) quantizer where no twin candidate has a
             smaller output error; ``false`` always installs the best twin quantizer.
+        points: ``gelu`` (the fc2 inputs, the paper) and optionally ``softmax`` (the attention
+            probabilities: ``twin_range`` quantizers).
+        softmax_images: calibration images whose attention probabilities and values the
+            ``softmax`` search measures its error on.
     """
 
     max_m: int = 8
@@ -53,6 +64,8 @@ class OptMSettings(StageSettings):
     refine: int = 6
     max_tokens: int = 2048
     keep_uniform: bool = True
+    points: Tuple[str, ...] = ("gelu",)
+    softmax_images: int = 4
 
     def __post_init__(self) -> None:
         checks = (("max_m", 0, MAX_RATIO_LOG2), ("grid", 1, 10_000), ("refine", 0, 10_000),
@@ -63,6 +76,19 @@ class OptMSettings(StageSettings):
                 raise VitqError(f"opt_m.{key} must be an integer from {lo} to {hi}, got {value!r}")
         if not isinstance(self.keep_uniform, bool):
             raise VitqError(f"opt_m.keep_uniform must be true or false, got {self.keep_uniform!r}")
+        if not isinstance(self.points, (list, tuple)):
+            raise VitqError(f"opt_m.points must be a list of gelu and/or softmax, got {self.points!r}")
+        object.__setattr__(self, "points", tuple(self.points))
+        bad = [p for p in self.points if p not in ("gelu", "softmax")]
+        if bad or not self.points or len(set(self.points)) != len(self.points):
+            raise VitqError(f"opt_m.points must be a list of gelu and/or softmax, got {list(self.points)}")
+        if isinstance(self.softmax_images, bool) or not isinstance(self.softmax_images, int) or self.softmax_images < 1:
+            raise VitqError(f"opt_m.softmax_images must be a positive integer, got {self.softmax_images!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = super().to_dict()
+        out["points"] = list(self.points)
+        return out
 
 
 def _output_error(x: Tensor, weight: Tensor, bias, reference: Tensor) -> float:
@@ -77,14 +103,24 @@ def search_twin(
 
     ``weight`` is the layer's (quantized) weight, ``reference`` the float layer's output on ``x``.
     """
+    return search_ratio(x, lambda xq: _output_error(xq, weight, bias, reference), fake_quantize_twin, bits, max_m,
+                        grid, refine, positive_max)
+
+
+def search_ratio(
+    x: Tensor, error_of: Callable[[Tensor], float], fake: Callable[..., Tensor], bits: int, max_m: int, grid: int,
+    refine: int, top_value: float,
+) -> Tuple[int, float, float]:
+    """The ``(m, scale, error)`` of the two-region quantizer ``fake(x, scale, m, bits)`` with the
+    least ``error_of(x_hat)``: m ∈ {0..max_m}, scale on a grid ``f · top_value / (2^(b−1) − 1)``."""
     qmax = 2 ** (bits - 1) - 1
-    top = max(positive_max, 1e-8) / qmax
+    top = max(top_value, 1e-8) / qmax
     best = (0, top, math.inf)
     step = 1.0 / grid
     for m in range(max_m + 1):
         def error(f: float) -> float:
             scale = torch.tensor(f * top, dtype=x.dtype, device=x.device)
-            return _output_error(fake_quantize_twin(x, scale, m, bits), weight, bias, reference)
+            return error_of(fake(x, scale, m, bits))
 
         coarse = [(error(f), f) for f in (1.0 - i * step for i in range(grid))]
         err, f_best = min(coarse)
@@ -127,6 +163,16 @@ class OptMStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         s: OptMSettings = self.settings
+        chosen: List[Dict[str, Any]] = []
+        if "gelu" in s.points:
+            chosen += self._gelu(ctx)
+        if "softmax" in s.points:
+            chosen += self._softmax(ctx)
+        ctx.record["opt_m"] = {**s.to_dict(), "layers": [c for c in chosen if c["kind"] == "twin"],
+                               "softmax": [c for c in chosen if c["kind"] == "twin_range"]}
+
+    def _gelu(self, ctx: StageContext) -> List[Dict[str, Any]]:
+        s: OptMSettings = self.settings
         model, device = ctx.model.to(ctx.device).eval(), ctx.device
         names = [n for n in find_adapter(model).gelu_linears(model)
                  if isinstance(model.get_submodule(n), QuantLinear)
@@ -166,9 +212,69 @@ class OptMStage(Stage):
                 quantizer.set_spec(QuantSpec("twin", bits, "per_tensor", symmetric=True, ratio_log2=m))
                 scale_t = torch.tensor(scale, device=device)
                 quantizer.set_qparams(scale_t, torch.zeros_like(scale_t))
-            chosen.append({"point": f"{name}.input_quantizer", "m": m, "scale_pos": scale, "scale_neg": scale / 2**m,
-                           "twin_mse": error, "uniform_mse": uniform_error,
+            chosen.append({"point": f"{name}.input_quantizer", "kind": "twin", "m": m, "scale_pos": scale,
+                           "scale_neg": scale / 2**m, "twin_mse": error, "uniform_mse": uniform_error,
                            "chosen": "uniform" if keep else "twin"})
             ctx.log("opt_m: %s m=%d s_pos=%.4g output MSE %.4g (uniform %.4g) -> %s", name, m, scale, error,
                     uniform_error, chosen[-1]["chosen"])
-        ctx.record["opt_m"] = {**s.to_dict(), "layers": chosen}
+        return chosen
+
+    def _softmax(self, ctx: StageContext) -> List[Dict[str, Any]]:
+        """Twin-range quantizers for the attention probabilities, m and the coarse scale chosen for
+        the least attention-output error on the float probabilities and values."""
+        s: OptMSettings = self.settings
+        model, device = ctx.model.to(ctx.device).eval(), ctx.device
+        names = {id(m): n for n, m in model.named_modules()}
+        attentions = [m for m in model.modules() if isinstance(m, (QuantAttention, QuantWindowAttention))
+                      and m.probs_quantizer.spec.enabled and m.probs_quantizer.spec.granularity == "per_tensor"]
+        if not attentions:
+            raise VitqError("opt_m points: softmax found no attention with an enabled per-tensor probability "
+                            "quantizer in this model")
+        captured: Dict[int, Dict[str, Tensor]] = {id(a): {} for a in attentions}
+        hooks = []
+        for att in attentions:
+            def keep(key: str, att_id: int):
+                def hook(module: nn.Module, args: Tuple[Tensor, ...]) -> None:
+                    captured[att_id].setdefault(key, args[0].detach().clone())
+                return hook
+            hooks.append(att.probs_quantizer.register_forward_pre_hook(keep("p", id(att))))
+            hooks.append(att.v_quantizer.register_forward_pre_hook(keep("v", id(att))))
+        images = torch.cat(ctx.data)[: s.softmax_images].to(device)
+        quantizers = [q for _, q in iter_quantizers(model)]
+        previous = {q: q.enabled for q in quantizers}
+        try:  # the float computation of the quantized model's own modules (all quantizers off)
+            for q in quantizers:
+                q.enabled = False
+            with torch.no_grad():
+                model(images)
+        finally:
+            for h in hooks:
+                h.remove()
+            for q, enabled in previous.items():
+                q.enabled = enabled
+        chosen = []
+        for att in tqdm(attentions, desc="opt_m softmax", unit="layer", disable=not ctx.progress, leave=False):
+            p, v = captured[id(att)]["p"], captured[id(att)]["v"]
+            reference = p @ v
+            quantizer = att.probs_quantizer
+
+            def error_of(pq: Tensor) -> float:
+                return float((pq @ v - reference).pow(2).mean())
+
+            with torch.no_grad():
+                uniform_error = error_of(quantizer(p))
+                bits = quantizer.spec.bits
+                m, scale, error = search_ratio(p, error_of, fake_quantize_twin_range, bits, s.max_m, s.grid,
+                                               s.refine, float(p.max()))
+            keep = s.keep_uniform and uniform_error <= error
+            if not keep:
+                quantizer.set_spec(QuantSpec("twin_range", bits, "per_tensor", symmetric=False, ratio_log2=m))
+                scale_t = torch.tensor(scale, device=device)
+                quantizer.set_qparams(scale_t, torch.zeros_like(scale_t))
+            name = f"{names[id(att)]}.probs_quantizer"
+            chosen.append({"point": name, "kind": "twin_range", "m": m, "scale_coarse": scale,
+                           "scale_fine": scale / 2**m, "twin_mse": error, "uniform_mse": uniform_error,
+                           "chosen": "uniform" if keep else "twin_range"})
+            ctx.log("opt_m: %s m=%d s=%.4g attention-output MSE %.4g (current %.4g) -> %s", name, m, scale, error,
+                    uniform_error, chosen[-1]["chosen"])
+        return chosen

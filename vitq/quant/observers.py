@@ -20,6 +20,7 @@ from .primitives import (
     choose_qparams_affine,
     fake_quantize_affine,
     fake_quantize_twin,
+    fake_quantize_twin_range,
 )
 from .spec import QuantSpec
 
@@ -91,7 +92,7 @@ class Observer:
             delta = torch.clamp(self.max_val, min=1e-8)
             return delta, torch.zeros_like(delta)
         lo, hi = self._clip_range()
-        if spec.kind == "twin":
+        if spec.kind in ("twin", "twin_range"):
             return twin_qparams(hi, spec)
         scale, zero_point = choose_qparams_affine(lo, hi, qmin, qmax, spec.symmetric)
         if spec.kind == "ptf":
@@ -102,8 +103,8 @@ class Observer:
 
 
 def twin_qparams(max_val: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
-    """A ``twin`` quantizer's parameters: the positive scale ``max / (2^(b-1) - 1)`` and zero point 0
-    (the negative scale follows from the spec's ``ratio_log2``)."""
+    """A ``twin`` (``twin_range``) quantizer's parameters: the positive (coarse) scale
+    ``max / (2^(b-1) - 1)`` and zero point 0 (the other scale follows from the spec's ``ratio_log2``)."""
     scale = torch.clamp(torch.clamp(max_val, min=0.0) / spec.qrange[1], min=1e-8)
     return scale, torch.zeros_like(scale)
 
@@ -189,9 +190,10 @@ class OMSEObserver(Observer):
         for i in range(self.steps):
             f = 1.0 - self.step * i
             cand_lo, cand_hi = lo * f, hi * f
-            if spec.kind == "twin":
+            if spec.kind in ("twin", "twin_range"):
                 scale, _ = twin_qparams(cand_hi, spec)
-                err = (fake_quantize_twin(data, scale, spec.ratio_log2, spec.bits) - data).pow(2)
+                fake = fake_quantize_twin if spec.kind == "twin" else fake_quantize_twin_range
+                err = (fake(data, scale, spec.ratio_log2, spec.bits) - data).pow(2)
             else:
                 scale, zp = choose_qparams_affine(cand_lo, cand_hi, qmin, qmax, spec.symmetric)
                 err = (fake_quantize_affine(data, scale, zp, qmin, qmax) - data).pow(2)

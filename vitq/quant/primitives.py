@@ -119,6 +119,31 @@ def fake_quantize_twin(x: Tensor, scale: Tensor, ratio_log2: int, bits: int) -> 
     return torch.where(x < 0, neg, pos)
 
 
+def fake_quantize_twin_range(x: Tensor, scale: Tensor, ratio_log2: int, bits: int) -> Tensor:
+    """Two regions of a non-negative range ("twin uniform" of PTQ4ViT, for post-softmax values;
+    MPTQ-ViT's OPT-m searches its ratio, §4.2).
+
+    One bit of the ``bits`` picks the region, each with the ``2^(bits-1)`` levels ``0 … q``,
+    ``q = 2^(bits-1) - 1``: the fine scale ``s_f = scale / 2^ratio_log2`` for values below
+    ``(q + ½)·s_f`` (those it can round to), the coarse ``scale`` for the rest::
+
+        x_hat = s_f · round(x / s_f)                  if x < (q + ½)·s_f
+              = scale · clamp(round(x / scale), 0, q)  otherwise
+
+    Negative inputs go to 0. Rounding is straight-through with gradients.
+
+    Example (3 bits: q = 3; coarse scale 1, m = 2, so s_f = 0.25 covers [0, 0.875)):
+        >>> fake_quantize_twin_range(torch.tensor([-0.2, 0.1, 0.3, 0.8, 1.4, 5.0]), torch.tensor(1.0), 2, 3).tolist()
+        [0.0, 0.0, 0.25, 0.75, 1.0, 3.0]
+    """
+    qmax = 2 ** (bits - 1) - 1
+    s_fine = scale * 2.0 ** (-ratio_log2)
+    rnd = round_ste if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad) else torch.round
+    fine = torch.clamp(rnd(x / s_fine), 0, qmax) * s_fine
+    coarse = torch.clamp(rnd(x / scale), 0, qmax) * scale
+    return torch.where(x < (qmax + 0.5) * s_fine, fine, coarse)
+
+
 def choose_ptf_factors(
     x: Tensor, base_scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, num_factors: int = 4
 ) -> Tensor:

@@ -14,6 +14,7 @@ from .primitives import (
     fake_quantize_log2,
     fake_quantize_logsqrt2,
     fake_quantize_twin,
+    fake_quantize_twin_range,
 )
 from .spec import QuantSpec
 
@@ -83,6 +84,8 @@ class Quantizer(nn.Module):
             return fake_quantize_logsqrt2(x, scale, spec.bits)
         if spec.kind == "twin":
             return fake_quantize_twin(x, scale, spec.ratio_log2, spec.bits)
+        if spec.kind == "twin_range":
+            return fake_quantize_twin_range(x, scale, spec.ratio_log2, spec.bits)
         if scale.numel() > 1:
             shape = broadcast_shape(x.ndim, spec.axis)
             scale, zp = scale.reshape(shape), zp.reshape(shape)
@@ -94,5 +97,5 @@ class Quantizer(nn.Module):
             return f"role={self.role}, disabled"
         sym = "sym" if s.symmetric else "asym"
         state = "calibrated" if self.is_calibrated else "uncalibrated"
-        kind = f"twin(m={s.ratio_log2})" if s.kind == "twin" else s.kind
+        kind = f"{s.kind}(m={s.ratio_log2})" if s.kind in ("twin", "twin_range") else s.kind
         return f"role={self.role}, {kind}, {s.bits}b, {s.granularity}, {sym}, {state}"

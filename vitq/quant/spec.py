@@ -6,7 +6,8 @@ from typing import Any, Dict, Tuple
 
 from ..errors import VitqError
 
-KINDS = ("uniform", "log2", "logsqrt2", "ptf", "twin")
+KINDS = ("uniform", "log2", "logsqrt2", "ptf", "twin", "twin_range")
+TWINS = ("twin", "twin_range")
 MAX_RATIO_LOG2 = 16
 GRANULARITIES = ("per_tensor", "per_channel", "per_token")
 
@@ -19,14 +20,18 @@ class QuantSpec:
         kind: ``uniform`` (affine), ``log2`` / ``logsqrt2`` (attention probabilities) or
             ``ptf`` (per-channel power-of-two factors over a shared base scale, for LayerNorm inputs) or
             ``twin`` (two regions, MPTQ-ViT OPT-m: a sign bit picks the negative scale
-            ``scale / 2^ratio_log2`` or the positive ``scale``; for post-GELU values).
+            ``scale / 2^ratio_log2`` or the positive ``scale``; for post-GELU values) or
+            ``twin_range`` (two regions of a non-negative range, PTQ4ViT's twin uniform for
+            post-softmax values: a region bit picks the fine scale ``scale / 2^ratio_log2`` for
+            values within its range, else the coarse ``scale``).
         bits: integer bit-width, 2 to 16.
         granularity: ``per_tensor``, ``per_channel`` (along ``axis``) or ``per_token``
             (dynamic: one scale per row of the last dimension, computed at run time).
         axis: the channel axis for ``per_channel`` and ``ptf``.
         symmetric: signed range with zero point 0; otherwise unsigned with a zero point.
         enabled: a disabled point passes its tensor through unchanged.
-        ratio_log2: ``twin`` only: m in ``s_pos = 2^m · s_neg`` (a shift in hardware). It is a
+        ratio_log2: ``twin`` / ``twin_range`` only: m in ``s_pos = 2^m · s_neg`` (``twin``) or
+            ``s_coarse = 2^m · s_fine`` (``twin_range``), a shift in hardware. It is a
             discrete, per-point choice like ``bits``, so it lives in the spec; the quantizer's
             ``scale`` buffer holds ``s_pos`` and searches that move the scale keep the ratio.
 
@@ -58,17 +63,21 @@ class QuantSpec:
             raise VitqError(f"a {self.kind!r} quantizer is per_tensor and unsigned")
         if self.kind == "twin" and (self.granularity != "per_tensor" or not self.symmetric):
             raise VitqError("a 'twin' quantizer is per_tensor and symmetric (sign-magnitude codes, zero point 0)")
+        if self.kind == "twin_range" and (self.granularity != "per_tensor" or self.symmetric):
+            raise VitqError("a 'twin_range' quantizer is per_tensor and unsigned (region bit + magnitude, zero point 0)")
         m = self.ratio_log2
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_RATIO_LOG2:
             raise VitqError(f"ratio_log2 must be an integer from 0 to {MAX_RATIO_LOG2}, got {m!r}")
-        if m and self.kind != "twin":
-            raise VitqError(f"ratio_log2 is a setting of 'twin' quantizers, not of {self.kind!r}")
+        if m and self.kind not in TWINS:
+            raise VitqError(f"ratio_log2 is a setting of 'twin' and 'twin_range' quantizers, not of {self.kind!r}")
 
     @property
     def qrange(self) -> Tuple[int, int]:
         """The integer range [q_min, q_max] (``twin``: of the signed magnitude, one bit being the sign)."""
         if self.kind == "twin":
             return -(2 ** (self.bits - 1) - 1), 2 ** (self.bits - 1) - 1
+        if self.kind == "twin_range":
+            return 0, 2 ** (self.bits - 1) - 1
         if self.symmetric:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return 0, 2**self.bits - 1
@@ -78,7 +87,7 @@ class QuantSpec:
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
-        if self.kind != "twin":
+        if self.kind not in TWINS:
             del data["ratio_log2"]  # plans of other kinds read as before
         return data
 
