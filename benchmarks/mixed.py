@@ -23,9 +23,12 @@ inputs) everywhere:
 - ``clamp-uniform``: the same search at uniform B bits (no width genes): separates the gain of
   searching scales from the gain of mixing widths.
 
+``--model imagenet``: the real DeiT-Tiny on the foundation benchmark's split of imagenet-sample/
+(100 calibration images, seed 0; the other 900 for evaluation), one seed.
+
 Results: benchmarks/results/mixed.json (written after every row), the "Mixed precision" section
-of benchmarks/RESULTS.md and benchmarks/results/mixed_pareto.png (top-1 against the average
-width; git-ignored, re-drawn by every run).
+of benchmarks/RESULTS.md and benchmarks/results/mixed_pareto_<model>.png (top-1 against the
+average width; git-ignored, re-drawn by every run).
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import in_memory, machine, write_section  # noqa: E402
 
 from vitq.api import evaluate, quantize  # noqa: E402
-from vitq.data import assets_dir, load_images, make_loader  # noqa: E402
+from vitq.data import assets_dir, balanced_subset, load_images, make_loader, scan_folder  # noqa: E402
 from vitq.eval import bit_stats  # noqa: E402
 from vitq.eval.metrics import predict  # noqa: E402
 from vitq.models import load_model  # noqa: E402
@@ -53,7 +56,6 @@ from vitq.report import pareto  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "mixed.json"
-PARETO_PNG = HERE / "results" / "mixed_pareto.png"
 WIDTHS = [8, 7, 6, 5, 4, 3]
 OBSERVERS = {"weights": {"observer": "omse", "symmetric": True}, "activations": {"observer": "omse", "symmetric": False}}
 DEFAULT_BUDGETS = {
@@ -167,7 +169,7 @@ def table(rows: List[Dict[str, Any]], methods: List[str]) -> List[str]:
     return out
 
 
-def draw(rows: List[Dict[str, Any]], methods: List[str]) -> Optional[Path]:
+def draw(rows: List[Dict[str, Any]], methods: List[str], path: Path, title: str, ylabel: str) -> Optional[Path]:
     series = {}
     for method in methods:
         points = []
@@ -176,42 +178,61 @@ def draw(rows: List[Dict[str, Any]], methods: List[str]) -> Optional[Path]:
                            "top1": statistics.mean(r["top1"] for r in sel)})
         if points:
             series[method] = points
-    return pareto(series, PARETO_PNG, x="bits", y="top1", xlabel="average bits of the blocks' linear layers ((W + A) / 2)",
-                  ylabel="top-1 (%), CIFAR-10 test", title="mixed vs uniform precision, reference CIFAR-10 ViT")
+    return pareto(series, path, x="bits", y="top1", xlabel="average bits of the blocks' linear layers ((W + A) / 2)",
+                  ylabel=ylabel, title=title)
+
+
+SUITES = {
+    "cifar": dict(title="CIFAR-10 reference ViT (`vit_cifar10_d6`)", model="models/vit_cifar10_d6.pth",
+                  data="256 calibration images from `cifar10/train` per seed, all {num_eval} `cifar10/test` images, "
+                       "seeds {seeds}", layers=24, plot="CIFAR-10 test"),
+    "imagenet": dict(title="ImageNet DeiT-Tiny (`deit_tiny_imagenet`)", model="models/deit_tiny_imagenet.pth",
+                     data="`imagenet-sample/`: the 100 calibration images of the foundation benchmark's split "
+                          "(seed 0), the other {num_eval} for evaluation, one seed", layers=48,
+                     plot="ImageNet sample (900 images)"),
+}
 
 
 def write_markdown(results: Dict[str, Any]) -> None:
-    c = results["cifar"]
     methods = results["methods"]
-    fp = c["rows"][0]["fp_top1"]
     lines = ["## Mixed precision under a bit budget: Greedy MP and CLAMP-ViT's search (issue 5b)", "",
              "Commands (in order): " + "; ".join(f"`{x}`" for x in results["commands"]) + "  ",
              f"Machine: {results['machine']}  ", f"Date: {results['date']}", "",
-             f"CIFAR-10 reference ViT (`vit_cifar10_d6`, float top-1 {fp:.2f}), protocol p1, 256 calibration images "
-             f"from `cifar10/train` per seed, all {c['num_eval']} `cifar10/test` images, seeds {c['seeds']}. "
-             "Every point outside the blocks' linear layers (patch embedding, q/k/v, attention probabilities, head) "
-             "is at 8 bits in every row, so rows differ only in the widths of the blocks' 24 linear layers (weights "
-             "and inputs), which the budget constrains. Budget B means average weight bits ≤ B *and* average input "
-             "bits ≤ B, averages weighted by parameter count (weights) and by input elements per image (inputs); "
-             "the unweighted means over layers are shown too. Size: weights packed at their width plus float32 "
-             "scales, other parameters float32. BOPs: MACs × weight bits × input bits per image, linear layers and "
-             "the two attention products. OMSE observers everywhere. *uniform*: every block linear at B bits. "
-             "*greedy*: Greedy MP, one-shot sensitivities (logit KL on 32 calibration images, widths 8…3). "
+             "Protocol p1. Every point outside the blocks' linear layers (patch embedding, q/k/v, attention "
+             "probabilities, head) is at 8 bits in every row, so rows differ only in the widths of the blocks' linear "
+             "layers (weights and inputs), which the budget constrains. Budget B means average weight bits ≤ B *and* "
+             "average input bits ≤ B, averages weighted by parameter count (weights) and by input elements per image "
+             "(inputs); the unweighted means over layers are shown too. Size: weights packed at their width plus "
+             "float32 scales, other parameters float32. BOPs: MACs × weight bits × input bits per image, linear "
+             "layers and the two attention products. OMSE observers everywhere. *uniform*: every block linear at B "
+             "bits. *greedy*: Greedy MP, one-shot sensitivities (logit KL on 32 calibration images, widths 8…3). "
              "*greedy-full*: Greedy MP re-measuring every candidate at every step. *clamp-mp*: CLAMP-ViT's "
-             f"layer-wise search ({results['search_passes']} passes × 6 cycles per layer on the first "
-             f"{results['search_images']} calibration images, local contrastive fitness "
-             "+ 0.1·KL, relative mutation ±2 %) with the weight and input widths in the genome (3…8, a width "
-             "moves one step with probability 0.2, children over budget rejected), every layer starting at B, on "
-             "the same real calibration images. *clamp-uniform*: the same search without width genes at uniform "
-             "B. Mean ± std over seeds. The plot of top-1 against the average width is "
-             "`benchmarks/results/mixed_pareto.png` (not committed; re-drawn by the command).", "",
-             *table(c["rows"], methods), ""]
+             "layer-wise search (passes × 6 cycles per layer on the first calibration images, as stated per model; "
+             "local contrastive fitness + 0.1·KL, relative mutation ±2 %) with the weight and input widths in the "
+             "genome (3…8, a width moves one step with probability 0.2, children over budget rejected), every layer "
+             "starting at B, on the same real calibration images as the other rows (the allocation is compared, "
+             "not the data-free generation). *clamp-uniform*: the same search without width genes at uniform B. "
+             "Mean ± std over seeds. *quantize s*: wall time of quantization, on a machine shared with other jobs "
+             "at times. Plots of top-1 against the average width: `benchmarks/results/mixed_pareto_<model>.png` "
+             "(not committed; re-drawn by the command).", ""]
+    for key, suite in SUITES.items():
+        if key not in results or not results[key].get("rows"):
+            continue
+        c = results[key]
+        fp = c["rows"][0]["fp_top1"]
+        lines += [f"### {suite['title']}", "",
+                  f"Float top-1 {fp:.2f}; {suite['data'].format(num_eval=c['num_eval'], seeds=c['seeds'])}; "
+                  f"clamp rows search {c.get('search_passes', results.get('search_passes'))} passes on the first "
+                  f"{c.get('search_images', results.get('search_images'))} calibration images.", "",
+                  *table(c["rows"], methods), ""]
     write_section("## Mixed precision under a bit budget", lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default=None, help="assets folder (default: $VITQ_ASSETS or ../shared/assets)")
+    parser.add_argument("--model", choices=list(SUITES), default="cifar",
+                        help="cifar (seeds as given) or imagenet (DeiT-Tiny, the foundation split, seed 0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_BUDGETS), choices=list(DEFAULT_BUDGETS))
     parser.add_argument("--budgets", type=float, nargs="+", default=None,
@@ -229,30 +250,40 @@ def main(argv=None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     command = f"OMP_NUM_THREADS={args.threads} python benchmarks/mixed.py " + " ".join(given)
     previous = json.loads(RESULTS_JSON.read_text()) if (args.append and RESULTS_JSON.exists()) else {}
-    results: Dict[str, Any] = previous or {"cifar": {"rows": []}, "commands": [], "methods": []}
-    results.update(machine=machine(), date=time.strftime("%Y-%m-%d"), search_passes=args.search_passes,
-                   search_images=args.search_images)
+    results: Dict[str, Any] = previous or {"commands": [], "methods": []}
+    results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
     results["commands"] = results.get("commands", []) + [command.strip()]
     results["methods"] = list(dict.fromkeys(list(results.get("methods", [])) + args.methods))
 
-    loaded = load_model(root / "models/vit_cifar10_d6.pth")
-    evalset = load_images(root / "cifar10/test", args.num_eval, seed=0, what="evaluation images")
-    eval_batches = in_memory(make_loader(evalset, loaded.data_config, 100))
-    calib_sets = {s: [x for x, _ in make_loader(load_images(root / "cifar10/train", 256, seed=s,
-                                                             what="calibration images"), loaded.data_config, 64)]
-                  for s in args.seeds}
-    cifar = results["cifar"]
-    cifar.update(num_eval=len(evalset), seeds=sorted(set(cifar.get("seeds", [])) | set(args.seeds)))
+    loaded = load_model(root / SUITES[args.model]["model"])
+    if args.model == "cifar":
+        evalset = load_images(root / "cifar10/test", args.num_eval, seed=0, what="evaluation images")
+        eval_batches = in_memory(make_loader(evalset, loaded.data_config, 100))
+        calib_sets = {s: [x for x, _ in make_loader(load_images(root / "cifar10/train", 256, seed=s,
+                                                                 what="calibration images"), loaded.data_config, 64)]
+                      for s in args.seeds}
+        seeds = args.seeds
+    else:
+        sample = scan_folder(root / "imagenet-sample")
+        calib = balanced_subset(sample, 100, seed=0, what="calibration images")
+        evalset = balanced_subset(sample, args.num_eval, seed=0, exclude=calib.paths, what="evaluation images")
+        eval_batches = in_memory(make_loader(evalset, loaded.data_config, 50))
+        calib_sets = {0: [x for x, _ in make_loader(calib, loaded.data_config, 50)]}
+        seeds = [0]
+    suite_results = results.setdefault(args.model, {"rows": []})
+    suite_results.update(num_eval=len(evalset), search_passes=args.search_passes, search_images=args.search_images,
+                         seeds=sorted(set(suite_results.get("seeds", [])) | set(seeds)))
 
     def sink(row: Dict[str, Any]) -> None:
         key = (row["method"], row["budget"], row["seed"])
-        cifar["rows"] = [r for r in cifar["rows"] if (r["method"], r["budget"], r["seed"]) != key] + [row]
+        suite_results["rows"] = [r for r in suite_results["rows"]
+                                 if (r["method"], r["budget"], r["seed"]) != key] + [row]
         if not args.dry_run:
             RESULTS_JSON.parent.mkdir(exist_ok=True)
             RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
 
-    suite = Suite(root / "models/vit_cifar10_d6.pth", eval_batches, calib_sets, sink)
-    for seed in args.seeds:
+    suite = Suite(root / SUITES[args.model]["model"], eval_batches, calib_sets, sink)
+    for seed in seeds:
         for method in args.methods:
             for budget in args.budgets or DEFAULT_BUDGETS[method]:
                 if method in ("uniform", "clamp-uniform") and not math.isclose(budget, round(budget)):
@@ -261,8 +292,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     write_markdown(results)
-    drawn = draw(cifar["rows"], results["methods"])
-    print(f"wrote {HERE / 'RESULTS.md'}, {RESULTS_JSON}" + (f" and {drawn}" if drawn else ""))
+    drawn = [draw(results[key]["rows"], results["methods"], HERE / "results" / f"mixed_pareto_{key}.png",
+                  f"mixed vs uniform precision: {SUITES[key]['title']}", f"top-1 (%), {SUITES[key]['plot']}")
+             for key in SUITES if results.get(key, {}).get("rows")]
+    print(f"wrote {HERE / 'RESULTS.md'}, {RESULTS_JSON}" + "".join(f", {d}" for d in drawn if d))
     return 0
 
 
