@@ -208,6 +208,8 @@ def write_markdown(results: Dict[str, Any], command: str) -> None:
         lines += ["### Speed", "",
                   "U8S8 on a CPU without VNNI is timed with a W7A8 plan: with 8-bit weights its int16 pair sums "
                   "saturate (see the accuracy table), with 7-bit weights it is exact.", ""] + speed + [""]
+        lines += [f"Note: {note}" for key in LABELS if key in results
+                  for note in results[key].get("speed_notes", [])] + [""]
     if "small" in results:
         small = results["small"]
         lines += ["### DeiT-Small sizes", "", "| | MB | × float |", "|---|---:|---:|"]
