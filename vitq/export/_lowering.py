@@ -23,7 +23,10 @@ from torch import nn
 from ..errors import VitqError
 from ..nn import QuantAttention, QuantConv2d, QuantLayerNorm, QuantLinear, QuantWindowAttention
 from ..quant import protocol as roles
-from ..quant.primitives import broadcast_shape, choose_qparams_affine, fake_quantize_affine, quantize_affine
+from ..quant.primitives import (
+    broadcast_shape, choose_qparams_affine, fake_quantize_affine, fake_quantize_twin, fake_quantize_twin_range,
+    quantize_affine,
+)
 from ..quant.quantizer import Quantizer
 from ..quant.spec import QuantSpec
 from .formats import IntFormat
@@ -167,9 +170,9 @@ class ExportQuantizer(nn.Module):
         if spec.kind == "logsqrt2":
             return _logsqrt2(x, self.scale.to(x.dtype), spec.bits)
         if spec.kind == "twin":
-            return _twin(x, self.scale.to(x.dtype), spec.ratio_log2, spec.bits)
+            return fake_quantize_twin(x, self.scale.to(x.dtype), spec.ratio_log2, spec.bits)  # plain ops: exports
         if spec.kind == "twin_range":
-            return _twin_range(x, self.scale.to(x.dtype), spec.ratio_log2, spec.bits)
+            return fake_quantize_twin_range(x, self.scale.to(x.dtype), spec.ratio_log2, spec.bits)
         if self.per_channel:
             shape = broadcast_shape(x.ndim, spec.axis % x.ndim)
             scale, zp = self.scale.reshape(shape).to(x.dtype), self.zero_point.reshape(shape).to(x.dtype)
@@ -177,24 +180,6 @@ class ExportQuantizer(nn.Module):
         lo_v, hi_v = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)  # per-token, at run time
         scale, zp = choose_qparams_affine(lo_v, hi_v, qmin, qmax, spec.symmetric)
         return torch.clamp(torch.round(x / scale) + zp, qmin, qmax).sub(zp).mul(scale)
-
-
-def _twin(x: Tensor, scale: Tensor, ratio_log2: int, bits: int) -> Tensor:
-    """:func:`vitq.quant.primitives.fake_quantize_twin` in exportable float operations."""
-    qmax = 2 ** (bits - 1) - 1
-    s_neg = scale * 2.0 ** (-ratio_log2)
-    pos = torch.clamp(torch.round(x / scale), 0, qmax) * scale
-    neg = torch.clamp(torch.round(x / s_neg), -qmax, 0) * s_neg
-    return torch.where(x < 0, neg, pos)
-
-
-def _twin_range(x: Tensor, scale: Tensor, ratio_log2: int, bits: int) -> Tensor:
-    """:func:`vitq.quant.primitives.fake_quantize_twin_range` in exportable float operations."""
-    qmax = 2 ** (bits - 1) - 1
-    s_fine = scale * 2.0 ** (-ratio_log2)
-    fine = torch.clamp(torch.round(x / s_fine), 0, qmax) * s_fine
-    coarse = torch.clamp(torch.round(x / scale), 0, qmax) * scale
-    return torch.where(x < (qmax + 0.5) * s_fine, fine, coarse)
 
 
 def _log2(p: Tensor, bits: int) -> Tensor:

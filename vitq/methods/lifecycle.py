@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
-from ..models.adapters import find_adapter, iter_quantizers
+from ..models.adapters import find_adapter, iter_quantizers, quantizers_off
 from ..quant import protocol as roles
 from ..quant.observers import ObserverConfig
 from ..quant.protocol import get_protocol
@@ -127,12 +127,9 @@ def calibrate(
         q: activations.build(q.spec) for q in quantizers.values() if q.needs_calibration and q.role != roles.WEIGHT
     }
     hooks = [q.register_forward_pre_hook(lambda mod, args: observers[mod].observe(args[0])) for q in observers]
-    previous = {q: q.enabled for q in quantizers.values()}
     seen = 0
     try:
-        for q in quantizers.values():
-            q.enabled = False
-        with torch.no_grad():
+        with quantizers_off(model), torch.no_grad():
             for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
                 images = batch[0] if isinstance(batch, (tuple, list)) else batch
                 model(images.to(device))
@@ -140,8 +137,6 @@ def calibrate(
     finally:
         for hook in hooks:
             hook.remove()
-        for q, enabled in previous.items():
-            q.enabled = enabled
     if observers and seen == 0:
         raise VitqError("calibration got no batches: give at least one calibration image")
     for quantizer, observer in observers.items():

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
-from ..models.adapters import find_adapter, iter_quantizers
+from ..models.adapters import find_adapter, quantizers_off
 from ..nn import QuantLinear
 from ..quant.observers import Observer
 from ..quant.quantizer import Quantizer
@@ -173,19 +173,13 @@ def calibrate_widths(ctx: StageContext, model: nn.Module, units: Sequence[BitUni
             obs.observe(x)
 
     hooks = [q.register_forward_pre_hook(hook) for q in acts]
-    quantizers = [q for _, q in iter_quantizers(model)]
-    previous = {q: q.enabled for q in quantizers}
     try:
-        for q in quantizers:
-            q.enabled = False
-        with torch.no_grad():
+        with quantizers_off(model), torch.no_grad():
             for batch in ctx.data:
                 model(batch.to(ctx.device))
     finally:
         for h in hooks:
             h.remove()
-        for q, enabled in previous.items():
-            q.enabled = enabled
     for u in units:
         u.qparams = {b: obs.qparams() for b, obs in u.observers.items()}
         u.observers = None

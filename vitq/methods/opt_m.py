@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..errors import VitqError
 from ..models.adapters import find_adapter
-from ..models.adapters import iter_quantizers
+from ..models.adapters import quantizers_off
 from ..nn import QuantAttention, QuantLinear, QuantWindowAttention
 from ..quant.primitives import fake_quantize_twin, fake_quantize_twin_range
 from ..quant.spec import MAX_RATIO_LOG2, QuantSpec
@@ -240,18 +240,12 @@ class OptMStage(Stage):
             hooks.append(att.probs_quantizer.register_forward_pre_hook(keep("p", id(att))))
             hooks.append(att.v_quantizer.register_forward_pre_hook(keep("v", id(att))))
         images = torch.cat(ctx.data)[: s.softmax_images].to(device)
-        quantizers = [q for _, q in iter_quantizers(model)]
-        previous = {q: q.enabled for q in quantizers}
-        try:  # the float computation of the quantized model's own modules (all quantizers off)
-            for q in quantizers:
-                q.enabled = False
-            with torch.no_grad():
+        try:  # the float computation of the quantized model's own modules
+            with quantizers_off(model), torch.no_grad():
                 model(images)
         finally:
             for h in hooks:
                 h.remove()
-            for q, enabled in previous.items():
-                q.enabled = enabled
         chosen = []
         for att in tqdm(attentions, desc="opt_m softmax", unit="layer", disable=not ctx.progress, leave=False):
             p, v = captured[id(att)]["p"], captured[id(att)]["v"]

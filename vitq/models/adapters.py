@@ -5,6 +5,7 @@ Chosen by module type through a registry, never by module names.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 
@@ -255,3 +256,18 @@ def iter_quantizers(model: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
     for name, module in model.named_modules():
         if isinstance(module, Quantizer):
             yield name, module
+
+
+@contextmanager
+def quantizers_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Every quantizer of ``model`` passes its input through inside the block (the float
+    computation of the quantized modules, for calibration passes); restored on exit."""
+    quantizers = [q for _, q in iter_quantizers(model)]
+    previous = [q.enabled for q in quantizers]
+    try:
+        for q in quantizers:
+            q.enabled = False
+        yield model
+    finally:
+        for q, enabled in zip(quantizers, previous):
+            q.enabled = enabled
