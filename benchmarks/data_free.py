@@ -42,14 +42,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_images(source: str, loaded, n: int, seed: int, iterations: int, real_pool) -> Dict[str, Any]:
+def make_images(source: str, loaded, n: int, seed: int, iterations: int, real_pool, device: str = "cpu"
+                ) -> Dict[str, Any]:
     if source == "real":
         subset = balanced_subset(real_pool, n, seed=seed, what="calibration images")
         images = torch.cat([x for x, _ in make_loader(subset, loaded.data_config, 64)])
         return {"images": images, "seconds": 0.0}
     settings = {} if source == "gaussian" else {"iterations": iterations}
     result = create_generator(source, settings).generate(loaded.model, n, loaded.data_config, seed=seed,
-                                                         device="cpu", progress=False)
+                                                         device=device, progress=False)
     stats = image_stats(loaded.model, result.images, result.targets)
     return {"images": result.images, "seconds": result.seconds, "stats": stats}
 
@@ -116,8 +117,10 @@ def _mean_std(values: List[float]) -> str:
 
 
 def write_markdown(results: Dict[str, Any], command: str) -> None:
-    lines = ["## Data-free calibration (issue 3)", "", f"Command: `{command}`  ", f"Machine: {results['machine']}  ",
-             f"Date: {results['date']}", ""]
+    commands = [results[k] for k in ("command_cifar", "command_imagenet") if results.get(k)] or [command]
+    lines = ["## Data-free calibration (issue 3)", "",
+             "Command" + ("s" if len(commands) > 1 else "") + ": " + ", ".join(f"`{c}`" for c in commands) + "  ",
+             f"Machine: {results['machine']}  ", f"Date: {results['date']}", ""]
     if "cifar" in results:
         c = results["cifar"]
         lines += [f"### CIFAR-10 reference ViT, omse p1, evaluation on all {c['num_eval']} test images, seeds "
@@ -167,8 +170,12 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     RESULTS_JSON.parent.mkdir(exist_ok=True)
+    command = ("python benchmarks/data_free.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    for part in ("cifar", "imagenet"):
+        if args.only in (None, part):
+            results[f"command_{part}"] = command
     RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
-    write_markdown(results, ("python benchmarks/data_free.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip())
+    write_markdown(results, command)
     print(f"wrote {RESULTS_MD} and {RESULTS_JSON}")
     return 0
 

@@ -91,13 +91,16 @@ def table(suite: Dict[str, Any]) -> str:
 
 
 def write_section(heading: str, lines: List[str]) -> None:
-    """Replace (or append) the section of RESULTS.md whose title starts with ``heading``."""
+    """Replace in place (or append) the section of RESULTS.md whose title starts with ``heading``."""
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# vitq benchmark results\n\n"
+    body = "\n".join(lines).rstrip() + "\n"
     start = text.find(heading)
-    if start >= 0:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
-    RESULTS_MD.write_text(text.rstrip() + "\n\n" + "\n".join(lines).rstrip() + "\n")
+    if start < 0:
+        RESULTS_MD.write_text(text.rstrip() + "\n\n" + body)
+        return
+    end = text.find("\n## ", start + len(heading))  # the section is replaced where it stands
+    rest = text[end + 1:] if end >= 0 else ""
+    RESULTS_MD.write_text(text[:start] + body + ("\n" + rest if rest else ""))
 
 
 def write_markdown(results: Dict[str, Any], command: str) -> None:

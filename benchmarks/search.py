@@ -14,11 +14,22 @@ vs ``clamp-vit`` (the same images, then the layer-wise search with data refresh)
 ImageNet DeiT-Tiny, the 100/900 split of imagenet-sample/: the same at W4A8 with the search
 budget cut to fit about 30 minutes on 2 CPU cores.
 Results: benchmarks/results/search.json and the "Evolutionary search" section of RESULTS.md.
+
+On a GPU (``--device cuda``) the rows go to their own parts (``cifar_cuda``, ``imagenet_cuda``), so
+the CPU rows stay. A GPU machine without the evaluation images can search only:
+``--imagenet-calib DIR`` takes every image of DIR as the 100 calibration images, saves each plan
+under ``--plans`` and leaves the accuracy empty; ``--evaluate-plans DIR`` then fills it in on the
+machine that has the 900 evaluation images::
+
+    python benchmarks/search.py --only imagenet --device cuda --imagenet-calib calib100 --plans plans \
+        --results out/search.json --in-passes 10 --in-df-passes 10 --in-df-refresh-every 3 --refresh-steps 50
+    python benchmarks/search.py --only imagenet --tag cuda --evaluate-plans plans --merge out/search.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -35,12 +46,15 @@ from vitq.api import evaluate, quantize  # noqa: E402
 from vitq.data import assets_dir, balanced_subset, load_images, make_loader, scan_folder  # noqa: E402
 from vitq.data.synthetic import create_generator, make_refresher  # noqa: E402
 from vitq.eval.metrics import predict  # noqa: E402
+from vitq.methods.plan import Plan, apply_plan  # noqa: E402
 from vitq.models import load_model  # noqa: E402
 from vitq.recipes import load_recipe  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "search.json"
 GEN_ITERATIONS = 100  # as the data-free benchmark (issue 3)
+DEVICE = "cpu"
+PROGRESS = False  # --progress: the library's progress bars on stderr
 
 
 def _images(subset, data_config) -> torch.Tensor:
@@ -56,34 +70,50 @@ def save_part(name: str, part: Dict[str, Any]) -> None:
     RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
 
 
+def slug(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-")
+
+
 class Bench:
-    def __init__(self, name: str, loaded, eval_batches, facts: Dict[str, Any], save: bool = True) -> None:
+    """Runs one configuration after another; ``eval_batches`` None: search only (plans saved to
+    ``plans``, accuracy left for ``--evaluate-plans``)."""
+
+    def __init__(self, name: str, loaded, eval_batches, facts: Dict[str, Any], save: bool = True,
+                 plans: Path = None) -> None:
         self.name, self.loaded, self.eval_batches = name, loaded, eval_batches
-        self.facts, self.save = facts, save
-        (self.fp_logits,), _ = predict(loaded.model, eval_batches, "cpu", progress=False)
+        self.facts, self.save, self.plans = facts, save, plans
+        self.fp_logits = None
+        if eval_batches is not None:
+            (self.fp_logits,), _ = predict(loaded.model, eval_batches, DEVICE, progress=False)
         self.rows: List[Dict[str, Any]] = []
 
     def run(self, method: str, recipe, images: torch.Tensor, w: int, a: int, seed: int, batch: int = 100,
             **kwargs) -> Any:
         t0 = time.perf_counter()
         q = quantize(self.loaded.model, recipe, list(images.split(batch)), w_bits=w, a_bits=a, protocol="p1",
-                     device="cpu", progress=False, seed=seed, **kwargs)
+                     device=DEVICE, progress=PROGRESS, seed=seed, **kwargs)
         seconds = time.perf_counter() - t0
-        m = evaluate(self.loaded.model, q.model, self.eval_batches, device="cpu", progress=False,
-                     fp_logits=self.fp_logits)
+        m = {"quant_top1": None, "fp_top1": None, "agreement": None, "kl": None}
+        if self.eval_batches is not None:
+            m = evaluate(self.loaded.model, q.model, self.eval_batches, device=DEVICE, progress=False,
+                         fp_logits=self.fp_logits)
         search = q.record.get("search", {})
         row = dict(method=method, seed=seed, w_bits=w, a_bits=a, top1=m["quant_top1"], fp_top1=m["fp_top1"],
                    agreement=m["agreement"], kl=m["kl"], num_calib=len(images), seconds=round(seconds, 1),
                    search={k: search.get(k) for k in ("evaluations", "seconds", "first_fitness", "last_fitness",
                                                        "unit_searches", "refreshes", "fitness", "mean_unit_gain",
                                                        "improved_units")} if search else None)
+        if self.plans is not None:
+            row["plan"] = slug(f"{self.name}-{method}-s{seed}-w{w}a{a}")
+            q.plan.save(self.plans / row["plan"])
         self.rows.append(row)
         if self.save:
             save_part(self.name, {**self.facts, "rows": self.rows, "complete": False})
         extra = (f" search {search['seconds']:.0f} s, {search['improved_units']}/{search['unit_searches']} unit searches "
                  f"improved, mean relative fitness gain per unit {100 * search['mean_unit_gain']:.3f}%") if search else ""
-        print(f"[{self.name}] seed {seed} W{w}A{a} {method:22s} top-1 {row['top1']:.2f} agree {row['agreement']:.2f}"
-              f"{extra}", flush=True)
+        acc = (f"top-1 {row['top1']:.2f} agree {row['agreement']:.2f}" if row["top1"] is not None
+               else f"plan {row.get('plan')} (not evaluated here)")
+        print(f"[{self.name}] seed {seed} W{w}A{a} {method:22s} {acc} ({seconds:.0f} s){extra}", flush=True)
         return q
 
 
@@ -99,19 +129,30 @@ def clamp_recipe(passes: int, refresh_every: int, batch_size: int):
 def data_free_rows(bench: Bench, seed: int, w: int, a: int, passes: int, refresh_every: int, refresh_steps: int,
                    batch: int) -> None:
     loaded = bench.loaded
-    psaq = make_images("psaq", loaded, 32, seed, GEN_ITERATIONS, None)
+    psaq = make_images("psaq", loaded, 32, seed, GEN_ITERATIONS, None, device=DEVICE)
     bench.run("psaq + omse", "omse", psaq["images"], w, a, seed, batch)
     bench.rows[-1]["gen_seconds"] = round(psaq["seconds"], 1)
     gen = create_generator("clamp", {"iterations": GEN_ITERATIONS})
-    clamp = gen.generate(loaded.model, 32, loaded.data_config, seed=seed, device="cpu", progress=False)
+    clamp = gen.generate(loaded.model, 32, loaded.data_config, seed=seed, device=DEVICE, progress=False)
     bench.run("clamp + omse", "omse", clamp.images, w, a, seed, batch)
     bench.rows[-1]["gen_seconds"] = round(clamp.seconds, 1)
     recipe = clamp_recipe(passes, refresh_every, batch)
     refresh = make_refresher(gen, loaded.model, clamp.targets, loaded.data_config, steps=refresh_steps,
-                             adversary_weight=recipe.data_free.refresh_adversary, seed=seed, device="cpu")
+                             adversary_weight=recipe.data_free.refresh_adversary, seed=seed, device=DEVICE)
     bench.run("clamp-vit", recipe, clamp.images, w, a, seed, batch, refresh=refresh)
     bench.rows[-1]["gen_seconds"] = round(clamp.seconds, 1)
     bench.rows[-1]["refresh_steps"] = refresh_steps
+
+
+def part_name(base: str, args) -> str:
+    return base + (f"_{args.tag}" if args.tag else "")
+
+
+def device_facts() -> Dict[str, Any]:
+    facts: Dict[str, Any] = {"device": DEVICE, "machine": machine()}
+    if DEVICE.startswith("cuda"):
+        facts["gpu"] = torch.cuda.get_device_name(torch.device(DEVICE))
+    return facts
 
 
 def cifar(root: Path, args) -> Dict[str, Any]:
@@ -120,37 +161,76 @@ def cifar(root: Path, args) -> Dict[str, Any]:
     evalset = load_images(root / "cifar10/test", args.num_eval, seed=0)
     facts = {"num_eval": len(evalset), "passes": args.passes, "search_images": args.search_images,
              "df_passes": args.df_passes, "df_refresh_every": args.df_refresh_every, "seeds": args.seeds,
-             "refresh_steps": args.refresh_steps, "kl_seeds": args.kl_seeds}
-    bench = Bench("cifar", loaded, in_memory(make_loader(evalset, loaded.data_config, 100)), facts, not args.dry_run)
+             "refresh_steps": args.refresh_steps, "kl_seeds": args.kl_seeds, "parts": args.parts, **device_facts()}
+    bench = Bench(part_name("cifar", args), loaded, in_memory(make_loader(evalset, loaded.data_config, 100)), facts,
+                  not args.dry_run)
     for seed in args.seeds:
-        images = _images(balanced_subset(pool, 1000, seed=seed, what="calibration images"), loaded.data_config)
-        for w, a in ((4, 8), (3, 8)):
-            start = bench.run("omse", "omse", images, w, a, seed)
-            fitnesses = ["infonce", "kl"] if w == 3 and seed in args.kl_seeds else ["infonce"]
-            for fitness in fitnesses:
-                recipe = cptv_recipe(args.passes, **({} if fitness == "infonce" else {"fitness": fitness,
-                                                                                      "temperature": 1.0}))
-                bench.run("omse → cpt-v" + ("" if fitness == "infonce" else f" ({fitness})"), recipe,
-                          images[:args.search_images], w, a, seed, start_plan=start.plan)
-        data_free_rows(bench, seed, 4, 8, args.df_passes, args.df_refresh_every, args.refresh_steps, 32)
+        if "cptv" in args.parts:
+            images = _images(balanced_subset(pool, 1000, seed=seed, what="calibration images"), loaded.data_config)
+            for w, a in ((4, 8), (3, 8)):
+                start = bench.run("omse", "omse", images, w, a, seed)
+                fitnesses = ["infonce", "kl"] if w == 3 and seed in args.kl_seeds else ["infonce"]
+                for fitness in fitnesses:
+                    recipe = cptv_recipe(args.passes, **({} if fitness == "infonce" else {"fitness": fitness,
+                                                                                          "temperature": 1.0}))
+                    bench.run("omse → cpt-v" + ("" if fitness == "infonce" else f" ({fitness})"), recipe,
+                              images[:args.search_images], w, a, seed, start_plan=start.plan)
+        if "df" in args.parts:
+            data_free_rows(bench, seed, 4, 8, args.df_passes, args.df_refresh_every, args.refresh_steps, 32)
     return {**facts, "rows": bench.rows, "complete": True}
 
 
 def imagenet(root: Path, args) -> Dict[str, Any]:
     loaded = load_model(root / "models/deit_tiny_imagenet.pth")
-    sample = scan_folder(root / "imagenet-sample")
-    calib_split = balanced_subset(sample, 100, seed=0, what="calibration images")
-    evalset = balanced_subset(sample, args.num_eval, seed=0, exclude=calib_split.paths, what="evaluation images")
-    facts = {"num_eval": len(evalset), "passes": args.in_passes, "df_passes": args.in_df_passes,
-             "df_refresh_every": args.in_df_refresh_every, "refresh_steps": args.refresh_steps}
-    bench = Bench("imagenet", loaded, in_memory(make_loader(evalset, loaded.data_config, 50)), facts, not args.dry_run)
+    if args.imagenet_calib:  # search-only machine: these are the 100 calibration images, no evaluation here
+        calib_split, eval_batches, num_eval = scan_folder(args.imagenet_calib), None, 900
+        if len(calib_split) != 100:
+            raise SystemExit(f"--imagenet-calib: expected the 100 calibration images, found {len(calib_split)}")
+    else:
+        sample = scan_folder(root / "imagenet-sample")
+        calib_split = balanced_subset(sample, 100, seed=0, what="calibration images")
+        evalset = balanced_subset(sample, args.num_eval, seed=0, exclude=calib_split.paths, what="evaluation images")
+        eval_batches, num_eval = in_memory(make_loader(evalset, loaded.data_config, 50)), len(evalset)
+    facts = {"num_eval": num_eval, "passes": args.in_passes, "df_passes": args.in_df_passes,
+             "df_refresh_every": args.in_df_refresh_every, "refresh_steps": args.refresh_steps, "parts": args.parts,
+             **device_facts()}
+    bench = Bench(part_name("imagenet", args), loaded, eval_batches, facts, not args.dry_run, args.plans)
     images = _images(calib_split, loaded.data_config)
     t0 = time.perf_counter()
-    start = bench.run("omse", "omse", images, 4, 8, 0)
-    bench.run("omse → cpt-v", cptv_recipe(args.in_passes), images, 4, 8, 0, start_plan=start.plan)
-    data_free_rows(bench, 0, 4, 8, args.in_df_passes, args.in_df_refresh_every, args.refresh_steps, 32)
-    return {**facts, "rows": bench.rows, "complete": True, "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_mib": round(peak_rss_mib())}
+    if "cptv" in args.parts:
+        start = bench.run("omse", "omse", images, 4, 8, 0)
+        bench.run("omse → cpt-v", cptv_recipe(args.in_passes), images, 4, 8, 0, start_plan=start.plan)
+    if "df" in args.parts:
+        data_free_rows(bench, 0, 4, 8, args.in_df_passes, args.in_df_refresh_every, args.refresh_steps, 32)
+    out = {**facts, "rows": bench.rows, "complete": True, "seconds": round(time.perf_counter() - t0, 1),
+           "peak_rss_mib": round(peak_rss_mib())}
+    if DEVICE.startswith("cuda"):
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(torch.device(DEVICE)) / 2**20)
+    return out
+
+
+def evaluate_plans(root: Path, args, results: Dict[str, Any]) -> None:
+    """Fill in the accuracy of the ImageNet rows that were searched elsewhere (their plans in
+    ``--evaluate-plans``), on the 900 evaluation images of this machine."""
+    name = part_name("imagenet", args)
+    if name not in results:
+        raise SystemExit(f"no part {name!r} in the results to evaluate (have: {sorted(results)})")
+    loaded = load_model(root / "models/deit_tiny_imagenet.pth")
+    sample = scan_folder(root / "imagenet-sample")
+    calib_split = balanced_subset(sample, 100, seed=0, what="calibration images")
+    evalset = balanced_subset(sample, None, seed=0, exclude=calib_split.paths, what="evaluation images")
+    eval_batches = in_memory(make_loader(evalset, loaded.data_config, 50))
+    (fp_logits,), _ = predict(loaded.model, eval_batches, DEVICE, progress=False)
+    part = results[name]
+    for row in part["rows"]:
+        if row.get("top1") is not None:
+            continue
+        qmodel = apply_plan(loaded.model, Plan.load(Path(args.evaluate_plans) / row["plan"]))
+        m = evaluate(loaded.model, qmodel, eval_batches, device=DEVICE, progress=False, fp_logits=fp_logits)
+        row.update(top1=m["quant_top1"], fp_top1=m["fp_top1"], agreement=m["agreement"], kl=m["kl"],
+                   evaluated_on=machine())
+        print(f"[{name}] {row['method']:22s} top-1 {row['top1']:.2f} agree {row['agreement']:.2f}", flush=True)
+    part["num_eval"] = len(evalset)
 
 
 def _ms(values: List[float]) -> str:
@@ -192,35 +272,56 @@ def _deltas(rows: List[Dict[str, Any]]) -> List[str]:
     return out
 
 
-def write_markdown(results: Dict[str, Any], command: str) -> None:
-    commands = sorted({results.get(k) for k in ("command", "command_cifar", "command_imagenet") if results.get(k)}
-                      or {command})
-    lines = ["## Evolutionary search: CPT-V and CLAMP-ViT (issue 4)", "", "Commands: " + ", ".join(f"`{c}`" for c in commands) + f". Machine: {results['machine']}. "
-             f"Date: {results['date']}. Protocol p1; the evaluation images are never used to choose anything "
-             "(the search keeps its last model).", ""]
-    if "cifar" in results:
-        c = results["cifar"]
-        fp = c["rows"][0]["fp_top1"]
-        done = sorted({r["seed"] for r in c["rows"]})
-        cut = "" if c.get("complete", True) else f" — **run cut short: seeds {done} only** ({c.get('note', '')})"
-        lines += [f"**CIFAR-10 reference ViT**{cut} (FP top-1 {fp:.2f} on {c['num_eval']} test images; seeds {done}; "
-                  f"each seed its own 1,000 train images; cpt-v searches {c['passes']} passes (of the paper's 10) on "
-                  f"{c['search_images']} of them; clamp-vit {c['df_passes']} passes, refresh every "
-                  f"{c['df_refresh_every']} cycles with {c['refresh_steps']} steps):", ""]
-        lines += _summary(c["rows"]) + [""] + _deltas(c["rows"]) + [""]
-    if "imagenet" in results:
-        i = results["imagenet"]
-        fp = i["rows"][0]["fp_top1"]
-        lines += [f"**ImageNet DeiT-Tiny** (FP top-1 {fp:.2f} on the {i['num_eval']} evaluation images; seed 0; "
-                  f"cpt-v {i['passes']} passes on the 100 calibration images; clamp-vit {i['df_passes']} pass, "
-                  f"refresh every {i['df_refresh_every']} cycles with {i['refresh_steps']} steps; "
-                  + (f"{i['seconds'] / 60:.0f} min in all, peak RSS {i['peak_rss_mib']} MiB" if "seconds" in i
-                     else "run cut short") + "):", ""]
-        lines += _summary(i["rows"]) + [""] + _deltas(i["rows"]) + [""]
+def _part_lines(name: str, part: Dict[str, Any]) -> List[str]:
+    rows = [r for r in part["rows"] if r.get("top1") is not None]
+    if not rows:
+        return [f"**{name}**: searched, not evaluated yet (`--evaluate-plans`).", ""]
+    fp = rows[0]["fp_top1"]
+    where = ""
+    if part.get("gpu"):
+        where = (f"; searched on a lent {part['gpu']} (`--device {part['device']}`) in "
+                 + (f"{part['seconds'] / 60:.1f} min, peak GPU memory {part.get('peak_gpu_mib', '?')} MiB"
+                    if "seconds" in part else "one run")
+                 + ("; evaluated on this machine's CPU from the saved plans" if any("evaluated_on" in r for r in rows)
+                    else "") + "; search seconds are GPU seconds")
+    if name.startswith("cifar"):
+        done = sorted({r["seed"] for r in rows})
+        cut = "" if part.get("complete", True) else f" — **run cut short: seeds {done} only** ({part.get('note', '')})"
+        head = (f"**CIFAR-10 reference ViT**{cut} (FP top-1 {fp:.2f} on {part['num_eval']} test images; seeds {done}; "
+                f"each seed its own 1,000 train images; cpt-v searches {part['passes']} passes (the paper: 10) on "
+                f"{part['search_images']} of them")
+        if "df" in part.get("parts", ["df"]):
+            head += (f"; clamp-vit {part['df_passes']} pass{'' if part['df_passes'] == 1 else 'es'}, refresh every {part['df_refresh_every']} cycles with "
+                     f"{part['refresh_steps']} steps")
+    else:
+        head = (f"**ImageNet DeiT-Tiny** (FP top-1 {fp:.2f} on the {part['num_eval']} evaluation images; seed 0; "
+                f"cpt-v {part['passes']} passes on the 100 calibration images")
+        if "df" in part.get("parts", ["df"]):
+            head += (f"; clamp-vit {part['df_passes']} pass{'' if part['df_passes'] == 1 else 'es'}, refresh every {part['df_refresh_every']} cycles with "
+                     f"{part['refresh_steps']} steps")
+        if not part.get("gpu"):
+            head += ("; " + (f"{part['seconds'] / 60:.0f} min in all, peak RSS {part['peak_rss_mib']} MiB"
+                             if "seconds" in part else "run cut short"))
+    return [head + where + "):", ""] + _summary(rows) + [""] + _deltas(rows) + [""]
+
+
+PARTS = ("cifar", "imagenet", "cifar_cuda", "imagenet_cuda")
+
+
+def write_markdown(results: Dict[str, Any]) -> None:
+    commands = [v for k, v in sorted(results.items()) if k.startswith("command") and v]
+    lines = ["## Evolutionary search: CPT-V and CLAMP-ViT (issue 4)", "",
+             "Commands: " + ", ".join(f"`{c}`" for c in commands) + f". Machine: {results['machine']} (the `_cuda` "
+             f"parts: a lent GPU, named below). Date: {results['date']}. Protocol p1; the evaluation images are never "
+             "used to choose anything (the search keeps its last model).", ""]
+    for name in PARTS:
+        if name in results:
+            lines += _part_lines(name, results[name])
     write_section("## Evolutionary search", lines)
 
 
 def main(argv=None) -> int:
+    global DEVICE, RESULTS_JSON, GEN_ITERATIONS, PROGRESS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default=None)
     parser.add_argument("--only", choices=["cifar", "imagenet"], default=None)
@@ -236,44 +337,75 @@ def main(argv=None) -> int:
     parser.add_argument("--in-df-refresh-every", type=int, default=72, help="ImageNet clamp-vit refresh")
     parser.add_argument("--kl-seeds", type=int, nargs="*", default=None,
                         help="CIFAR W3A8: seeds that also run cpt-v with the KL fitness (default: every seed)")
+    parser.add_argument("--parts", nargs="+", choices=["cptv", "df"], default=["cptv", "df"],
+                        help="cptv: omse and omse → cpt-v rows; df: the data-free rows (psaq, clamp, clamp-vit)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; a GPU's rows go to their own parts")
+    parser.add_argument("--tag", default=None, help="suffix of the parts' names (default: cuda on a GPU, else none)")
+    parser.add_argument("--imagenet-calib", default=None,
+                        help="search-only: the 100 ImageNet calibration images (no evaluation; needs --plans)")
+    parser.add_argument("--plans", default=None, help="save every run's plan under this folder")
+    parser.add_argument("--results", default=None, help="results JSON (default benchmarks/results/search.json)")
+    parser.add_argument("--merge", default=None, help="take the tagged parts of this results JSON first")
+    parser.add_argument("--evaluate-plans", default=None,
+                        help="evaluate the plans in this folder of a search-only ImageNet part, here")
+    parser.add_argument("--progress", action="store_true", help="progress bars of every run (stderr)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the RESULTS.md section from benchmarks/results/search.json (also a cut run)")
     parser.add_argument("--dry-run", action="store_true", help="tiny budget, nothing written (checks the script)")
     args = parser.parse_args(argv)
+    DEVICE, PROGRESS = args.device, args.progress
+    if args.tag is None:
+        args.tag = "cuda" if DEVICE.startswith("cuda") else ""
+    if args.results:
+        RESULTS_JSON = Path(args.results)
+    args.plans = Path(args.plans) if args.plans else None
+    if args.imagenet_calib and args.plans is None:
+        parser.error("--imagenet-calib searches without evaluating: pass --plans DIR to keep the plans")
     if args.kl_seeds is None:
         args.kl_seeds = args.seeds
     if args.dry_run:
         args.seeds, args.num_eval, args.passes, args.search_images = [0], 200, 1, 100
         args.df_passes, args.in_passes, args.in_df_passes = 1, 1, 1
-        global GEN_ITERATIONS
         GEN_ITERATIONS = 2
+    command = ("python benchmarks/search.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.report_only:
-        results = json.loads(RESULTS_JSON.read_text())
-        write_markdown(results, results.get("command", "python benchmarks/search.py"))
+        write_markdown(json.loads(RESULTS_JSON.read_text()))
         return 0
     root = assets_dir(args.assets)
     torch.manual_seed(0)
     results: Dict[str, Any] = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-    results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
-    if args.only in (None, "cifar"):
-        results["cifar"] = cifar(root, args)
-    if args.only in (None, "imagenet"):
-        results["imagenet"] = imagenet(root, args)
+    done: Dict[str, Any] = {}
+    if args.merge:
+        other = json.loads(Path(args.merge).read_text())
+        done.update({k: v for k, v in other.items() if k in PARTS[2:] or k.startswith("command_")})
+        results.update(done)
+    if args.evaluate_plans:
+        evaluate_plans(root, args, results)
+        done[part_name("imagenet", args)] = results[part_name("imagenet", args)]
+        done[f"command_{part_name('imagenet', args)}_eval"] = command
+    else:
+        if not args.tag:  # tagged parts carry their own machine
+            results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
+        for base, run in (("cifar", cifar), ("imagenet", imagenet)):
+            if args.only in (None, base):
+                done[part_name(base, args)] = run(root, args)
+                done[f"command_{part_name(base, args)}"] = command
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    RESULTS_JSON.parent.mkdir(exist_ok=True)
-    if RESULTS_JSON.exists():  # another part may have finished meanwhile: keep it
-        merged = json.loads(RESULTS_JSON.read_text())
-        merged.update({k: v for k, v in results.items() if k in ("machine", "date", args.only or "cifar", "imagenet")
-                       and (args.only is None or k in ("machine", "date", args.only))})
-        results = merged
-    RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
-    command = "python benchmarks/search.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results["command" if args.only is None else f"command_{args.only}"] = command.strip()
-    RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
-    write_markdown(results, command.strip())
-    print(f"wrote {RESULTS_JSON} and the RESULTS.md section")
+    # another run may have written other parts meanwhile: keep them, replace only this run's
+    current = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    current.update({k: results[k] for k in ("machine", "date") if k in results})
+    current.update(done)
+    current.setdefault("machine", machine())
+    current.setdefault("date", time.strftime("%Y-%m-%d"))
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(current, indent=1) + "\n")
+    if RESULTS_JSON.resolve() == (HERE / "results" / "search.json").resolve():
+        write_markdown(current)
+        print(f"wrote {RESULTS_JSON} and the RESULTS.md section")
+    else:
+        print(f"wrote {RESULTS_JSON}")
     return 0
 
 

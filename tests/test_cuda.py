@@ -1,0 +1,145 @@
+"""The same work on a CUDA device (skipped where there is none): calibration, both search recipes,
+resume, the generators, mixed precision and evaluation, from the API and the command line.
+
+CPU runs are covered everywhere else; these check that nothing assumes the CPU (tensors left on
+the wrong device, a float model moved or modified, plans that do not re-apply elsewhere).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vitq
+import vitq.methods.search as search
+from vitq.cli import main
+from vitq.data.synthetic import create_generator
+from vitq.methods import Plan, apply_plan
+
+from test_cli import quantize_args
+
+# VITQ_TEST_DEVICE=cpu runs these on the CPU: a check of the tests themselves where there is no GPU
+DEVICE = os.environ.get("VITQ_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
+
+FAST = ["--set", "search.passes=1", "--set", "search.batch_size=6", "--set", "search.radius=0.01"]
+
+
+def on_cuda(args):
+    args = list(args)
+    args[args.index("--device") + 1] = DEVICE
+    return args
+
+
+def cptv_args(checkpoint, image_folder, out, *extra):
+    args = on_cuda(quantize_args(checkpoint, image_folder, out, *FAST, *extra))
+    args[args.index("minmax")] = "cpt-v"
+    return args
+
+
+def scales(run):
+    return {k: v for k, v in load_file(run / "plan.safetensors").items() if k.endswith(".scale")}
+
+
+def metrics(run):
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_cptv_from_a_plan_on_cuda_is_seeded_and_reapplies(checkpoint, image_folder, tmp_path, capsys):
+    start = tmp_path / "omse"
+    assert main(on_cuda(quantize_args(checkpoint, image_folder, start, "--recipe", "omse"))) == 0
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        args = cptv_args(checkpoint, image_folder, run, "--start-plan", str(start), "--eval", str(image_folder),
+                         "--num-calib", "6")
+        assert main(args) == 0, capsys.readouterr().err
+    m = metrics(runs[0])
+    assert m["device"].startswith(DEVICE)
+    assert m["search"]["last_fitness"] <= m["search"]["first_fitness"]
+    a, b = scales(runs[0]), scales(runs[1])
+    assert all(torch.equal(a[k], b[k]) for k in a), "same seed, different plan on CUDA"
+    assert any(not torch.equal(a[k], s) for k, s in scales(start).items()), "the search changed nothing"
+    # the plan searched on the GPU re-applies on the GPU with the same result, and on the CPU closely
+    capsys.readouterr()
+    for device in (DEVICE, "cpu"):
+        assert main(["eval", str(checkpoint), "--plan", str(runs[0]), "--eval", str(image_folder), "--device",
+                     device, "--quiet"]) == 0
+        evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        if device == DEVICE:
+            assert evaluated["quant_top1"] == m["quant_top1"] and evaluated["kl"] == pytest.approx(m["kl"], rel=1e-5)
+        else:
+            assert evaluated["kl"] == pytest.approx(m["kl"], rel=0.05, abs=1e-4)
+
+
+def test_clamp_vit_data_free_on_cuda(checkpoint, tmp_path, capsys):
+    out = tmp_path / "clamp"
+    args = ["quantize", str(checkpoint), "--recipe", "clamp-vit", "--w-bits", "4", "--a-bits", "8",
+            "--data-free", "clamp", "--num-images", "4", "--iterations", "3", "--out", str(out), "--device", DEVICE,
+            "--quiet", "--set", "search.passes=1", "--set", "search.cycles=2", "--set", "search.refresh_every=4",
+            "--batch-size", "4"]
+    assert main(args) == 0, capsys.readouterr().err
+    m = metrics(out)
+    assert m["data_free"] == "clamp" and m["search"]["refreshes"]
+    plan = Plan.load(out)
+    assert all(torch.isfinite(t).all() for t in plan.tensors.values())
+    assert "refreshed the 4 synthetic images" in (out / "log.txt").read_text()
+
+
+def test_resume_on_cuda(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
+    full = tmp_path / "full"
+    assert main(cptv_args(checkpoint, image_folder, full)) == 0
+    out = tmp_path / "cut"
+    tell = search.Evolution.tell
+    calls = {"n": 0}
+
+    def interrupted(self, x, f):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt
+        tell(self, x, f)
+
+    monkeypatch.setattr(search.Evolution, "tell", interrupted)
+    assert main(cptv_args(checkpoint, image_folder, out)) == 130
+    monkeypatch.setattr(search.Evolution, "tell", tell)
+    assert main(cptv_args(checkpoint, image_folder, out, "--resume")) == 0, capsys.readouterr().err
+    a, b = scales(full), scales(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "psaq", "clamp"])
+def test_generators_on_cuda_leave_the_model_alone(vit, name):
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    settings = {} if name == "gaussian" else {"iterations": 3}
+    data_config = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    result = create_generator(name, settings).generate(vit, 4, data_config, seed=0, device=DEVICE, progress=False)
+    assert result.images.shape == (4, 3, 32, 32) and torch.isfinite(result.images).all()
+    assert next(vit.parameters()).device.type == "cpu"
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+
+
+def test_api_search_recipes_on_cuda(vit, images):
+    for recipe in ("cpt-v", "clamp-vit"):
+        r = vitq.load_recipe(recipe).with_overrides({"search": {"passes": 1, "batch_size": 6}})
+        q = vitq.quantize(vit, r, [images], w_bits=4, a_bits=8, device=DEVICE, progress=False)
+        assert next(q.model.parameters()).device.type == DEVICE
+        with torch.no_grad():
+            out = q.model(images.to(DEVICE))
+        assert torch.isfinite(out).all()
+        again = apply_plan(vit, q.plan)  # the plan re-applies on the CPU
+        with torch.no_grad():
+            assert torch.isfinite(again(images)).all()
+    assert next(vit.parameters()).device.type == "cpu"
+
+
+def test_greedy_mixed_precision_on_cuda(checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "mp"
+    args = on_cuda(quantize_args(checkpoint, image_folder, out, "--budget", "w6a6", "--eval", str(image_folder),
+                                     "--num-calib", "6"))
+    args[args.index("minmax")] = "mptq-vit-mp"
+    assert main(args) == 0, capsys.readouterr().err
+    bits = json.loads((out / "bits.json").read_text())
+    blocks = bits["scopes"]["blocks"]
+    assert blocks["w_bits"]["weighted"] <= 6 + 1e-6 and blocks["a_bits"]["weighted"] <= 6 + 1e-6
