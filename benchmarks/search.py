@@ -305,7 +305,10 @@ def _part_lines(name: str, part: Dict[str, Any]) -> List[str]:
     return [head + where + "):", ""] + _summary(rows) + [""] + _deltas(rows) + [""]
 
 
-PARTS = ("cifar", "imagenet", "cifar_cuda", "imagenet_cuda")
+def parts_of(results: Dict[str, Any]) -> List[str]:
+    """The result parts: ``cifar``, ``imagenet``, then tagged ones (``imagenet_cuda``, ...)."""
+    names = [k for k, v in results.items() if isinstance(v, dict) and k.split("_")[0] in ("cifar", "imagenet")]
+    return sorted(names, key=lambda k: ("_" in k, k.split("_")[0] != "cifar", k))
 
 
 def write_markdown(results: Dict[str, Any]) -> None:
@@ -314,9 +317,8 @@ def write_markdown(results: Dict[str, Any]) -> None:
              "Commands: " + ", ".join(f"`{c}`" for c in commands) + f". Machine: {results['machine']} (the `_cuda` "
              f"parts: a lent GPU, named below). Date: {results['date']}. Protocol p1; the evaluation images are never "
              "used to choose anything (the search keeps its last model).", ""]
-    for name in PARTS:
-        if name in results:
-            lines += _part_lines(name, results[name])
+    for name in parts_of(results):
+        lines += _part_lines(name, results[name])
     write_section("## Evolutionary search", lines)
 
 
@@ -377,7 +379,7 @@ def main(argv=None) -> int:
     done: Dict[str, Any] = {}
     if args.merge:
         other = json.loads(Path(args.merge).read_text())
-        done.update({k: v for k, v in other.items() if k in PARTS[2:] or k.startswith("command_")})
+        done.update({k: v for k, v in other.items() if (k in parts_of(other) and "_" in k) or k.startswith("command_")})
         results.update(done)
     if args.evaluate_plans:
         evaluate_plans(root, args, results)

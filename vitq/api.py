@@ -11,6 +11,7 @@ from torch import nn
 from .errors import VitqError
 from .eval.metrics import compare, model_size, predict
 from .methods.lifecycle import convert, prepare
+from .models.adapters import kept_on_its_device
 from .methods.plan import Plan, apply_plan, plan_from_model
 from .methods.stages import Refresher, StageContext
 from .recipes.recipe import Recipe, load_recipe
@@ -117,18 +118,20 @@ def quantize(
     )
     converted = start_plan is not None
     skipped = []
-    for config in recipe.stages:
-        stage = config.build()
-        if ctx.from_plan and not stage.needs_calibrated:
-            skipped.append(config.name)
-            continue
-        if stage.needs_calibrated and not converted:
-            convert(qmodel)  # raises, naming the point, when a calibrating stage is missing before
-            converted = True
-        if not batches:
-            raise VitqError(f"stage {config.name!r} of recipe {recipe.name!r} needs calibration images; none were given")
-        torch.manual_seed(seed)
-        stage.run(ctx)
+    with kept_on_its_device(model):  # stages run the float model on `device`; the caller's stays where it is
+        for config in recipe.stages:
+            stage = config.build()
+            if ctx.from_plan and not stage.needs_calibrated:
+                skipped.append(config.name)
+                continue
+            if stage.needs_calibrated and not converted:
+                convert(qmodel)  # raises, naming the point, when a calibrating stage is missing before
+                converted = True
+            if not batches:
+                raise VitqError(f"stage {config.name!r} of recipe {recipe.name!r} needs calibration images; "
+                                "none were given")
+            torch.manual_seed(seed)
+            stage.run(ctx)
     convert(qmodel)
     plan_meta = {"recipe": recipe.name, "protocol": protocol, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
                  **(meta or {})}
@@ -158,7 +161,8 @@ def evaluate(
     """
     device = resolve_device(device)
     if fp_logits is None:
-        (fp_logits, q_logits), labels = predict([float_model, quantized_model], data, device, progress)
+        with kept_on_its_device(float_model):
+            (fp_logits, q_logits), labels = predict([float_model, quantized_model], data, device, progress)
     else:
         (q_logits,), labels = predict(quantized_model, data, device, progress)
         if len(fp_logits) != len(q_logits):

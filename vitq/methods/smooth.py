@@ -323,9 +323,11 @@ class SmoothStage(Stage):
             if shift != s.shift:
                 unshifted.append(pair.linear)
             best = None
+            dev = linear.weight.device  # the statistics come from the float model on ctx.device
             for alpha in s.alphas:
-                eps, mu = smoothing_factors(st.min, st.max, st.mean, linear.weight, alpha, shift)
-                error = _quantized_error(linear, torch.cat(st.rows), eps, mu, ctx.weights, ctx.activations) \
+                eps, mu = smoothing_factors(st.min.to(dev), st.max.to(dev), st.mean.to(dev), linear.weight, alpha,
+                                            shift)
+                error = _quantized_error(linear, torch.cat(st.rows).to(dev), eps, mu, ctx.weights, ctx.activations) \
                     if len(s.alphas) > 1 else 0.0
                 if best is None or error < best[0]:
                     best = (error, alpha, eps, mu)

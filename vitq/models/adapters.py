@@ -271,3 +271,18 @@ def quantizers_off(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for q, enabled in zip(quantizers, previous):
             q.enabled = enabled
+
+
+@contextmanager
+def kept_on_its_device(model: nn.Module) -> Iterator[nn.Module]:
+    """Whatever moves ``model`` inside the block (``model.to("cuda")`` for a GPU pass), it is
+    back on its own device on exit: the caller's float model is not moved by vitq's work
+    (``tests/test_cuda.py`` checks it on a GPU).
+    """
+    tensors = list(model.parameters()) + list(model.buffers())
+    home = tensors[0].device if tensors else None
+    try:
+        yield model
+    finally:
+        if home is not None:
+            model.to(home)

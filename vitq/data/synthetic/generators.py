@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import VitqError, reject_unknown_keys
-from ...models.adapters import find_adapter
+from ...models.adapters import find_adapter, kept_on_its_device
 from ...registry import Registry
 from .losses import patch_contrastive_loss, patch_similarity_entropy, total_variation
 
@@ -273,17 +273,19 @@ class Generator:
 
 @contextlib.contextmanager
 def _frozen(model: nn.Module, device: torch.device):
-    """Eval mode and no parameter gradients for the duration; the model's own flags come back after."""
+    """Eval mode, no parameter gradients and ``device`` for the duration; the model's own flags and
+    device come back after."""
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
-    model.eval().to(device).requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            yield model
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with kept_on_its_device(model):
+        model.eval().to(device).requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                yield model
+        finally:
+            for p, flag in zip(model.parameters(), flags):
+                p.requires_grad_(flag)
+            model.train(was_training)
 
 
 def _register(name: str):
