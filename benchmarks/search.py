@@ -279,11 +279,13 @@ def _part_lines(name: str, part: Dict[str, Any]) -> List[str]:
     fp = rows[0]["fp_top1"]
     where = ""
     if part.get("gpu"):
-        where = (f"; searched on a lent {part['gpu']} (`--device {part['device']}`) in "
-                 + (f"{part['seconds'] / 60:.1f} min, peak GPU memory {part.get('peak_gpu_mib', '?')} MiB"
-                    if "seconds" in part else "one run")
+        where = (f"; searched on a lent {part['gpu']} (`--device {part['device']}`)"
+                 + (f", {part['seconds'] / 60:.1f} min in all, peak GPU memory {part.get('peak_gpu_mib', '?')} MiB"
+                    if "seconds" in part else "")
                  + ("; evaluated on this machine's CPU from the saved plans" if any("evaluated_on" in r for r in rows)
-                    else "") + "; search seconds are GPU seconds")
+                    else "") + "; *search s* is GPU time")
+    if not name.startswith("cifar") and not part.get("complete", True):
+        where += f"; **cut short**: {part.get('note', 'the run did not finish')}"
     if name.startswith("cifar"):
         done = sorted({r["seed"] for r in rows})
         cut = "" if part.get("complete", True) else f" — **run cut short: seeds {done} only** ({part.get('note', '')})"
@@ -294,8 +296,9 @@ def _part_lines(name: str, part: Dict[str, Any]) -> List[str]:
             head += (f"; clamp-vit {part['df_passes']} pass{'' if part['df_passes'] == 1 else 'es'}, refresh every {part['df_refresh_every']} cycles with "
                      f"{part['refresh_steps']} steps")
     else:
-        head = (f"**ImageNet DeiT-Tiny** (FP top-1 {fp:.2f} on the {part['num_eval']} evaluation images; seed 0; "
-                f"cpt-v {part['passes']} passes on the 100 calibration images")
+        head = f"**ImageNet DeiT-Tiny** (FP top-1 {fp:.2f} on the {part['num_eval']} evaluation images; seed 0"
+        if "cptv" in part.get("parts", ["cptv"]):
+            head += f"; cpt-v {part['passes']} passes on the 100 calibration images"
         if "df" in part.get("parts", ["df"]):
             head += (f"; clamp-vit {part['df_passes']} pass{'' if part['df_passes'] == 1 else 'es'}, refresh every {part['df_refresh_every']} cycles with "
                      f"{part['refresh_steps']} steps")
