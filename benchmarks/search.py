@@ -144,6 +144,17 @@ def data_free_rows(bench: Bench, seed: int, w: int, a: int, passes: int, refresh
     bench.rows[-1]["refresh_steps"] = refresh_steps
 
 
+def _variant(name: str) -> Dict[str, Any]:
+    """A cpt-v variant's search settings: ``kl`` (KL fitness, T = 1) or ``T=<t>`` (InfoNCE at temperature t)."""
+    if not name:
+        return {}
+    if name == "kl":
+        return {"fitness": "kl", "temperature": 1.0}
+    if name.startswith("T="):
+        return {"temperature": float(name[2:])}
+    raise SystemExit(f"unknown cpt-v variant {name!r}: use kl or T=<temperature>")
+
+
 def part_name(base: str, args) -> str:
     return base + (f"_{args.tag}" if args.tag else "")
 
@@ -167,13 +178,13 @@ def cifar(root: Path, args) -> Dict[str, Any]:
     for seed in args.seeds:
         if "cptv" in args.parts:
             images = _images(balanced_subset(pool, 1000, seed=seed, what="calibration images"), loaded.data_config)
-            for w, a in ((4, 8), (3, 8)):
+            for w in args.cptv_bits:
+                a = 8
                 start = bench.run("omse", "omse", images, w, a, seed)
-                fitnesses = ["infonce", "kl"] if w == 3 and seed in args.kl_seeds else ["infonce"]
-                for fitness in fitnesses:
-                    recipe = cptv_recipe(args.passes, **({} if fitness == "infonce" else {"fitness": fitness,
-                                                                                          "temperature": 1.0}))
-                    bench.run("omse → cpt-v" + ("" if fitness == "infonce" else f" ({fitness})"), recipe,
+                variants = [""] + (args.w3_variants if w == 3 and seed in args.kl_seeds else [])
+                for variant in variants:
+                    recipe = cptv_recipe(args.passes, **_variant(variant))
+                    bench.run("omse → cpt-v" + (f" ({variant})" if variant else ""), recipe,
                               images[:args.search_images], w, a, seed, start_plan=start.plan)
         if "df" in args.parts:
             data_free_rows(bench, seed, 4, 8, args.df_passes, args.df_refresh_every, args.refresh_steps, 32)
@@ -341,7 +352,10 @@ def main(argv=None) -> int:
     parser.add_argument("--in-df-passes", type=int, default=1, help="ImageNet clamp-vit passes")
     parser.add_argument("--in-df-refresh-every", type=int, default=72, help="ImageNet clamp-vit refresh")
     parser.add_argument("--kl-seeds", type=int, nargs="*", default=None,
-                        help="CIFAR W3A8: seeds that also run cpt-v with the KL fitness (default: every seed)")
+                        help="CIFAR W3A8: seeds that also run the --w3-variants (default: every seed)")
+    parser.add_argument("--cptv-bits", type=int, nargs="+", default=[4, 3], help="CIFAR cpt-v weight bits (A8)")
+    parser.add_argument("--w3-variants", nargs="*", default=["kl"],
+                        help="CIFAR W3A8 cpt-v variants besides the recipe's: kl, T=<InfoNCE temperature>")
     parser.add_argument("--parts", nargs="+", choices=["cptv", "df"], default=["cptv", "df"],
                         help="cptv: omse and omse → cpt-v rows; df: the data-free rows (psaq, clamp, clamp-vit)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda; a GPU's rows go to their own parts")
