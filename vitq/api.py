@@ -11,9 +11,9 @@ from torch import nn
 from .errors import VitqError
 from .eval.metrics import compare, model_size, predict
 from .methods.lifecycle import convert, prepare
-from .models.adapters import kept_on_its_device
 from .methods.plan import Plan, apply_plan, plan_from_model
 from .methods.stages import Refresher, StageContext
+from .models.adapters import kept_on_its_device
 from .recipes.recipe import Recipe, load_recipe
 
 Batches = Iterable[Any]
