@@ -73,9 +73,11 @@ def test_clamp_vit_data_free_refreshes_images(checkpoint, tmp_path, capsys):
     assert any(p.get("event") == "refresh" for p in curve)
 
 
-def test_resume_after_an_interrupted_search(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
+def check_resume(args_for, tmp_path, capsys, monkeypatch):
+    """A search cut in its third block by Ctrl-C resumes from ``<out>.partial`` to the very plan of an
+    uninterrupted run. ``args_for(out, *extra)`` builds the quantize command line."""
     full = tmp_path / "full"
-    assert main(cptv_args(checkpoint, image_folder, full)) == 0
+    assert main(args_for(full)) == 0
     out = tmp_path / "cut"
     tell = search.Evolution.tell
     calls = {"n": 0}
@@ -87,13 +89,17 @@ def test_resume_after_an_interrupted_search(checkpoint, image_folder, tmp_path, 
         tell(self, x, f)
 
     monkeypatch.setattr(search.Evolution, "tell", interrupted)
-    assert main(cptv_args(checkpoint, image_folder, out)) == 130
+    assert main(args_for(out)) == 130
     assert not out.exists() and (tmp_path / "cut.partial" / "search_state.pt").exists()
     monkeypatch.setattr(search.Evolution, "tell", tell)
-    assert main(cptv_args(checkpoint, image_folder, out, "--resume")) == 0, capsys.readouterr().err
+    assert main(args_for(out, "--resume")) == 0, capsys.readouterr().err
     assert "resumed from" in (out / "log.txt").read_text()
     a, b = scales(full), scales(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_an_interrupted_search(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
+    check_resume(lambda out, *extra: cptv_args(checkpoint, image_folder, out, *extra), tmp_path, capsys, monkeypatch)
 
 
 def test_resume_without_a_partial_run(checkpoint, image_folder, tmp_path, capsys):

@@ -11,21 +11,19 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import vitq
-import vitq.methods.search as search
 from vitq.cli import main
 from vitq.data.synthetic import create_generator
 from vitq.methods import Plan, apply_plan
 
 from test_cli import quantize_args
+from test_cli_search import check_resume, scales
+from test_cli_search import cptv_args as cpu_cptv_args
 
 # VITQ_TEST_DEVICE=cpu runs these on the CPU: a check of the tests themselves where there is no GPU
 DEVICE = os.environ.get("VITQ_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
-
-FAST = ["--set", "search.passes=1", "--set", "search.batch_size=6", "--set", "search.radius=0.01"]
 
 
 def on_cuda(args):
@@ -35,13 +33,7 @@ def on_cuda(args):
 
 
 def cptv_args(checkpoint, image_folder, out, *extra):
-    args = on_cuda(quantize_args(checkpoint, image_folder, out, *FAST, *extra))
-    args[args.index("minmax")] = "cpt-v"
-    return args
-
-
-def scales(run):
-    return {k: v for k, v in load_file(run / "plan.safetensors").items() if k.endswith(".scale")}
+    return on_cuda(cpu_cptv_args(checkpoint, image_folder, out, *extra))
 
 
 def metrics(run):
@@ -89,24 +81,7 @@ def test_clamp_vit_data_free_on_cuda(checkpoint, tmp_path, capsys):
 
 
 def test_resume_on_cuda(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
-    full = tmp_path / "full"
-    assert main(cptv_args(checkpoint, image_folder, full)) == 0
-    out = tmp_path / "cut"
-    tell = search.Evolution.tell
-    calls = {"n": 0}
-
-    def interrupted(self, x, f):
-        calls["n"] += 1
-        if calls["n"] > 7:
-            raise KeyboardInterrupt
-        tell(self, x, f)
-
-    monkeypatch.setattr(search.Evolution, "tell", interrupted)
-    assert main(cptv_args(checkpoint, image_folder, out)) == 130
-    monkeypatch.setattr(search.Evolution, "tell", tell)
-    assert main(cptv_args(checkpoint, image_folder, out, "--resume")) == 0, capsys.readouterr().err
-    a, b = scales(full), scales(out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    check_resume(lambda out, *extra: cptv_args(checkpoint, image_folder, out, *extra), tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["gaussian", "psaq", "clamp"])
