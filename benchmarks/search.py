@@ -191,6 +191,13 @@ def cifar(root: Path, args) -> Dict[str, Any]:
     return {**facts, "rows": bench.rows, "complete": True}
 
 
+def imagenet_split(root: Path, num_eval=None):
+    """The foundation benchmark's split of imagenet-sample/: 100 calibration images, the rest for evaluation."""
+    sample = scan_folder(root / "imagenet-sample")
+    calib_split = balanced_subset(sample, 100, seed=0, what="calibration images")
+    return calib_split, balanced_subset(sample, num_eval, seed=0, exclude=calib_split.paths, what="evaluation images")
+
+
 def imagenet(root: Path, args) -> Dict[str, Any]:
     loaded = load_model(root / "models/deit_tiny_imagenet.pth")
     if args.imagenet_calib:  # search-only machine: these are the 100 calibration images, no evaluation here
@@ -198,9 +205,7 @@ def imagenet(root: Path, args) -> Dict[str, Any]:
         if len(calib_split) != 100:
             raise SystemExit(f"--imagenet-calib: expected the 100 calibration images, found {len(calib_split)}")
     else:
-        sample = scan_folder(root / "imagenet-sample")
-        calib_split = balanced_subset(sample, 100, seed=0, what="calibration images")
-        evalset = balanced_subset(sample, args.num_eval, seed=0, exclude=calib_split.paths, what="evaluation images")
+        calib_split, evalset = imagenet_split(root, args.num_eval)
         eval_batches, num_eval = in_memory(make_loader(evalset, loaded.data_config, 50)), len(evalset)
     facts = {"num_eval": num_eval, "passes": args.in_passes, "df_passes": args.in_df_passes,
              "df_refresh_every": args.in_df_refresh_every, "refresh_steps": args.refresh_steps, "parts": args.parts,
@@ -227,9 +232,7 @@ def evaluate_plans(root: Path, args, results: Dict[str, Any]) -> None:
     if name not in results:
         raise SystemExit(f"no part {name!r} in the results to evaluate (have: {sorted(results)})")
     loaded = load_model(root / "models/deit_tiny_imagenet.pth")
-    sample = scan_folder(root / "imagenet-sample")
-    calib_split = balanced_subset(sample, 100, seed=0, what="calibration images")
-    evalset = balanced_subset(sample, None, seed=0, exclude=calib_split.paths, what="evaluation images")
+    _, evalset = imagenet_split(root, None)
     eval_batches = in_memory(make_loader(evalset, loaded.data_config, 50))
     (fp_logits,), _ = predict(loaded.model, eval_batches, DEVICE, progress=False)
     part = results[name]
