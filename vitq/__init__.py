@@ -5,7 +5,7 @@ Example:
     >>> model = timm.create_model("test_vit")
     >>> result = vitq.quantize(model, "minmax", [torch.randn(2, 3, 160, 160)], w_bits=4, progress=False)
     >>> sorted(result.plan.meta)[:2]
-    ['a_bits', 'protocol']
+    ['a_bits', 'input_bits']
 """
 __version__ = "0.1.0"
 

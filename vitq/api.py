@@ -1,6 +1,7 @@
 """The public verbs: ``quantize`` a model with a recipe and data, ``evaluate`` it against the float model."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Union
@@ -14,6 +15,7 @@ from .methods.lifecycle import convert, prepare
 from .methods.plan import Plan, apply_plan, plan_from_model
 from .methods.stages import Refresher, StageContext
 from .models.adapters import kept_on_its_device
+from .quant.protocol import DEFAULT_INPUT_BITS
 from .recipes.recipe import Recipe, load_recipe
 
 Batches = Iterable[Any]
@@ -37,7 +39,7 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
 @dataclass
 class QuantizedModel:
     """What :func:`quantize` returns: the quantized model, its plan and what the stages recorded
-    (e.g. ``record["search_curve"]``)."""
+    (e.g. ``record["search_curve"]``; ``record["stage_seconds"]``: each stage's wall time)."""
 
     model: nn.Module
     plan: Plan
@@ -46,7 +48,7 @@ class QuantizedModel:
 
 def quantize(
     model: nn.Module,
-    recipe: Union[str, Recipe] = "omse",
+    recipe: Union[str, Recipe] = "recommended",
     data: Batches = (),
     *,
     w_bits: int = 8,
@@ -61,6 +63,7 @@ def quantize(
     resume: bool = False,
     refresh: Optional[Refresher] = None,
     log: Optional[Callable[..., None]] = None,
+    input_bits: Optional[int] = DEFAULT_INPUT_BITS,
 ) -> QuantizedModel:
     """Quantize a float ViT/DeiT/Swin with a recipe, calibrating on ``data``.
 
@@ -85,6 +88,8 @@ def quantize(
         refresh: data-free runs: ``refresh(qmodel, batches, step)`` returns new images made
             from the current quantized model (CLAMP-ViT's cycle).
         log: where stage messages go (e.g. a logger's ``info``).
+        input_bits: bits of the image input (the patch embedding's input): 8 by default at every
+            activation width, as in RepQ-ViT; None quantizes it at ``a_bits``.
 
     Example:
         >>> import timm, torch
@@ -109,6 +114,8 @@ def quantize(
             a_bits=a_bits,
             weight_symmetric=recipe.weights.symmetric,
             act_symmetric=recipe.activations.symmetric,
+            input_bits=input_bits,
+            kinds=recipe.kinds,
         )
     ctx = StageContext(
         float_model=model, model=qmodel, data=batches, weights=recipe.weights, activations=recipe.activations,
@@ -131,13 +138,19 @@ def quantize(
                 raise VitqError(f"stage {config.name!r} of recipe {recipe.name!r} needs calibration images; "
                                 "none were given")
             torch.manual_seed(seed)
+            started = time.perf_counter()
             stage.run(ctx)
+            ctx.record.setdefault("stage_seconds", {})[config.name] = round(time.perf_counter() - started, 2)
     convert(qmodel)
     plan_meta = {"recipe": recipe.name, "protocol": protocol, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
                  **(meta or {})}
+    if start_plan is None:
+        plan_meta["input_bits"] = input_bits if input_bits is not None else a_bits
+    elif "input_bits" in plan.meta:
+        plan_meta["input_bits"] = plan.meta["input_bits"]
     if start_plan is not None:
         plan_meta["start_plan"] = {"recipe": plan.meta.get("recipe"), "skipped_stages": skipped}
-    for key in ("search", "opt_m", "greedy_mp"):
+    for key in ("search", "opt_m", "greedy_mp", "reparam", "gptq"):
         if key in ctx.record:
             plan_meta[key] = ctx.record[key]
     if "smooth" in ctx.record:  # the smoothed pairs themselves go into meta["smooth"] (plan_from_model)

@@ -32,7 +32,7 @@ from .methods.plan import Plan, apply_plan
 from .models.adapters import ADAPTERS, find_adapter
 from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .quant.observers import OBSERVERS
-from .quant.protocol import PROTOCOLS, get_protocol
+from .quant.protocol import DEFAULT_INPUT_BITS, PROTOCOLS, get_protocol
 from .recipes.recipe import RECIPES, Recipe, load_recipe
 from .report import RunFolder, bits_per_layer, pareto, run_report, search_curve
 
@@ -115,9 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="calibrate a quantized model, evaluate it, write a run folder")
     _common(q)
-    q.add_argument("--recipe", default="omse", help="recipe name (vitq list) or YAML file")
+    q.add_argument("--recipe", default="recommended",
+                   help="recipe name (vitq list) or YAML file (default: recommended)")
     q.add_argument("--w-bits", type=_bits, default=None, help="weight bits, 2-8 (default 8; with --start-plan: the plan's)")
     q.add_argument("--a-bits", type=_bits, default=None, help="activation bits, 2-8 (default 8; with --start-plan: the plan's)")
+    q.add_argument("--input-bits", type=_bits, default=None,
+                   help="bits of the image input (the patch embedding's input): default 8 at every --a-bits, as "
+                        "RepQ-ViT (PTQ4ViT leaves it in float)")
     q.add_argument("--start-plan", help="improve this plan (plan.json or run folder) instead of calibrating afresh")
     q.add_argument("--set", dest="overrides", action="append", type=_setting, default=[], metavar="STAGE.KEY=VALUE",
                    help="override a recipe stage setting, e.g. --set search.passes=2 (repeatable)")
@@ -359,6 +363,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     args.w_bits = 8 if args.w_bits is None else args.w_bits
     args.a_bits = 8 if args.a_bits is None else args.a_bits
     protocol = get_protocol(args.protocol or "p1")
+    if start_plan is not None and args.input_bits is not None:
+        raise VitqError("--input-bits does not apply with --start-plan: the plan's quantizers are kept")
+    input_bits = DEFAULT_INPUT_BITS if args.input_bits is None else args.input_bits
+    if start_plan is not None:
+        input_bits = start_plan.meta.get("input_bits")
     device = resolve_device(args.device)
     loaded = _load(args)
     if start_plan is not None:
@@ -391,6 +400,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "protocol": protocol.name,
             "w_bits": args.w_bits,
             "a_bits": args.a_bits,
+            "input_bits": input_bits,
             "budget": args.budget,
             "seed": args.seed,
             "device": str(device),
@@ -423,7 +433,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         result = quantize(
             loaded.model, recipe, calib_batches, w_bits=args.w_bits, a_bits=args.a_bits, protocol=protocol.name,
             device=device, progress=not args.quiet, meta=meta, seed=args.seed, start_plan=start_plan,
-            workdir=run.path, resume=args.resume, refresh=refresh, log=run.log.info,
+            workdir=run.path, resume=args.resume, refresh=refresh, log=run.log.info, input_bits=input_bits,
         )
         run.log.info("stages %s done in %.1f s (%d quant points)", ", ".join(recipe.stage_names),
                      time.perf_counter() - t0, len(result.plan.rules))
@@ -451,6 +461,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "protocol": protocol.name,
             "w_bits": args.w_bits,
             "a_bits": args.a_bits,
+            "input_bits": result.plan.meta.get("input_bits"),
             "budget": args.budget,
             "seed": args.seed,
             "num_calib": num_calib,

@@ -19,10 +19,10 @@ from conftest import IMG, NUM_CLASSES, tiny_swin, tiny_vit  # noqa: E402
 AVX2 = CpuInfo(frozenset({"avx2"}))
 
 
-def quantize(model, protocol="p1", w_bits=8, a_bits=8):
+def quantize(model, protocol="p1", w_bits=8, a_bits=8, recipe="minmax", input_bits=8):
     torch.manual_seed(0)
-    return vitq.quantize(model, "minmax", [torch.randn(8, 3, IMG, IMG)], w_bits=w_bits, a_bits=a_bits,
-                         protocol=protocol, progress=False, device="cpu")
+    return vitq.quantize(model, recipe, [torch.randn(8, 3, IMG, IMG)], w_bits=w_bits, a_bits=a_bits,
+                         protocol=protocol, progress=False, device="cpu", input_bits=input_bits)
 
 
 def test_export_runs_in_onnxruntime_close_to_simulated(tmp_path, images):
@@ -66,11 +66,25 @@ def test_export_stores_integer_weights(tmp_path):
     assert any("8-bit containers" in w for w in report.warnings)
 
 
+def test_recommended_recipe_exports_its_rewritten_weights(tmp_path, images):
+    """GPTQ's rounded weights, the folded LayerNorms and the log√2 probabilities (emulated, and
+    said so) reach the ONNX model: it agrees with the simulated model."""
+    result = quantize(tiny_vit(), w_bits=4, a_bits=8, recipe="recommended")
+    report = export_onnx(result.model, tmp_path / "m.onnx", int_format="u8u8", meta=result.plan.meta, cpu=AVX2)
+    ort_logits = OnnxModel(report.path)(images)
+    with torch.no_grad():
+        sim = result.model(images)
+    assert (ort_logits - sim).abs().max() <= 0.05 * sim.abs().max()
+    assert bool((ort_logits.argmax(1) == sim.argmax(1)).all())
+    assert any(p["kind"] == "logsqrt2" and p["form"] == "float_emulated" for p in report.to_dict()["points"])
+
+
 @pytest.mark.parametrize("w_bits, a_bits", [(8, 7), (7, 8)])
 def test_u8s8_is_exact_below_8_bits(tmp_path, images, w_bits, a_bits):
     """With 7-bit weights or 7-bit activations the int16 pair sums of AVX2's U8S8 cannot saturate:
     auto picks it, and it gives exactly U8U8's output."""
-    model = quantize(tiny_vit(), w_bits=w_bits, a_bits=a_bits).model
+    # the image input at the activation bits too (at 8 bits it would meet 8-bit weights in the patch conv)
+    model = quantize(tiny_vit(), w_bits=w_bits, a_bits=a_bits, input_bits=None).model
     fast = export_onnx(model, tmp_path / "fast.onnx", cpu=AVX2, verify=False)
     assert fast.int_format.name == "u8s8" and not fast.to_dict()["int_format"]["may_saturate"]
     exact = export_onnx(model, tmp_path / "exact.onnx", int_format="u8u8", cpu=AVX2, verify=False)

@@ -4,12 +4,15 @@ from .plan import Plan, apply_plan, plan_from_model
 from .stages import STAGES, Stage, StageContext, StageSettings
 from .search import FITNESS, MUTATIONS, Evolution, SearchSettings, SearchStage  # registers the "search" stage
 from .smooth import SmoothSettings, SmoothStage, fold_smoothing, smoothing_of  # registers "smooth"
+from .gptq import GPTQSettings, GPTQStage  # registers "gptq"
+from .reparam import ReparamSettings, ReparamStage  # registers "reparam"
 from .opt_m import OptMSettings, OptMStage  # registers "opt_m"
 from .mixed import GreedyMPSettings, GreedyMPStage, parse_budget  # registers "greedy_mp"
 
 __all__ = [
-    "FITNESS", "MUTATIONS", "STAGES", "Evolution", "GreedyMPSettings", "GreedyMPStage", "OptMSettings", "OptMStage",
-    "Plan", "SearchSettings", "SearchStage", "SmoothSettings", "SmoothStage", "Stage", "StageContext",
-    "StageSettings", "apply_plan", "calibrate", "check_bits", "convert", "fold_smoothing", "is_prepared",
-    "parse_budget", "plan_from_model", "prepare", "smoothing_of",
+    "Evolution", "FITNESS", "GPTQSettings", "GPTQStage", "GreedyMPSettings", "GreedyMPStage", "MUTATIONS",
+    "OptMSettings", "OptMStage", "Plan", "ReparamSettings", "ReparamStage", "STAGES", "SearchSettings",
+    "SearchStage", "SmoothSettings", "SmoothStage", "Stage", "StageContext", "StageSettings", "apply_plan",
+    "calibrate", "check_bits", "convert", "fold_smoothing", "is_prepared", "parse_budget", "plan_from_model",
+    "prepare", "smoothing_of",
 ]

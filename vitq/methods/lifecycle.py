@@ -12,7 +12,7 @@ from ..errors import VitqError
 from ..models.adapters import find_adapter, iter_quantizers, quantizers_off
 from ..quant import protocol as roles
 from ..quant.observers import ObserverConfig
-from ..quant.protocol import get_protocol
+from ..quant.protocol import DEFAULT_INPUT_BITS, get_protocol
 from ..quant.quantizer import Quantizer
 from ..quant.spec import QuantSpec
 
@@ -42,6 +42,8 @@ def prepare(
     weight_symmetric: bool = True,
     act_symmetric: bool = False,
     specs: Optional[Mapping[str, QuantSpec]] = None,
+    input_bits: Optional[int] = DEFAULT_INPUT_BITS,
+    kinds: Optional[Mapping[str, str]] = None,
 ) -> nn.Module:
     """A quantized copy of ``model`` with uncalibrated quantizers in place; ``model`` is untouched.
 
@@ -51,6 +53,9 @@ def prepare(
         w_bits, a_bits: weight and activation bit-widths (2-8).
         weight_symmetric, act_symmetric: signed symmetric ranges or unsigned with a zero point.
         specs: per-point overrides by fully-qualified quantizer name (from a plan).
+        input_bits: bits of the image input (the patch embedding's input) where the protocol quantizes
+            it: 8 by default at every activation width (RepQ-ViT's setting); None: ``a_bits``.
+        kinds: quantizer kind per role, e.g. ``{"attn_probs": "logsqrt2"}`` (a recipe's ``kinds``).
 
     Example:
         >>> import timm
@@ -62,11 +67,18 @@ def prepare(
         raise VitqError("the model is already prepared: pass the float model to prepare()")
     check_bits(w_bits, "w_bits")
     check_bits(a_bits, "a_bits")
+    if input_bits is not None:
+        check_bits(input_bits, "input_bits")
     proto = get_protocol(protocol)
+    kinds = proto.check_kinds(kinds)
     adapter = find_adapter(model)
     qmodel = adapter.quantize_modules(copy.deepcopy(model)).eval()
+    image_point = adapter.image_input(qmodel)
     for name, quantizer in iter_quantizers(qmodel):
-        quantizer.set_spec(proto.spec_for(quantizer.role, w_bits, a_bits, weight_symmetric, act_symmetric))
+        spec = proto.spec_for(quantizer.role, w_bits, a_bits, weight_symmetric, act_symmetric, kinds)
+        if name == image_point and spec.enabled and input_bits is not None:
+            spec = spec.with_(bits=input_bits)
+        quantizer.set_spec(spec)
     if specs:
         known = dict(iter_quantizers(qmodel))
         unknown = sorted(set(specs) - set(known))
@@ -95,11 +107,15 @@ def calibrate(
     activations: ObserverConfig = DEFAULT_ACTIVATIONS,
     device: Union[str, torch.device, None] = None,
     progress: bool = True,
+    sequential: bool = False,
 ) -> nn.Module:
     """Set every quantizer's scale and zero point from statistics, in place.
 
-    Weights are observed directly; activations are observed on the float tensors of a forward
-    pass over ``batches`` (all quantizers pass through while observing, as in FQ-ViT).
+    Weights are observed directly. Activations are observed on the float tensors of a forward
+    pass over ``batches`` (all quantizers pass through while observing, as in FQ-ViT), or, with
+    ``sequential``, on the tensors of the partly quantized model: each quant point sees its input
+    computed with every quant point before it already quantized (as RepQ-ViT's first forward
+    does), so its range fits what it will receive.
 
     Args:
         model: a prepared, not yet calibrated model.
@@ -107,6 +123,7 @@ def calibrate(
         weights, activations: observers for weight and for activation quant points.
         device: where to run (default: the model's device).
         progress: show a progress bar.
+        sequential: calibrate point after point in forward order on the partly quantized model.
     """
     quantizers = dict(iter_quantizers(model))
     if not quantizers:
@@ -126,6 +143,13 @@ def calibrate(
     observers = {
         q: activations.build(q.spec) for q in quantizers.values() if q.needs_calibration and q.role != roles.WEIGHT
     }
+    if sequential:
+        images = [(b[0] if isinstance(b, (tuple, list)) else b) for b in batches]
+        if observers and not images:
+            raise VitqError("calibration got no batches: give at least one calibration image")
+        _calibrate_sequential(model, images, {n: q for n, q in quantizers.items() if q in observers}, observers,
+                              device, progress)
+        return model
     hooks = [q.register_forward_pre_hook(lambda mod, args: observers[mod].observe(args[0])) for q in observers]
     seen = 0
     try:
@@ -142,6 +166,153 @@ def calibrate(
     for quantizer, observer in observers.items():
         quantizer.set_qparams(*observer.qparams())
     return model
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the tensors it needed were seen."""
+
+
+def _run_until(fn, inputs, stop_at: nn.Module) -> None:
+    """``fn(x)`` for each input, each pass ended as soon as ``stop_at`` is called."""
+    def stop(module, args):
+        raise _Stop
+
+    hook = stop_at.register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                try:
+                    fn(x)
+                except _Stop:
+                    pass
+    finally:
+        hook.remove()
+
+
+def forward_order(model: nn.Module, images: torch.Tensor, modules) -> list:
+    """``modules`` in the order a forward pass on ``images`` first calls them (with the model's
+    quantizers switched off). Raises when one is never called."""
+    modules = list(modules)
+    order: list = []
+
+    def record(module, args):
+        if module not in order:
+            order.append(module)
+
+    hooks = [m.register_forward_pre_hook(record) for m in modules]
+    try:
+        with quantizers_off(model), torch.no_grad():
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(order) != len(modules):
+        names = {m: n for n, m in model.named_modules()}
+        missing = next(m for m in modules if m not in order)
+        raise VitqError(f"{names.get(missing, type(missing).__name__)} is never reached by a forward pass")
+    return order
+
+
+def staged_passes(model: nn.Module, images, groups, device):
+    """For each group of modules (in forward order), yield ``(group, feed)``: ``feed()`` runs the
+    calibration ``images`` through the model as it is now, each pass ended once the group's last
+    module is called (so the caller's hooks on the group see their inputs, computed with every
+    earlier group finished). Inside a transformer block a pass starts from the block's input,
+    cached when the block's first group comes (everything before the block is final by then):
+    about two forward passes per block in all."""
+    names = {m: n for n, m in model.named_modules()}
+    try:
+        blocks = find_adapter(model).blocks(model)
+    except VitqError:
+        blocks = []
+
+    def block_of(module: nn.Module):
+        name = names[module]
+        return next(((b, m) for b, m in blocks if name.startswith(b + ".")), (None, None))
+
+    follows = _successors(model)
+    cached_block, cached, cache = None, None, None
+    for group in groups:
+        block_name, block = block_of(group[0])
+        if block_name is not None and cached_block != block_name:
+            if cached is not None and follows.get(cached) is block and not cache[0][1]:
+                # the next block of the same sequence: its input is the previous block's output
+                with torch.no_grad():
+                    cache = [((cached(*args),), {}) for args, _ in cache]
+            else:
+                cache = _block_inputs(model, block, images, device)
+            cached_block, cached = block_name, block
+
+        def feed(group=group, block=block, block_name=block_name, cache=cache) -> None:
+            if block_name is None:
+                _run_until(lambda x: model(x.to(device)), images, group[-1])
+            else:
+                _run_until(lambda a: block(*a[0], **a[1]), cache, group[-1])
+
+        yield group, feed
+
+
+def _calibrate_sequential(model: nn.Module, images, points: Dict[str, Quantizer], observers, device,
+                          progress: bool) -> None:
+    """Sequential calibration: quant points in groups, in forward order; a group (the points of
+    one module, e.g. q, k, v and the probabilities of one attention) is observed on a pass in
+    which every group before it is quantized, then enabled (:func:`staged_passes`)."""
+    order = forward_order(model, images[0].to(device), points.values())
+    names = {q: n for n, q in points.items()}
+    groups: list = []
+    for q in order:
+        owner = names[q].rsplit(".", 1)[0]
+        if groups and groups[-1][0] == owner:
+            groups[-1][1].append(q)
+        else:
+            groups.append((owner, [q]))
+    for q in points.values():
+        q.enabled = False  # not yet calibrated: pass through
+    passes = staged_passes(model, images, [g for _, g in groups], device)
+    for group, feed in tqdm(passes, total=len(groups), desc="calibrate (sequential)", unit="group",
+                            disable=not progress, leave=False):
+        # the observers' hooks come before the stop hook, so the last point is observed first
+        hooks = [q.register_forward_pre_hook(lambda mod, args: observers[mod].observe(args[0])) for q in group]
+        try:
+            feed()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for q in group:
+            q.set_qparams(*observers[q].qparams())
+            q.enabled = q.spec.enabled
+
+
+def _successors(model: nn.Module) -> Dict[nn.Module, nn.Module]:
+    """Each child of an ``nn.Sequential`` mapped to the child after it (whose input is its output)."""
+    out = {}
+    for module in model.modules():
+        if type(module) is nn.Sequential:
+            children = list(module.children())
+            out.update(zip(children[:-1], children[1:]))
+    return out
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, images, device) -> list:
+    """The inputs ``(args, kwargs)`` that ``block`` receives for each batch of ``images``, with the
+    model's quantizers as they are now."""
+    inputs: list = []
+
+    def grab(module, args, kwargs):
+        inputs.append((args, kwargs))
+        raise _Stop
+
+    hook = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for x in images:
+                try:
+                    model(x.to(device))
+                except _Stop:
+                    pass
+    finally:
+        hook.remove()
+    return inputs
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -1,9 +1,11 @@
 """The quantization plan: every quant point's spec and parameters, as one serialisable object.
 
 ``plan.json`` holds the metadata and specs, ``plan.safetensors`` the scales and zero points.
-A plan of a smoothed model (SQ-b) also lists the smoothed pairs in ``meta["smooth"]`` and holds
-their factors as ``smooth.<linear>.scale`` (ε) and ``smooth.<linear>.shift`` (μ);
-:func:`apply_plan` folds them into the fresh model before it sets any quantizer.
+A plan of a smoothed model (SQ-b, or RepQ's reparameterisation) also lists the smoothed pairs in
+``meta["smooth"]`` and holds their factors as ``smooth.<linear>.scale`` (ε) and
+``smooth.<linear>.shift`` (μ); :func:`apply_plan` folds them into the fresh model before it sets
+any quantizer. Weights that a stage rewrote (GPTQ) are listed in ``meta["params"]`` and held as
+``param.<name>``; :func:`apply_plan` writes them after the fold.
 Specs can be given by rules: an exact name, a ``re:`` pattern, or ``default``; exact names win,
 then the first matching pattern, then the default.
 """
@@ -22,6 +24,7 @@ from torch import nn
 from ..errors import VitqError
 from ..models.adapters import iter_quantizers
 from ..quant.spec import QuantSpec
+from .gptq import changed_params, mark_changed
 from .lifecycle import convert, prepare
 from .smooth import fold_smoothing, smoothing_from_plan, smoothing_of, smoothing_to_plan
 
@@ -105,6 +108,11 @@ def plan_from_model(model: nn.Module, meta: Dict[str, Any]) -> Plan:
     if smoothing:
         meta["smooth"], smooth_tensors = smoothing_to_plan(smoothing)
         tensors.update(smooth_tensors)
+    params = changed_params(model)
+    if params:  # weights rewritten by a stage (GPTQ): the plan carries their values
+        meta["params"] = params
+        for name in params:
+            tensors[f"param.{name}"] = model.get_parameter(name).detach().float().cpu().clone()
     return Plan(meta, rules, tensors)
 
 
@@ -115,6 +123,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     qmodel = prepare(model, protocol=protocol)
     if plan.meta.get("smooth"):
         fold_smoothing(qmodel, smoothing_from_plan(plan.meta["smooth"], plan.tensors))
+    if plan.meta.get("params"):
+        _load_params(qmodel, plan)
     names = [n for n, _ in iter_quantizers(qmodel)]
     exact = {k for k in plan.rules if not k.startswith("re:") and k != "default"}
     unknown = sorted(exact - set(names))
@@ -143,6 +153,26 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
                     f"{expected}: the plan was made for another architecture"
                 )
     return convert(qmodel)
+
+
+def _load_params(qmodel: nn.Module, plan: Plan) -> None:
+    """Write the parameters a plan carries (weights rewritten by GPTQ) into the prepared model."""
+    for name in plan.meta["params"]:
+        key = f"param.{name}"
+        if key not in plan.tensors:
+            raise VitqError(f"the plan rewrites {name} but its tensors lack {key}: the plan files are incomplete")
+        try:
+            param = qmodel.get_parameter(name)
+        except AttributeError:
+            raise VitqError(f"the plan rewrites {name}, which this model lacks: was it made for another "
+                            "architecture?") from None
+        value = plan.tensors[key]
+        if tuple(value.shape) != tuple(param.shape):
+            raise VitqError(f"the plan's {name} is {tuple(value.shape)}, the model's {tuple(param.shape)}: the plan "
+                            "was made for another architecture")
+        with torch.no_grad():
+            param.copy_(value.to(param.device, param.dtype))
+    mark_changed(qmodel, plan.meta["params"])
 
 
 def _expected_numel(model: nn.Module, name: str, quantizer) -> Optional[int]:

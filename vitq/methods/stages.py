@@ -99,15 +99,34 @@ class Stage:
 STAGES: Registry[type] = Registry("stage")
 
 
+@dataclass(frozen=True)
+class CalibrateSettings(StageSettings):
+    """Settings of the ``calibrate`` stage.
+
+    Attributes:
+        sequential: observe each quant point on the partly quantized model (every point before
+            it in forward order already quantized), as RepQ-ViT's calibration pass does; about
+            two forward passes per block. ``false``: every point sees float tensors (FQ-ViT).
+    """
+
+    sequential: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sequential, bool):
+            raise VitqError(f"calibrate.sequential must be true or false, got {self.sequential!r}")
+
+
 @STAGES.register("calibrate")
 class CalibrateStage(Stage):
-    """Set every quantizer's scale and zero point from the recipe's observers."""
+    """Set every quantizer's scale and zero point from the recipe's observers (on float
+    tensors, or sequentially on the partly quantized model)."""
 
+    Settings = CalibrateSettings
     needs_calibrated = False
 
     def run(self, ctx: StageContext) -> None:
         calibrate(ctx.model, ctx.data, weights=ctx.weights, activations=ctx.activations, device=ctx.device,
-                  progress=ctx.progress)
+                  progress=ctx.progress, sequential=self.settings.sequential)
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,8 @@ class StageConfig:
 
     def to_dict(self) -> Any:
         data = self.settings.to_dict()
+        if data == type(self.settings)().to_dict() and self.name == "calibrate":
+            return self.name  # plain calibration reads as before its settings existed
         return {self.name: data} if data else self.name
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "StageConfig":

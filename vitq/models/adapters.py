@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import timm.layers
-from timm.layers import Mlp
+from timm.layers import Mlp, PatchEmbed
 from timm.layers.attention import Attention
 import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
@@ -97,6 +97,14 @@ class ModelAdapter:
         the same operations as a full forward from that block, so searches need not recompute
         the unchanged blocks before it."""
         raise VitqError(f"{type(model).__name__}: this model family cannot run from a block")
+
+    def image_input(self, model: nn.Module) -> Optional[str]:
+        """The quant point that sees the model's input image (the patch embedding's input), or None
+        where the patch embedding reads something else (a hybrid model's convolutional stem)."""
+        embed = getattr(model, "patch_embed", None)
+        if type(embed) is PatchEmbed and isinstance(embed.proj, QuantConv2d):
+            return "patch_embed.proj.input_quantizer"
+        return None
 
     def block_parts(self, block: nn.Module) -> Dict[str, nn.Module]:
         """A block's attention and MLP sub-modules."""

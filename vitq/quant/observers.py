@@ -19,6 +19,7 @@ from .primitives import (
     choose_ptf_factors,
     choose_qparams_affine,
     fake_quantize_affine,
+    fake_quantize_logsqrt2,
     fake_quantize_twin,
     fake_quantize_twin_range,
 )
@@ -79,6 +80,11 @@ class Observer:
     def _clip_range(self) -> Tuple[Tensor, Tensor]:
         return self.min_val, self.max_val
 
+    def _logsqrt2_delta(self) -> Tensor:
+        """Δ of a ``logsqrt2`` quantizer (its largest level): the maximum; searching observers
+        override it."""
+        return self.max_val
+
     def qparams(self) -> Tuple[Tensor, Tensor]:
         """``(scale, zero_point)``: per-tensor scalars or ``[C]`` vectors."""
         if self.num_batches == 0:
@@ -89,7 +95,7 @@ class Observer:
             one = torch.ones((), device=self.max_val.device)
             return one, torch.zeros_like(one)
         if spec.kind == "logsqrt2":
-            delta = torch.clamp(self.max_val, min=1e-8)
+            delta = torch.clamp(self._logsqrt2_delta(), min=1e-8)
             return delta, torch.zeros_like(delta)
         lo, hi = self._clip_range()
         if spec.kind in ("twin", "twin_range"):
@@ -107,6 +113,50 @@ def twin_qparams(max_val: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
     ``max / (2^(b-1) - 1)`` and zero point 0 (the other scale follows from the spec's ``ratio_log2``)."""
     scale = torch.clamp(torch.clamp(max_val, min=0.0) / spec.qrange[1], min=1e-8)
     return scale, torch.zeros_like(scale)
+
+
+def _strided(x: Tensor, per_channel: bool, axis: int, max_samples: int) -> Tensor:
+    """``x`` as ``[C, n]`` (per channel) or ``[1, n]``, evenly strided down to about ``max_samples``
+    elements (the search runs on the subset; min and max always come from the whole tensor)."""
+    data = channel_view(x, axis) if per_channel else x.reshape(1, -1)
+    stride = max(1, math.ceil(data.numel() / max_samples))
+    return data[:, ::stride]
+
+
+def best_range(spec: QuantSpec, data: Tensor, candidates) -> Tuple[Tensor, Tensor]:
+    """Among candidate clipping ranges ``(lo, hi)`` (each ``[C, 1]`` for ``[C, n]`` data), the one
+    whose quantization of ``data`` has the least squared error, row by row."""
+    qmin, qmax = spec.qrange
+    best_err = best_lo = best_hi = None
+    for cand_lo, cand_hi in candidates:
+        if spec.kind in ("twin", "twin_range"):
+            scale, _ = twin_qparams(cand_hi, spec)
+            fake = fake_quantize_twin if spec.kind == "twin" else fake_quantize_twin_range
+            err = (fake(data, scale, spec.ratio_log2, spec.bits) - data).pow(2)
+        else:
+            scale, zp = choose_qparams_affine(cand_lo, cand_hi, qmin, qmax, spec.symmetric)
+            err = (fake_quantize_affine(data, scale, zp, qmin, qmax) - data).pow(2)
+        err = err.sum(dim=1, keepdim=True)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, cand_lo, cand_hi
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, cand_lo, best_lo)
+        best_hi = torch.where(better, cand_hi, best_hi)
+    return best_lo, best_hi
+
+
+def best_logsqrt2_delta(data: Tensor, bits: int, candidates) -> Tensor:
+    """Among candidate Δ (scalars), the one whose log√2 quantization of ``data`` has the least
+    squared error (RepQ-ViT searches Δ this way for post-softmax values)."""
+    best, best_err = None, None
+    for delta in candidates:
+        delta = torch.clamp(delta, min=1e-8)
+        err = float((fake_quantize_logsqrt2(data, delta, bits) - data).pow(2).sum())
+        if best_err is None or err < best_err:
+            best, best_err = delta, err
+    return best
 
 
 @OBSERVERS.register("minmax")
@@ -172,42 +222,69 @@ class OMSEObserver(Observer):
             raise VitqError("omse needs steps >= 1 and steps * step < 1")
         self.steps, self.step, self.max_samples = steps, step, max_samples
 
+    def _factors(self):
+        return [1.0 - self.step * i for i in range(self.steps)]
+
     def _clip_range(self) -> Tuple[Tensor, Tensor]:
-        spec = self.spec
-        qmin, qmax = spec.qrange
-        if self.per_channel:
-            data = channel_view(self.last, spec.axis)  # [C, N]
-            stride = max(1, math.ceil(data.shape[1] / max(1, self.max_samples // data.shape[0])))
-            data = data[:, ::stride]
-        else:
-            data = self.last.reshape(1, -1)
-            stride = max(1, math.ceil(data.shape[1] / self.max_samples))
-            data = data[:, ::stride]
+        data = _strided(self.last, self.per_channel, self.spec.axis, self.max_samples)
         lo = self.min_val.reshape(-1, 1).to(data.dtype)
         hi = self.max_val.reshape(-1, 1).to(data.dtype)
-        best_err = None
-        best_lo, best_hi = lo, hi
-        for i in range(self.steps):
-            f = 1.0 - self.step * i
-            cand_lo, cand_hi = lo * f, hi * f
-            if spec.kind in ("twin", "twin_range"):
-                scale, _ = twin_qparams(cand_hi, spec)
-                fake = fake_quantize_twin if spec.kind == "twin" else fake_quantize_twin_range
-                err = (fake(data, scale, spec.ratio_log2, spec.bits) - data).pow(2)
-            else:
-                scale, zp = choose_qparams_affine(cand_lo, cand_hi, qmin, qmax, spec.symmetric)
-                err = (fake_quantize_affine(data, scale, zp, qmin, qmax) - data).pow(2)
-            err = err.sum(dim=1, keepdim=True)
-            if best_err is None:
-                best_err = err
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo = torch.where(better, cand_lo, best_lo)
-            best_hi = torch.where(better, cand_hi, best_hi)
+        best_lo, best_hi = best_range(self.spec, data, [(lo * f, hi * f) for f in self._factors()])
         if self.per_channel:
             return best_lo.reshape(-1), best_hi.reshape(-1)
         return best_lo.reshape(()), best_hi.reshape(())
+
+    def _logsqrt2_delta(self) -> Tensor:
+        data = _strided(self.last, False, -1, self.max_samples)
+        return best_logsqrt2_delta(data, self.spec.bits, [self.max_val * f for f in self._factors()])
+
+
+@OBSERVERS.register("percentile_mse")
+class PercentileMSEObserver(Observer):
+    """The clipping range among the (1 − p, p) quantiles, p ∈ {0.999, 0.9999, 0.99999}, with the
+    least squared quantization error (RepQ-ViT); per channel for per-channel quantizers, and Δ of
+    log√2 quantizers chosen the same way.
+
+    The quantiles and the error come from an evenly strided sample of every calibration batch
+    (at most ``max_samples`` elements of each).
+    """
+
+    def __init__(self, spec: QuantSpec, percentiles: Tuple[float, ...] = (0.999, 0.9999, 0.99999),
+                 max_samples: int = 1 << 18) -> None:
+        super().__init__(spec)
+        percentiles = tuple(percentiles)
+        if not percentiles or not all(0.5 < p <= 1 for p in percentiles):
+            raise VitqError(f"percentile_mse needs percentiles in (0.5, 1], got {list(percentiles)}")
+        if max_samples < 1:
+            raise VitqError("percentile_mse needs max_samples >= 1")
+        self.percentiles, self.max_samples = percentiles, max_samples
+        self.samples = []
+
+    def _accumulate(self, lo: Tensor, hi: Tensor, x: Tensor) -> None:
+        super()._accumulate(lo, hi, x)
+        self.samples.append(_strided(x, self.per_channel, self.spec.axis, self.max_samples))
+
+    def _quantiles(self) -> Tuple[Tensor, list]:
+        data = torch.cat(self.samples, dim=1)
+        ordered = data.sort(dim=1).values
+        n = ordered.shape[1]
+        pairs = []
+        for p in self.percentiles:
+            hi = ordered[:, min(n - 1, max(0, math.ceil(p * n) - 1))].reshape(-1, 1)
+            lo = ordered[:, min(n - 1, max(0, n - math.ceil(p * n)))].reshape(-1, 1)
+            pairs.append((lo, hi))
+        return data, pairs
+
+    def _clip_range(self) -> Tuple[Tensor, Tensor]:
+        data, pairs = self._quantiles()
+        best_lo, best_hi = best_range(self.spec, data, pairs)
+        if self.per_channel:
+            return best_lo.reshape(-1), best_hi.reshape(-1)
+        return best_lo.reshape(()), best_hi.reshape(())
+
+    def _logsqrt2_delta(self) -> Tensor:
+        data, pairs = self._quantiles()
+        return best_logsqrt2_delta(data, self.spec.bits, [hi.reshape(()) for _, hi in pairs])
 
 
 def create_observer(name: str, spec: QuantSpec, **settings) -> Observer:

@@ -6,7 +6,7 @@ accuracy under another, so every report names its protocol.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Mapping, Optional, Tuple
 
 from ..errors import VitqError
 from .spec import QuantSpec
@@ -21,6 +21,16 @@ NORM_INPUT = "norm_input"  # LayerNorm input (the residual sum)
 
 ROLES = (WEIGHT, ACT, ATTN_QKV, ATTN_SCORES, ATTN_PROBS, NORM_INPUT)
 
+#: the quantizer kinds a recipe may choose for a role (``kinds:``); every other role is ``uniform``
+KIND_CHOICES: Dict[str, Tuple[str, ...]] = {
+    ATTN_PROBS: ("uniform", "log2", "logsqrt2"),
+    NORM_INPUT: ("uniform", "ptf"),
+}
+
+#: the bits of the image input (the patch embedding's input) unless a run says otherwise: RepQ-ViT
+#: keeps it at 8 bits at every activation width (PTQ4ViT leaves it in float)
+DEFAULT_INPUT_BITS = 8
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -31,14 +41,18 @@ class Protocol:
     quantized: Dict[str, str]  # role → quantizer kind
 
     def spec_for(
-        self, role: str, w_bits: int, a_bits: int, weight_symmetric: bool = True, act_symmetric: bool = False
+        self, role: str, w_bits: int, a_bits: int, weight_symmetric: bool = True, act_symmetric: bool = False,
+        kinds: Optional[Mapping[str, str]] = None,
     ) -> QuantSpec:
-        """The spec a quant point of ``role`` gets under this protocol."""
+        """The spec a quant point of ``role`` gets under this protocol (``kinds``: a recipe's choice
+        of quantizer kind per role, see :func:`check_kinds`)."""
         if role not in ROLES:
             raise VitqError(f"unknown quant-point role {role!r}")
         kind = self.quantized.get(role)
         if kind is None:
             return QuantSpec(enabled=False)
+        if kinds and role in kinds:
+            kind = kinds[role]
         if role == WEIGHT:
             return QuantSpec("uniform", w_bits, "per_channel", axis=0, symmetric=weight_symmetric)
         if kind == "ptf":
@@ -49,13 +63,40 @@ class Protocol:
         return QuantSpec(kind, a_bits, "per_tensor", symmetric=act_symmetric)
 
 
+    def check_kinds(self, kinds: Optional[Mapping[str, str]]) -> Dict[str, str]:
+        """Validate a recipe's ``kinds`` (role → quantizer kind) against this protocol.
+
+        The protocol says which tensors are quantized; a recipe chooses how, for the roles that
+        have a choice (:data:`KIND_CHOICES`).
+
+        Example:
+            >>> PROTOCOLS["p1"].check_kinds({"attn_probs": "logsqrt2"})
+            {'attn_probs': 'logsqrt2'}
+        """
+        out = {}
+        for role, kind in dict(kinds or {}).items():
+            if role not in KIND_CHOICES:
+                choosable = ", ".join(KIND_CHOICES)
+                raise VitqError(f"kinds: the quantizer kind of role {role!r} cannot be chosen (roles with a "
+                                f"choice: {choosable})")
+            if kind not in KIND_CHOICES[role]:
+                raise VitqError(f"kinds: {role} can be {', '.join(KIND_CHOICES[role])}; got {kind!r}")
+            if role not in self.quantized:
+                raise VitqError(f"kinds: protocol {self.name} leaves {role} in float, so it has no quantizer kind "
+                                f"to choose; drop it or use a protocol that quantizes it")
+            out[role] = kind
+        return out
+
+
 _P1 = {WEIGHT: "uniform", ACT: "uniform", ATTN_QKV: "uniform", ATTN_PROBS: "uniform"}
 
 PROTOCOLS: Dict[str, Protocol] = {
     "p1": Protocol(
         "p1",
-        "PTQ4ViT/RepQ protocol: per-channel weights, inputs of every linear, both operands of both "
-        "attention matmuls (post-softmax uniform); LayerNorm and softmax in float",
+        "RepQ-ViT's quant points: per-channel weights; the inputs of every linear layer and of the "
+        "patch embedding (the image, at --input-bits: 8 by default as in RepQ-ViT, where PTQ4ViT leaves "
+        "it in float); q, k, v and the post-softmax probabilities (uniform unless the recipe picks "
+        "log2/logsqrt2); LayerNorm, softmax and the residual sums in float",
         _P1,
     ),
     "p2": Protocol(

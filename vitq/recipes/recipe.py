@@ -11,6 +11,7 @@ from ..errors import VitqError, reject_unknown_keys
 from ..data.synthetic.generators import GENERATORS, GeneratorSettings
 from ..methods.stages import STAGES, StageConfig, StageSettings
 from ..quant.observers import ObserverConfig
+from ..quant.protocol import KIND_CHOICES
 from ..registry import Registry
 
 RECIPE_DIR = Path(__file__).parent
@@ -54,7 +55,9 @@ class Recipe:
     """A named method: how weights and activations are calibrated and which stages run.
 
     ``data_free`` says how synthetic calibration images are made when a run asks for them
-    (``--data-free``); real calibration images ignore it.
+    (``--data-free``); real calibration images ignore it. ``kinds`` chooses the quantizer kind of
+    a role where there is a choice (``{attn_probs: logsqrt2}``); the protocol still says which
+    roles are quantized.
 
     Example:
         >>> load_recipe("omse").activations.observer
@@ -65,12 +68,21 @@ class Recipe:
     description: str = ""
     weights: ObserverConfig = field(default_factory=lambda: ObserverConfig("minmax", symmetric=True))
     activations: ObserverConfig = field(default_factory=ObserverConfig)
-    stages: Tuple[StageConfig, ...] = (StageConfig("calibrate", StageSettings()),)
+    stages: Tuple[StageConfig, ...] = (StageConfig("calibrate", STAGES.get("calibrate").Settings()),)
     data_free: DataFreeConfig = field(default_factory=DataFreeConfig)
+    kinds: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise VitqError("a recipe needs a non-empty 'name'")
+        if not isinstance(self.kinds, Mapping):
+            raise VitqError(f"recipe {self.name!r}: 'kinds' maps a role to a quantizer kind, e.g. "
+                            "{attn_probs: logsqrt2}")
+        for role, kind in self.kinds.items():
+            if role not in KIND_CHOICES or kind not in KIND_CHOICES[role]:
+                choices = "; ".join(f"{r}: {', '.join(k)}" for r, k in KIND_CHOICES.items())
+                raise VitqError(f"recipe {self.name!r}: kinds {role}: {kind} is not a choice ({choices})")
+        object.__setattr__(self, "kinds", dict(self.kinds))
         stages = tuple(s if isinstance(s, StageConfig) else StageConfig.parse(s, f"recipe {self.name!r}")
                        for s in self.stages)
         object.__setattr__(self, "stages", stages)

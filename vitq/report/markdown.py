@@ -18,7 +18,8 @@ def run_report(metrics: Dict[str, Any], notes: Dict[str, Any]) -> str:
     lines = [
         f"# vitq run: {m['model']} — {m['recipe']} W{m['w_bits']}A{m['a_bits']} ({m['protocol']})",
         "",
-        f"- protocol **{m['protocol']}**: {notes.get('protocol_description', '')}",
+        f"- protocol **{m['protocol']}**: {notes.get('protocol_description', '')}"
+        + (f"; image input at {m['input_bits']} bits" if m.get("input_bits") else ""),
         f"- calibration: {m['num_calib']} images from {notes.get('calib', '—')}",
         f"- evaluation: {m['num_eval']} images from {notes.get('eval', '—')}",
         f"- seed {m['seed']}, device {notes.get('device', '—')}, {m['seconds']:.1f} s in all",

@@ -1,0 +1,159 @@
+"""Post-LayerNorm scale reparameterisation (RepQ-ViT), the ``reparam`` stage.
+
+The activations that leave a LayerNorm differ so much from channel to channel that one
+per-tensor quantizer fits none of them well. RepQ-ViT calibrates them per channel (scale Δ_c,
+zero point z_c), then moves the per-channel part into the LayerNorm before and the linear layer
+after, so that what is deployed is one per-tensor quantizer (METHODS.md §1.3)::
+
+    Δ̄ = mean_c Δ_c,  z̄ = mean_c z_c,  r_c = Δ_c / Δ̄,  b_c = min_c / r_c − min̄
+    (min_c = −z_c·Δ_c, min̄ = −z̄·Δ̄)
+    γ ← γ / r,  β ← β / r − b,  W[:, c] ← W[:, c]·r_c,  bias ← bias + W·b (with the new W)
+
+Channel c's calibrated range [min_c, min_c + (2^b − 1)·Δ_c] lands on the shared range
+[min̄, min̄ + (2^b − 1)·Δ̄]. In float the model is unchanged. This is the fold of
+:mod:`vitq.methods.smooth` with ``scale = r`` and ``shift = b·r`` (``Y ↦ (Y − shift)/scale``), so
+plans store and re-fold it the same way. The ``calibrate`` stage that follows sets the
+per-tensor quantizer and the weight quantizers on the reparameterised model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import VitqError
+from ..models.adapters import NormLinearPair, find_adapter, iter_quantizers
+from ..nn import QuantLinear
+from ..quant.observers import Observer, ObserverConfig
+from ..quant.spec import QuantSpec
+from .smooth import POINTS, SmoothFactor, fold_smoothing, smoothing_of
+from .stages import STAGES, Stage, StageContext, StageSettings
+
+Tensor = torch.Tensor
+TARGETS = ("mean", "median")
+
+
+def reparam_factors(scale: Tensor, zero_point: Tensor, target: str = "mean") -> Tuple[Tensor, Tensor]:
+    """``(r, shift)`` of one pair from its per-channel ``scale`` Δ_c and ``zero_point`` z_c.
+
+    ``r = Δ_c / Δ̄`` and ``shift = b·r = min_c − r_c·min̄``, so that ``(Y − shift) / r`` maps channel
+    c's range onto the shared one.
+
+    Example (2 bits, two channels: [0, 1.5] and [−2, 1]; shared Δ̄ = 0.75, z̄ = 1, range [−0.75, 1.5]):
+        >>> r, shift = reparam_factors(torch.tensor([0.5, 1.0]), torch.tensor([0., 2.]))
+        >>> [round(v, 4) for v in r.tolist()], shift.tolist()
+        ([0.6667, 1.3333], [0.5, -1.0])
+    """
+    scale, zero_point = scale.double(), zero_point.double()
+    if target == "mean":
+        t_scale, t_zero = scale.mean(), zero_point.mean()
+    elif target == "median":
+        t_scale, t_zero = scale.median(), zero_point.median()
+    else:
+        raise VitqError(f"reparam.target must be one of {', '.join(TARGETS)}, got {target!r}")
+    t_zero = torch.round(t_zero)  # an integer zero point for the deployed per-tensor quantizer
+    r = scale / t_scale
+    shift = -zero_point * scale - r * (-t_zero * t_scale)
+    return r.float(), shift.float()
+
+
+@dataclass(frozen=True)
+class ReparamSettings(StageSettings):
+    """Settings of the ``reparam`` stage.
+
+    Attributes:
+        points: which LayerNorm → linear pairs: ``qkv``, ``fc1``, ``reduction`` (Swin patch merging).
+        target: the shared scale and zero point: the ``mean`` of the channels' (RepQ-ViT) or their
+            ``median`` (less pulled by outlier channels).
+    """
+
+    points: Tuple[str, ...] = POINTS
+    target: str = "mean"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.points, str):
+            object.__setattr__(self, "points", (self.points,))
+        object.__setattr__(self, "points", tuple(self.points))
+        bad = [p for p in self.points if p not in POINTS]
+        if bad or not self.points:
+            raise VitqError(f"reparam.points must be a non-empty list of {', '.join(POINTS)}; got {list(self.points)}")
+        if self.target not in TARGETS:
+            raise VitqError(f"reparam.target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = super().to_dict()
+        out["points"] = list(self.points)
+        return out
+
+
+@STAGES.register("reparam")
+class ReparamStage(Stage):
+    """RepQ-ViT's post-LayerNorm reparameterisation: calibrate the qkv/fc1 (and Swin reduction)
+    inputs per channel, fold the per-channel scales and zero points into the LayerNorm and the
+    linear layer, leaving a per-tensor quantizer. Runs before ``calibrate``."""
+
+    Settings = ReparamSettings
+    needs_calibrated = False
+
+    def run(self, ctx: StageContext) -> None:
+        s: ReparamSettings = self.settings
+        model = ctx.model
+        calibrated = [n for n, q in iter_quantizers(model) if q.needs_calibration and q.scale is not None]
+        if calibrated:
+            raise VitqError(f"reparam changes the weights and activations that calibration measured ({calibrated[0]} "
+                            "is calibrated): put 'reparam' before 'calibrate' in the recipe")
+        if smoothing_of(model):
+            raise VitqError("the model's LayerNorms are already folded (smooth or reparam): a recipe folds once")
+        pairs = [p for p in find_adapter(model).norm_linear_pairs(model) if p.point in s.points]
+        pairs = [p for p in pairs if _input_spec(model, p) is not None]
+        if not pairs:
+            ctx.log("reparam: no LayerNorm → linear pair with a quantized uniform input; nothing to do")
+            ctx.record["reparam"] = {**s.to_dict(), "pairs": 0}
+            return
+        observers = self._observe(ctx, pairs, ctx.activations)
+        factors, unshifted = [], []
+        for pair in pairs:
+            scale, zero_point = observers[pair.linear].qparams()
+            r, shift = reparam_factors(scale.reshape(-1), zero_point.reshape(-1), s.target)
+            if not pair.shift_exact:
+                shift = torch.zeros_like(shift)
+                unshifted.append(pair.linear)
+            factors.append(SmoothFactor(pair.point, pair.norm, pair.linear, r.cpu(), shift.cpu()))
+        fold_smoothing(model, factors)
+        if unshifted:
+            ctx.log("reparam: %d pair(s) rescaled without a shift (the model pads their tokens with zeros): %s",
+                    len(unshifted), ", ".join(unshifted))
+        ctx.record["reparam"] = {**s.to_dict(), "pairs": len(factors), "unshifted": unshifted}
+
+    @staticmethod
+    def _observe(ctx: StageContext, pairs: Sequence[NormLinearPair], config: ObserverConfig) -> Dict[str, Observer]:
+        """A per-channel observer of each linear's input, fed by a float forward pass (the fold is
+        exact, so the float model's activations are the reparameterised model's before the map)."""
+        float_model = ctx.float_model.to(ctx.device).eval()
+        observers = {}
+        for pair in pairs:
+            spec = _input_spec(ctx.model, pair)
+            observers[pair.linear] = config.build(QuantSpec("uniform", spec.bits, "per_channel", axis=-1,
+                                                            symmetric=False))
+        hooks = [float_model.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, obs=obs: obs.observe(args[0])) for name, obs in observers.items()]
+        try:
+            with torch.no_grad():
+                for batch in tqdm(ctx.data, desc="reparam", unit="batch", disable=not ctx.progress, leave=False):
+                    float_model(batch.to(ctx.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return observers
+
+
+def _input_spec(model: nn.Module, pair: NormLinearPair):
+    """The input quantizer spec of the pair's linear, when it is an enabled uniform one."""
+    linear = model.get_submodule(pair.linear)
+    if not isinstance(linear, QuantLinear):
+        return None
+    spec = linear.input_quantizer.spec
+    return spec if spec.enabled and spec.kind == "uniform" else None
