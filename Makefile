@@ -6,7 +6,7 @@ VITQ_ASSETS ?= ../shared/assets
 export VITQ_ASSETS
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-slow bench bench-foundation bench-data-free bench-search bench-mptq bench-mixed bench-deploy clean
+.PHONY: setup demo test test-slow bench bench-foundation bench-data-free bench-search bench-mptq bench-mixed bench-deploy bench-accuracy clean
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 # All benchmarks on the real assets (hours on 2 CPU cores); each also runs alone.
-bench: bench-foundation bench-data-free bench-search bench-mptq bench-mixed bench-deploy
+bench: bench-foundation bench-data-free bench-search bench-mptq bench-mixed bench-deploy bench-accuracy
 
 bench-foundation: setup
 	$(BIN)/python benchmarks/foundation.py --assets $(VITQ_ASSETS)
@@ -50,6 +50,9 @@ bench-mixed: setup
 
 bench-deploy: setup
 	$(BIN)/python benchmarks/deploy.py --assets $(VITQ_ASSETS)
+
+bench-accuracy: setup
+	$(BIN)/python benchmarks/accuracy.py --assets $(VITQ_ASSETS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

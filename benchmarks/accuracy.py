@@ -8,8 +8,8 @@ ImageNet DeiT-Tiny: protocol p1, image input at 8 bits, the foundation benchmark
 imagenet-sample/ (100 seeded class-balanced calibration images, seed 0; the other 900 for
 evaluation). `repq-vit@32` calibrates on the first 32 of those 100 images, as RepQ-ViT's release
 does. CIFAR-10 reference ViT: 256 calibration images from cifar10/train per seed, all 10,000
-test images. Each row records the quantization seconds per stage and the peak resident memory
-above the process's baseline while it quantized (sampled every 20 ms). Results:
+test images. Each row records the quantization seconds per stage and the process's peak resident
+memory while it quantized (sampled every 20 ms). Results:
 benchmarks/results/accuracy.json (written after every row) and the "Accuracy at low bits"
 section of benchmarks/RESULTS.md.
 """
@@ -53,15 +53,30 @@ METHODS: Dict[str, Tuple[Any, str]] = {
     "repq-vit@32": ("repq-vit", "repq-vit on 32 calibration images (RepQ-ViT's setting)"),
     "+reparam+gptq": ({"name": "+reparam+gptq", **_PMSE, **_LOG, "stages": ["reparam", "calibrate", "gptq"]},
                       "+reparam, then GPTQ (no sequential calibration)"),
-    "recommended": ("recommended", "repq-vit + GPTQ = the recommended (default) recipe"),
+    "recommended": ("recommended", "+reparam+gptq, the recommended (default) recipe: +reparam, then GPTQ"),
+    "+reparam+seq+gptq": ({"name": "+reparam+seq+gptq", **_PMSE, **_LOG, "stages": ["reparam", SEQ, "gptq"]},
+                          "repq-vit + GPTQ (sequential calibration)"),
     "+reparam+seq+gptq-ao": ({"name": "+reparam+seq+gptq-ao", **_PMSE, **_LOG,
                               "stages": ["reparam", SEQ, {"gptq": {"act_order": True}}]},
                              "repq-vit + GPTQ with act-order"),
     "+reparam+gptq-ao": ({"name": "+reparam+gptq-ao", **_PMSE, **_LOG,
                           "stages": ["reparam", "calibrate", {"gptq": {"act_order": True}}]},
                          "+reparam, then GPTQ with act-order (no sequential calibration)"),
+    "+reparam+opt-m+gptq": ({"name": "+reparam+opt-m+gptq", **_PMSE, **_LOG,
+                             "stages": ["reparam", "calibrate", {"opt_m": {"max_m": 8, "keep_uniform": True}}, "gptq"]},
+                            "+reparam, OPT-m's twin post-GELU quantizers (MPTQ-ViT), then GPTQ"),
+    "+reparam+gptq+reconstruct": ({"name": "+reparam+gptq+reconstruct", **_PMSE, **_LOG,
+                                   "stages": ["reparam", "calibrate", "gptq", "reconstruct"]},
+                                  "recommended, then block reconstruction (BRECQ/QDrop, 200 iterations per block)"),
+    "+reparam+gptq, omse weights": ({"name": "+reparam+gptq, omse weights",
+                                     "weights": {"observer": "omse", "symmetric": False},
+                                     "activations": _PMSE["activations"], **_LOG,
+                                     "stages": ["reparam", "calibrate", "gptq"]},
+                                    "+reparam+gptq with the weight grid clipped by OMSE's search (least MSE, 1% steps) "
+                                    "instead of the percentile search"),
 }
-SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "recommended", "+reparam+gptq-ao", "+reparam+seq+gptq-ao")
+SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",
+                  "+reparam+seq+gptq-ao")
 DEFAULT_METHODS = ("omse", "pmse", "pmse+log√2", "+reparam", "repq-vit", "repq-vit@32", "recommended")
 
 
@@ -79,7 +94,8 @@ def _rss() -> int:
 
 
 class PeakMemory:
-    """Peak resident memory above the starting point, sampled by a thread every 20 ms."""
+    """Peak resident memory of the whole process (model, cached images and logits included),
+    sampled by a thread every 20 ms."""
 
     def __enter__(self) -> "PeakMemory":
         self.base = self.peak = _rss()
@@ -99,7 +115,7 @@ class PeakMemory:
 
     @property
     def mib(self) -> float:
-        return round((self.peak - self.base) / 2**20, 1)
+        return round(self.peak / 2**20, 1)
 
 
 class Suite:
@@ -126,7 +142,7 @@ class Suite:
                    peak_mib=memory.mib)
         print(f"[{self.name}] seed {seed} {method:14s} W{w}A{a}: top-1 {row['top1']:.2f} (fp {row['fp_top1']:.2f}) "
               f"agree {row['agreement']:.2f} KL {row['kl']:.4f} quantize {row['quantize_seconds']} s "
-              f"{row['stage_seconds']} peak +{row['peak_mib']} MiB", flush=True)
+              f"{row['stage_seconds']} peak RSS {row['peak_mib']} MiB", flush=True)
         self.sink(row)
         return row
 
@@ -137,8 +153,13 @@ def _mean_std(values: List[float], fmt: str = ".2f") -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
+def _peak(rows: List[Dict[str, Any]]) -> str:
+    values = [r["peak_mib"] for r in rows if r.get("peak_mib") is not None]
+    return f"{max(values):.0f}" if values else "—"
+
+
 def table(rows: List[Dict[str, Any]], methods) -> List[str]:
-    out = ["| bits | method | seeds | top-1 | Δ vs FP | agreement | KL | quantize s (per stage) | peak MiB |",
+    out = ["| bits | method | seeds | top-1 | Δ vs FP | agreement | KL | quantize s (per stage) | peak RSS MiB |",
            "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for w, a in sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=lambda b: (-b[0], -b[1])):
         for method in methods:
@@ -152,7 +173,7 @@ def table(rows: List[Dict[str, Any]], methods) -> List[str]:
                        f"{_mean_std(delta, '+.2f')} | {_mean_std([r['agreement'] for r in sel])} | "
                        f"{_mean_std([r['kl'] for r in sel], '.4f')} | "
                        f"{statistics.mean(r['quantize_seconds'] for r in sel):.0f} ({per_stage}) | "
-                       f"{max(r['peak_mib'] for r in sel):.0f} |")
+                       f"{_peak(sel)} |")
     return out
 
 
@@ -166,7 +187,8 @@ def write_markdown(results: Dict[str, Any]) -> None:
              "and softmax in float). Methods, each adding one piece to the row above it:", ""]
     lines += [f"- *{m}*: {METHODS[m][1]}" for m in methods]
     lines += ["", "*quantize s*: wall seconds of `vitq.quantize` (all stages; per stage in brackets) on the "
-              "machine's 2 cores; *peak MiB*: resident memory above the process's baseline while quantizing. "
+              "machine's 2 cores; *peak RSS MiB*: the benchmark process's peak resident memory while quantizing "
+              "(the model, the cached evaluation images and float logits included: an upper bound). "
               "RepQ-ViT's released code on the same DeiT-Tiny and the same 900 images (32 calibration images, "
               "measured when issue 12 was filed): W4A4 63.67, W6A6 79.22, W8A8 79.78.", ""]
     if results.get("selection"):

@@ -74,3 +74,17 @@ def test_cifar_reference_exported_onnx_matches_simulated(assets, tmp_path, capsy
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(metrics["top1_diff"]) <= 0.3  # the issue's bound: ONNX Runtime vs the simulated model
     assert metrics["agreement"] >= 98
+
+
+def test_deit_tiny_w4a4_recommended_recipe_keeps_most_predictions(assets, tmp_path):
+    """The default recipe at W4A4 on the real DeiT-Tiny: omse keeps about 1% of the float model's
+    predictions here, the recommended recipe about two thirds (benchmarks/RESULTS.md)."""
+    sample = assets / "imagenet-sample"
+    out = tmp_path / "run"
+    rc = main(["quantize", str(assets / "models" / "deit_tiny_imagenet.pth"), "--w-bits", "4", "--a-bits", "4",
+               "--calib", str(sample), "--num-calib", "64", "--eval", str(sample), "--num-eval", "200",
+               "--device", "cpu", "--quiet", "--out", str(out)])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"] == "recommended"
+    assert metrics["agreement"] >= 50

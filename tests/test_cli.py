@@ -305,3 +305,26 @@ def test_num_calib_larger_than_folder(checkpoint, image_folder, tmp_path, capsys
     err = run_error(capsys, quantize_args(checkpoint, image_folder, out, "--num-calib", "13"))
     assert "13" in err and "only 12" in err
     assert_no_run(out)
+
+
+def test_quantize_without_recipe_runs_the_recommended_one_and_eval_reproduces(checkpoint, image_folder, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "run"
+    args = quantize_args(checkpoint, image_folder, out, "--num-calib", "6", "--a-bits", "4", "--input-bits", "6",
+                         eval_dir=image_folder)
+    del args[args.index("--recipe"):args.index("--recipe") + 2]
+    assert main(args) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"] == "recommended" and metrics["input_bits"] == 6
+    assert "image input at 6 bits" in (out / "report.md").read_text()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["rules"]["patch_embed.proj.input_quantizer"]["bits"] == 6
+    assert plan["rules"]["blocks.0.attn.probs_quantizer"]["kind"] == "logsqrt2"
+    assert plan["meta"]["params"] and plan["meta"]["smooth"]
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), "--plan", str(out / "plan.json"), "--eval", str(image_folder),
+                 "--device", "cpu", "--quiet", "--out", str(tmp_path / "m.json")]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["num_eval"] == metrics["num_eval"]
+    for key in ("quant_top1", "agreement", "kl"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6)

@@ -150,7 +150,7 @@ def quantize(
         plan_meta["input_bits"] = plan.meta["input_bits"]
     if start_plan is not None:
         plan_meta["start_plan"] = {"recipe": plan.meta.get("recipe"), "skipped_stages": skipped}
-    for key in ("search", "opt_m", "greedy_mp", "reparam", "gptq"):
+    for key in ("search", "opt_m", "greedy_mp", "reparam", "gptq", "reconstruct"):
         if key in ctx.record:
             plan_meta[key] = ctx.record[key]
     if "smooth" in ctx.record:  # the smoothed pairs themselves go into meta["smooth"] (plan_from_model)

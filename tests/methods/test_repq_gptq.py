@@ -217,3 +217,36 @@ def test_default_recipe_is_recommended():
     assert inspect.signature(api.quantize).parameters["recipe"].default == "recommended"
     args = cli.build_parser().parse_args(["quantize", "m", "--out", "x", "--calib", "d"])
     assert args.recipe == "recommended"
+
+
+def test_reconstruction_lowers_every_block_error_and_its_plan_reproduces(tmp_path):
+    model = tiny_vit()
+    data = batches()
+    stages = ["reparam", "calibrate", {"reconstruct": {"iterations": 30, "batch_size": 4}}]
+    result = quantize(model, recipe(*stages, kinds={"attn_probs": "logsqrt2"}), data, w_bits=3, a_bits=4,
+                      progress=False, seed=0)
+    record = result.plan.meta["reconstruct"]
+    assert record["blocks"] == len(model.blocks)
+    for before, after in record["block_mse"].values():
+        assert after < before
+    # hard rounding: every weight sits on its quantizer's grid, so the plan's weights reproduce the model
+    layer = result.model.blocks[0].mlp.fc1
+    assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
+    assert not layer.weight.requires_grad and not result.model.blocks[0].mlp.fc2.input_quantizer.scale.requires_grad
+    result.plan.save(tmp_path)
+    x = torch.cat(data)
+    with torch.no_grad():
+        assert torch.equal(apply_plan(model, Plan.load(tmp_path))(x), result.model(x))
+    again = quantize(model, recipe(*stages, kinds={"attn_probs": "logsqrt2"}), data, w_bits=3, a_bits=4,
+                     progress=False, seed=0)
+    with torch.no_grad():
+        assert torch.equal(again.model(x), result.model(x))  # seeded
+
+
+def test_reconstruct_settings_are_validated():
+    with pytest.raises(VitqError, match="iterations"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"iterations": 0}}]})
+    with pytest.raises(VitqError, match="drop_prob"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"drop_prob": 2}}]})
+    with pytest.raises(VitqError, match="damp"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"gptq": {"damp": 0}}]})
