@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import threading
@@ -53,7 +54,8 @@ METHODS: Dict[str, Tuple[Any, str]] = {
     "repq-vit@32": ("repq-vit", "repq-vit on 32 calibration images (RepQ-ViT's setting)"),
     "+reparam+gptq": ({"name": "+reparam+gptq", **_PMSE, **_LOG, "stages": ["reparam", "calibrate", "gptq"]},
                       "+reparam, then GPTQ (no sequential calibration)"),
-    "recommended": ("recommended", "+reparam+gptq, the recommended (default) recipe: +reparam, then GPTQ"),
+    "recommended": ("recommended", "the recommended (default) recipe, chosen by the selection below: "
+                    "+reparam+opt-m+gptq with the OMSE weight grid"),
     "+reparam+seq+gptq": ({"name": "+reparam+seq+gptq", **_PMSE, **_LOG, "stages": ["reparam", SEQ, "gptq"]},
                           "repq-vit + GPTQ (sequential calibration)"),
     "+reparam+seq+gptq-ao": ({"name": "+reparam+seq+gptq-ao", **_PMSE, **_LOG,
@@ -67,17 +69,25 @@ METHODS: Dict[str, Tuple[Any, str]] = {
                             "+reparam, OPT-m's twin post-GELU quantizers (MPTQ-ViT), then GPTQ"),
     "+reparam+gptq+reconstruct": ({"name": "+reparam+gptq+reconstruct", **_PMSE, **_LOG,
                                    "stages": ["reparam", "calibrate", "gptq", "reconstruct"]},
-                                  "recommended, then block reconstruction (BRECQ/QDrop, 200 iterations per block)"),
+                                  "+reparam+gptq, then block reconstruction (BRECQ/QDrop, 200 iterations per block)"),
     "+reparam+gptq, omse weights": ({"name": "+reparam+gptq, omse weights",
                                      "weights": {"observer": "omse", "symmetric": False},
                                      "activations": _PMSE["activations"], **_LOG,
                                      "stages": ["reparam", "calibrate", "gptq"]},
                                     "+reparam+gptq with the weight grid clipped by OMSE's search (least MSE, 1% steps) "
                                     "instead of the percentile search"),
+    "+reparam+opt-m+gptq, omse weights": ({"name": "+reparam+opt-m+gptq, omse weights",
+                                           "weights": {"observer": "omse", "symmetric": False},
+                                           "activations": _PMSE["activations"], **_LOG,
+                                           "stages": ["reparam", "calibrate", {"opt_m": {"max_m": 8,
+                                                                                         "keep_uniform": True}},
+                                                      "gptq"]},
+                                          "+reparam+opt-m+gptq with the OMSE weight grid"),
 }
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",
                   "+reparam+seq+gptq-ao")
-DEFAULT_METHODS = ("omse", "pmse", "pmse+log√2", "+reparam", "repq-vit", "repq-vit@32", "recommended")
+DEFAULT_METHODS = ("omse", "pmse", "pmse+log√2", "+reparam", "repq-vit", "repq-vit@32", "+reparam+gptq",
+                   "recommended")
 
 
 def parse_bits(values: List[str]) -> List[Tuple[int, int]]:
@@ -179,18 +189,20 @@ def table(rows: List[Dict[str, Any]], methods) -> List[str]:
 
 def write_markdown(results: Dict[str, Any]) -> None:
     commands = "; ".join(f"`{c}`" for c in results.get("commands", []))
-    methods = results.get("methods", list(DEFAULT_METHODS))
+    listed = results.get("methods", list(DEFAULT_METHODS))
+    methods = [m for m in METHODS if m in listed]  # the order of METHODS: each adds to the one above
     lines = ["## Accuracy at low bits: RepQ-ViT reproduced, GPTQ, the recommended recipe (issue 12)", "",
              f"Commands (in order): {commands}  ", f"Machine: {results['machine']}  ", f"Date: {results['date']}", "",
              "Protocol p1 with the image input at 8 bits (RepQ-ViT's quant points: weights per output channel; "
              "the inputs of every linear layer, q, k, v and the post-softmax probabilities per tensor; LayerNorm "
-             "and softmax in float). Methods, each adding one piece to the row above it:", ""]
+             "and softmax in float). Methods, each described by what it adds:", ""]
     lines += [f"- *{m}*: {METHODS[m][1]}" for m in methods]
     lines += ["", "*quantize s*: wall seconds of `vitq.quantize` (all stages; per stage in brackets) on the "
               "machine's 2 cores; *peak RSS MiB*: the benchmark process's peak resident memory while quantizing "
               "(the model, the cached evaluation images and float logits included: an upper bound). "
               "RepQ-ViT's released code on the same DeiT-Tiny and the same 900 images (32 calibration images, "
-              "measured when issue 12 was filed): W4A4 63.67, W6A6 79.22, W8A8 79.78.", ""]
+              "measured when issue 12 was filed): W4A4 63.67, W6A6 79.22, W8A8 79.78. "
+              + results.get("timing_note", ""), ""]
     if results.get("selection"):
         sel = results["selection"]
         lines += ["### Choosing the recommended recipe on calibration images only", "",
@@ -224,16 +236,20 @@ def main(argv=None) -> int:
     parser.add_argument("--append", action="store_true", help="keep the rows already in accuracy.json")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--dry-run", action="store_true", help="print results, write no files")
+    parser.add_argument("--render", action="store_true", help="rewrite the RESULTS.md section from accuracy.json")
     parser.add_argument("--select", action="store_true",
                         help="choose the recommended recipe on calibration images only: DeiT-Tiny calibrated on 50 "
                              "of the 100 calibration images, scored on the other 50 (no evaluation image is used)")
     args = parser.parse_args(argv)
+    if args.render:
+        write_markdown(json.loads(RESULTS_JSON.read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     root = assets_dir(args.assets)
     previous: Dict[str, Any] = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     results: Dict[str, Any] = dict(previous) if args.append else {}
     given = argv if argv is not None else sys.argv[1:]
-    command = ("python benchmarks/accuracy.py " + " ".join(given)).strip()
+    command = ("python benchmarks/accuracy.py " + shlex.join(given)).strip()
     methods = list(results.get("methods", [])) if args.append else []
     results.update(machine=machine(), date=time.strftime("%Y-%m-%d"),
                    methods=methods + [m for m in args.methods if m not in methods],
