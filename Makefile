@@ -17,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,plots,deploy]' $(TORCH_PINS)
 	touch $@
 
-# Quantize the bundled CIFAR-10 reference ViT to W4A8 with OMSE and print the table.
+# Quantize the bundled CIFAR-10 reference ViT to W4A8 with the default (recommended) recipe; print the table.
 demo: setup
-	$(BIN)/vitq quantize $(VITQ_ASSETS)/models/vit_cifar10_d6.pth --recipe omse --w-bits 4 --a-bits 8 \
+	$(BIN)/vitq quantize $(VITQ_ASSETS)/models/vit_cifar10_d6.pth --w-bits 4 --a-bits 8 \
 		--calib $(VITQ_ASSETS)/cifar10/train --num-calib 256 \
 		--eval $(VITQ_ASSETS)/cifar10/test --num-eval 2000 --device cpu --out runs/demo-w4a8 --overwrite
 
