@@ -89,7 +89,8 @@ def quantize(
             from the current quantized model (CLAMP-ViT's cycle).
         log: where stage messages go (e.g. a logger's ``info``).
         input_bits: bits of the image input (the patch embedding's input): 8 by default at every
-            activation width, as in RepQ-ViT; None quantizes it at ``a_bits``.
+            activation width, as in RepQ-ViT; None quantizes it at ``a_bits`` (ignored with
+            ``start_plan``: the plan's).
 
     Example:
         >>> import timm, torch

@@ -230,7 +230,7 @@ def staged_passes(model: nn.Module, images, groups, device):
         name = names[module]
         return next(((b, m) for b, m in blocks if name.startswith(b + ".")), (None, None))
 
-    follows = _successors(model)
+    follows = sequence_successors(model)
     cached_block, cached, cache = None, None, None
     for group in groups:
         block_name, block = block_of(group[0])
@@ -240,7 +240,7 @@ def staged_passes(model: nn.Module, images, groups, device):
                 with torch.no_grad():
                     cache = [((cached(*args),), {}) for args, _ in cache]
             else:
-                cache = _block_inputs(model, block, images, device)
+                cache = block_inputs(model, block, images, device)
             cached_block, cached = block_name, block
 
         def feed(group=group, block=block, block_name=block_name, cache=cache) -> None:
@@ -283,7 +283,7 @@ def _calibrate_sequential(model: nn.Module, images, points: Dict[str, Quantizer]
             q.enabled = q.spec.enabled
 
 
-def _successors(model: nn.Module) -> Dict[nn.Module, nn.Module]:
+def sequence_successors(model: nn.Module) -> Dict[nn.Module, nn.Module]:
     """Each child of an ``nn.Sequential`` mapped to the child after it (whose input is its output)."""
     out = {}
     for module in model.modules():
@@ -293,7 +293,7 @@ def _successors(model: nn.Module) -> Dict[nn.Module, nn.Module]:
     return out
 
 
-def _block_inputs(model: nn.Module, block: nn.Module, images, device) -> list:
+def block_inputs(model: nn.Module, block: nn.Module, images, device) -> list:
     """The inputs ``(args, kwargs)`` that ``block`` receives for each batch of ``images``, with the
     model's quantizers as they are now."""
     inputs: list = []

@@ -38,7 +38,7 @@ from ..nn import QuantLinear
 from ..quant import protocol as roles
 from ..quant.quantizer import Quantizer
 from .gptq import mark_changed
-from .lifecycle import _block_inputs, _successors
+from .lifecycle import block_inputs, sequence_successors
 from .stages import STAGES, Stage, StageContext, StageSettings
 
 Tensor = torch.Tensor
@@ -127,7 +127,7 @@ class ReconstructStage(Stage):
         blocks = adapter.blocks(model)
         float_blocks = dict(adapter.blocks(float_model))
         images = [b.to(ctx.device) for b in ctx.data]
-        follows_q, follows_f = _successors(model), _successors(float_model)
+        follows_q, follows_f = sequence_successors(model), sequence_successors(float_model)
         names = {m: n for n, m in model.named_modules()}
         generator = torch.Generator().manual_seed(ctx.seed)
         losses: Dict[str, List[float]] = {}
@@ -223,5 +223,5 @@ def _next_inputs(model, block, prev, cache, follows, images, device):
     sequence, else captured by a forward pass."""
     if prev is not None and follows.get(prev) is block and not cache[0][1]:
         return [((prev(*a),), {}) for a, _ in cache]
-    return _block_inputs(model, block, images, device)
+    return block_inputs(model, block, images, device)
 
