@@ -129,10 +129,9 @@ class PeakMemory:
 
 
 class Suite:
-    def __init__(self, name: str, model_path: Path, eval_batches, calib_sets: Dict[Any, List[torch.Tensor]],
-                 sink) -> None:
+    def __init__(self, name: str, loaded, eval_batches, calib_sets: Dict[Any, List[torch.Tensor]], sink) -> None:
         self.name, self.sink = name, sink
-        self.loaded = load_model(model_path)
+        self.loaded = loaded
         self.eval_batches, self.calib_sets = eval_batches, calib_sets
         self.extra: Dict[str, Any] = {}  # facts added to every row (data-free: the image source)
         (self.fp_logits,), _ = predict(self.loaded.model, eval_batches, "cpu", progress=False)
@@ -240,6 +239,18 @@ def write_markdown(results: Dict[str, Any]) -> None:
     write_section("## Accuracy at low bits", lines)
 
 
+def deit_tiny_split(root: Path, num_eval):
+    """DeiT-Tiny, the 100 seeded calibration images of imagenet-sample/ and the evaluation images
+    (the others; ``num_eval`` of them, all when None, none when 0) decoded once."""
+    loaded = load_model(root / "models/deit_tiny_imagenet.pth")
+    sample = scan_folder(root / "imagenet-sample")
+    calib = balanced_subset(sample, 100, seed=0, what="calibration images")
+    if num_eval == 0:
+        return loaded, calib, None, []
+    evalset = balanced_subset(sample, num_eval, seed=0, exclude=calib.paths, what="evaluation images")
+    return loaded, calib, evalset, in_memory(make_loader(evalset, loaded.data_config, 50))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default=None, help="assets folder (default: $VITQ_ASSETS or ../shared/assets)")
@@ -289,14 +300,9 @@ def main(argv=None) -> int:
     if args.data_free:
         from data_free import make_images  # noqa: E402  (benchmarks/data_free.py)
 
-        path = root / "models/deit_tiny_imagenet.pth"
-        loaded = load_model(path)
-        sample = scan_folder(root / "imagenet-sample")
-        calib = balanced_subset(sample, 100, seed=0, what="calibration images")
-        evalset = balanced_subset(sample, args.num_eval, seed=0, exclude=calib.paths, what="evaluation images")
-        eval_batches = in_memory(make_loader(evalset, loaded.data_config, 50))
+        loaded, calib, evalset, eval_batches = deit_tiny_split(root, args.num_eval)
         made = {src: make_images(src, loaded, 32, 0, 100, calib) for src in args.data_free}
-        suite = Suite("data-free", path, eval_batches, {}, sink_for("data_free", {"num_eval": len(evalset),
+        suite = Suite("data-free", loaded, eval_batches, {}, sink_for("data_free", {"num_eval": len(evalset),
                                                                                    "seeds": [0]}))
         for w, a in parse_bits(args.bits):
             for method in args.methods:
@@ -308,12 +314,10 @@ def main(argv=None) -> int:
             print(f"wrote {HERE / 'RESULTS.md'} and {RESULTS_JSON}")
         return 0
     if args.select:
-        path = root / "models/deit_tiny_imagenet.pth"
-        loaded = load_model(path)
-        calib = balanced_subset(scan_folder(root / "imagenet-sample"), 100, seed=0, what="calibration images")
+        loaded, calib, _, _ = deit_tiny_split(root, 0)
         images = [(x, y) for x, y in make_loader(calib, loaded.data_config, 50)]
         held_out = images[1:]
-        suite = Suite("select", path, held_out, {0: [images[0][0]]},
+        suite = Suite("select", loaded, held_out, {0: [images[0][0]]},
                       sink_for("selection", {"num_eval": sum(len(y) for _, y in held_out), "seeds": [0]}))
         for w, a in parse_bits(args.bits):
             for method in args.methods:
@@ -322,15 +326,10 @@ def main(argv=None) -> int:
             print(f"wrote {HERE / 'RESULTS.md'} and {RESULTS_JSON}")
         return 0
     if args.only in (None, "imagenet"):
-        path = root / "models/deit_tiny_imagenet.pth"
-        loaded = load_model(path)
-        sample = scan_folder(root / "imagenet-sample")
-        calib = balanced_subset(sample, 100, seed=0, what="calibration images")
-        evalset = balanced_subset(sample, args.num_eval, seed=0, exclude=calib.paths, what="evaluation images")
-        eval_batches = in_memory(make_loader(evalset, loaded.data_config, 50))
+        loaded, calib, evalset, eval_batches = deit_tiny_split(root, args.num_eval)
         calib_batches = [x for x, _ in make_loader(calib, loaded.data_config, 50)]
         calib_sets = {0: calib_batches, (0, 32): [torch.cat(calib_batches)[:32]]}
-        suite = Suite("imagenet", path, eval_batches, calib_sets,
+        suite = Suite("imagenet", loaded, eval_batches, calib_sets,
                       sink_for("imagenet", {"num_eval": len(evalset), "seeds": [0]}))
         for w, a in parse_bits(args.bits):
             for method in args.methods:
@@ -346,7 +345,7 @@ def main(argv=None) -> int:
                                                              what="calibration images"), loaded.data_config, 128)]
             calib_sets[s], calib_sets[(s, 32)] = batches, [torch.cat(batches)[:32]]
         seeds = sorted(set(args.seeds) | (set(results.get("cifar", {}).get("seeds", [])) if args.append else set()))
-        suite = Suite("cifar", path, eval_batches, calib_sets, sink_for("cifar", {"num_eval": len(evalset),
+        suite = Suite("cifar", loaded, eval_batches, calib_sets, sink_for("cifar", {"num_eval": len(evalset),
                                                                                   "seeds": seeds}))
         for seed in args.seeds:
             for w, a in parse_bits(args.bits):

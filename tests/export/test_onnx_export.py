@@ -25,15 +25,20 @@ def quantize(model, protocol="p1", w_bits=8, a_bits=8, recipe="minmax", input_bi
                          protocol=protocol, progress=False, device="cpu", input_bits=input_bits)
 
 
-def test_export_runs_in_onnxruntime_close_to_simulated(tmp_path, images):
-    result = quantize(tiny_vit())
-    report = export_onnx(result.model, tmp_path / "m.onnx", int_format="u8u8", meta=result.plan.meta, cpu=AVX2)
+def export_close_to_simulated(result, path, images):
+    """Export at U8U8 and check ONNX Runtime against the simulated model (U8U8 is exact: only float
+    rounding of the non-integer ops differs)."""
+    report = export_onnx(result.model, path, int_format="u8u8", meta=result.plan.meta, cpu=AVX2)
     ort_logits = OnnxModel(report.path)(images)
     with torch.no_grad():
         sim = result.model(images)
-    # U8U8 is exact: only float rounding of the non-integer ops differs
     assert (ort_logits - sim).abs().max() <= 0.05 * sim.abs().max()
     assert bool((ort_logits.argmax(1) == sim.argmax(1)).all())
+    return report
+
+
+def test_export_runs_in_onnxruntime_close_to_simulated(tmp_path, images):
+    report = export_close_to_simulated(quantize(tiny_vit()), tmp_path / "m.onnx", images)
     assert report.verification["agreement"] == 100.0
 
     # every linear layer, the patch embedding and both attention products run in integer kernels
@@ -70,12 +75,7 @@ def test_recommended_recipe_exports_its_rewritten_weights(tmp_path, images):
     """GPTQ's rounded weights, the folded LayerNorms and the log√2 probabilities (emulated, and
     said so) reach the ONNX model: it agrees with the simulated model."""
     result = quantize(tiny_vit(), w_bits=4, a_bits=8, recipe="recommended")
-    report = export_onnx(result.model, tmp_path / "m.onnx", int_format="u8u8", meta=result.plan.meta, cpu=AVX2)
-    ort_logits = OnnxModel(report.path)(images)
-    with torch.no_grad():
-        sim = result.model(images)
-    assert (ort_logits - sim).abs().max() <= 0.05 * sim.abs().max()
-    assert bool((ort_logits.argmax(1) == sim.argmax(1)).all())
+    report = export_close_to_simulated(result, tmp_path / "m.onnx", images)
     assert any(p["kind"] == "logsqrt2" and p["form"] == "float_emulated" for p in report.to_dict()["points"])
 
 

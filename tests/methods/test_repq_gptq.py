@@ -162,7 +162,8 @@ def test_recommended_recipe_plan_reproduces_the_model(family, tmp_path):
         assert (result.model(x) - ref).pow(2).mean() < (rtn.model(x) - ref).pow(2).mean()
     meta = result.plan.meta
     assert meta["params"] and meta["gptq"]["layers"] == len(meta["params"])
-    assert result.model.blocks[0].attn.probs_quantizer.spec.kind == "logsqrt2" if family == "vit" else True
+    probs = [q for _, q in iter_quantizers(result.model) if q.role == "attn_probs"]
+    assert probs and all(q.spec.kind == "logsqrt2" for q in probs)
     result.plan.save(tmp_path)
     again = apply_plan(model, Plan.load(tmp_path))
     with torch.no_grad():

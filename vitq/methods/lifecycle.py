@@ -235,12 +235,7 @@ def staged_passes(model: nn.Module, images, groups, device):
     for group in groups:
         block_name, block = block_of(group[0])
         if block_name is not None and cached_block != block_name:
-            if cached is not None and follows.get(cached) is block and not cache[0][1]:
-                # the next block of the same sequence: its input is the previous block's output
-                with torch.no_grad():
-                    cache = [((cached(*args),), {}) for args, _ in cache]
-            else:
-                cache = block_inputs(model, block, images, device)
+            cache = next_block_inputs(model, block, cached, cache, follows, images, device)
             cached_block, cached = block_name, block
 
         def feed(group=group, block=block, block_name=block_name, cache=cache) -> None:
@@ -291,6 +286,16 @@ def sequence_successors(model: nn.Module) -> Dict[nn.Module, nn.Module]:
             children = list(module.children())
             out.update(zip(children[:-1], children[1:]))
     return out
+
+
+def next_block_inputs(model: nn.Module, block: nn.Module, prev, prev_inputs, follows, images, device) -> list:
+    """The inputs of ``block``: the outputs of ``prev`` on its cached inputs ``prev_inputs`` when
+    ``block`` directly follows it in a sequence (``follows``: :func:`sequence_successors`), else
+    captured by a forward pass of ``model`` over ``images``."""
+    if prev is not None and follows.get(prev) is block and not prev_inputs[0][1]:
+        with torch.no_grad():
+            return [((prev(*args),), {}) for args, _ in prev_inputs]
+    return block_inputs(model, block, images, device)
 
 
 def block_inputs(model: nn.Module, block: nn.Module, images, device) -> list:

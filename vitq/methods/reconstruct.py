@@ -38,7 +38,7 @@ from ..nn import QuantLinear
 from ..quant import protocol as roles
 from ..quant.quantizer import Quantizer
 from .gptq import mark_changed
-from .lifecycle import block_inputs, sequence_successors
+from .lifecycle import next_block_inputs, sequence_successors
 from .stages import STAGES, Stage, StageContext, StageSettings
 
 Tensor = torch.Tensor
@@ -136,8 +136,8 @@ class ReconstructStage(Stage):
         for name, block in tqdm(blocks, desc="reconstruct", unit="block", disable=not ctx.progress, leave=False):
             fblock = float_blocks[name]
             with torch.no_grad():
-                xq = _next_inputs(model, block, prev_q, xq, follows_q, images, ctx.device)
-                xf = _next_inputs(float_model, fblock, prev_f, xf, follows_f, images, ctx.device)
+                xq = next_block_inputs(model, block, prev_q, xq, follows_q, images, ctx.device)
+                xf = next_block_inputs(float_model, fblock, prev_f, xf, follows_f, images, ctx.device)
                 target = torch.cat([fblock(*a, **k) for a, k in xf])
             inputs = torch.cat([a[0] for a, _ in xq])
             before, after = self._train(block, inputs, target, xq[0][1], s, generator)
@@ -217,11 +217,4 @@ class ReconstructStage(Stage):
             after = float(F.mse_loss(block(inputs, **kwargs), target))
         return before, after
 
-
-def _next_inputs(model, block, prev, cache, follows, images, device):
-    """The inputs of ``block``: the previous block's outputs when it directly follows it in a
-    sequence, else captured by a forward pass."""
-    if prev is not None and follows.get(prev) is block and not cache[0][1]:
-        return [((prev(*a),), {}) for a, _ in cache]
-    return block_inputs(model, block, images, device)
 

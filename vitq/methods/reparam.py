@@ -25,11 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
-from ..models.adapters import NormLinearPair, find_adapter, iter_quantizers
+from ..models.adapters import NormLinearPair, find_adapter
 from ..nn import QuantLinear
 from ..quant.observers import Observer, ObserverConfig
 from ..quant.spec import QuantSpec
-from .smooth import POINTS, SmoothFactor, fold_smoothing, smoothing_of
+from .smooth import POINTS, SmoothFactor, check_foldable, fold_smoothing
 from .stages import STAGES, Stage, StageContext, StageSettings
 
 Tensor = torch.Tensor
@@ -101,12 +101,7 @@ class ReparamStage(Stage):
     def run(self, ctx: StageContext) -> None:
         s: ReparamSettings = self.settings
         model = ctx.model
-        calibrated = [n for n, q in iter_quantizers(model) if q.needs_calibration and q.scale is not None]
-        if calibrated:
-            raise VitqError(f"reparam changes the weights and activations that calibration measured ({calibrated[0]} "
-                            "is calibrated): put 'reparam' before 'calibrate' in the recipe")
-        if smoothing_of(model):
-            raise VitqError("the model's LayerNorms are already folded (smooth or reparam): a recipe folds once")
+        check_foldable(model, "reparam")
         pairs = [p for p in find_adapter(model).norm_linear_pairs(model) if p.point in s.points]
         pairs = [p for p in pairs if _input_spec(model, p) is not None]
         if not pairs:

@@ -122,6 +122,17 @@ def fold_smoothing(model: nn.Module, factors: Sequence[SmoothFactor]) -> nn.Modu
     return model
 
 
+def check_foldable(model: nn.Module, stage: str) -> None:
+    """Raise unless a LayerNorm fold (``smooth`` or ``reparam``) may run: before calibration (it
+    changes what calibration measures) and once per model."""
+    calibrated = [n for n, q in iter_quantizers(model) if q.needs_calibration and q.scale is not None]
+    if calibrated:
+        raise VitqError(f"{stage} changes the weights and activations that calibration measured ({calibrated[0]} "
+                        f"is calibrated): put '{stage}' before 'calibrate' in the recipe")
+    if smoothing_of(model):
+        raise VitqError("the model's LayerNorms are already folded (smooth or reparam): a recipe folds once")
+
+
 def smoothing_to_plan(factors: Sequence[SmoothFactor]) -> Tuple[List[Dict[str, str]], Dict[str, Tensor]]:
     """``meta["smooth"]`` entries and the tensors ``smooth.<linear>.scale`` / ``smooth.<linear>.shift``."""
     meta = [f.meta() for f in factors]
@@ -298,12 +309,7 @@ class SmoothStage(Stage):
     def run(self, ctx: StageContext) -> None:
         s: SmoothSettings = self.settings
         model = ctx.model
-        calibrated = [n for n, q in iter_quantizers(model) if q.needs_calibration and q.scale is not None]
-        if calibrated:
-            raise VitqError(f"smooth changes the weights and activations that calibration measured ({calibrated[0]} "
-                            "is calibrated): put 'smooth' before 'calibrate' in the recipe")
-        if smoothing_of(model):
-            raise VitqError("the model is already smoothed: a recipe smooths once")
+        check_foldable(model, "smooth")
         pairs = [p for p in find_adapter(model).norm_linear_pairs(model) if p.point in s.points]
         if not pairs:
             raise VitqError(f"smooth found no LayerNorm → linear pair for points {list(s.points)} in this model")
