@@ -42,6 +42,23 @@ _PMSE = {"weights": {"observer": "percentile_mse", "symmetric": False},
          "activations": {"observer": "percentile_mse", "symmetric": False}}
 _LOG = {"kinds": {"attn_probs": "logsqrt2"}}
 SEQ = {"calibrate": {"sequential": True}}
+
+
+def _recommended(name: str, stages=None, gptq=None, extra_stages=()) -> Dict[str, Any]:
+    """The recommended recipe's YAML with its stages changed (selection candidates)."""
+    import yaml
+
+    import vitq.recipes
+
+    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
+    spec["name"] = name
+    if gptq is not None:
+        spec["stages"] = [{"gptq": {**st["gptq"], **gptq}} if isinstance(st, dict) and "gptq" in st else st
+                          for st in spec["stages"]]
+    spec["stages"] = (stages if stages is not None else spec["stages"]) + list(extra_stages)
+    return spec
+
+
 METHODS: Dict[str, Tuple[Any, str]] = {
     "omse": ("omse", "OMSE ranges, symmetric per-channel weights, uniform post-softmax"),
     "pmse": ({"name": "pmse", **_PMSE, "stages": ["calibrate"]},
@@ -83,6 +100,14 @@ METHODS: Dict[str, Tuple[Any, str]] = {
                                                                                          "keep_uniform": True}},
                                                       "gptq"]},
                                           "+reparam+opt-m+gptq with the OMSE weight grid"),
+    "recommended+bc": (_recommended("recommended+bc", extra_stages=["bias_correct"]),
+                       "the recommended recipe, then empirical bias correction (every layer's channel means "
+                       "matched to the float model's, in forward order)"),
+    "recommended, gptq-ao": (_recommended("recommended, gptq-ao", gptq={"act_order": True}),
+                             "the recommended recipe with GPTQ's act-order"),
+    "recommended+bc, gptq-ao": (_recommended("recommended+bc, gptq-ao", gptq={"act_order": True},
+                                             extra_stages=["bias_correct"]),
+                                "the recommended recipe with GPTQ's act-order, then bias correction"),
 }
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",
                   "+reparam+seq+gptq-ao")

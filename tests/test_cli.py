@@ -293,11 +293,31 @@ def test_corrupt_image(checkpoint, image_folder, tmp_path, capsys):
     bad = image_folder / "dog" / "001.png"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8).tobytes())
     out = tmp_path / "run"
-    err = run_error(capsys, quantize_args(checkpoint, image_folder, out))
-    assert "cannot read image" in err and str(bad) in err
-    assert_no_run(out)
-    partial = out.with_name("run.partial")  # the failed run keeps its log and error, under .partial
-    assert "cannot read image" in (partial / "error.txt").read_text()
+    for workers in ("0", "2"):  # found before any work starts, worker processes or not
+        err = run_error(capsys, quantize_args(checkpoint, image_folder, out, "--workers", workers,
+                                              eval_dir=image_folder))
+        assert "1 of the 12 calibration images cannot be read" in err and str(bad) in err
+        assert "--skip-bad-images" in err and "Traceback" not in err
+        assert_no_run(out)
+        assert not out.with_name("run.partial").exists()  # refused before the run started
+    # on request the unreadable image is left out and counted
+    rc = main(quantize_args(checkpoint, image_folder, out, "--skip-bad-images", "--num-calib", "4",
+                            eval_dir=image_folder))
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_calib"] + metrics["num_eval"] == 11
+    assert sum(metrics["skipped_images"].values()) == 1
+
+
+def test_an_unreadable_image_in_a_worker_is_a_clean_error(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
+    """An image that passes the up-front check but fails to decode later, in a loader worker."""
+    import vitq.data.folder as folder
+
+    monkeypatch.setattr(folder, "find_bad_images", lambda images: [])
+    bad = image_folder / "dog" / "001.png"
+    bad.write_bytes(b"not an image")
+    err = run_error(capsys, quantize_args(checkpoint, image_folder, tmp_path / "run", "--workers", "2"))
+    assert "cannot read image" in err and str(bad) in err and "Traceback" not in err
 
 
 def test_num_calib_larger_than_folder(checkpoint, image_folder, tmp_path, capsys):

@@ -10,7 +10,7 @@ Example:
 __version__ = "0.1.0"
 
 from . import export  # vitq.export.export_onnx, OnnxModel, evaluate_onnx, bench_speed (needs vitq[deploy])
-from .api import QuantizedModel, evaluate, quantize, resolve_device
+from .api import QuantizedModel, Synthesized, data_free_refresher, evaluate, quantize, resolve_device, synthesize
 from .errors import VitqError
 from .methods import Plan, apply_plan, calibrate, convert, prepare
 from .models import load_model
@@ -20,10 +20,12 @@ __all__ = [
     "Plan",
     "QuantizedModel",
     "Recipe",
+    "Synthesized",
     "VitqError",
     "apply_plan",
     "calibrate",
     "convert",
+    "data_free_refresher",
     "evaluate",
     "export",
     "load_model",
@@ -31,4 +33,5 @@ __all__ = [
     "prepare",
     "quantize",
     "resolve_device",
+    "synthesize",
 ]

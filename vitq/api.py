@@ -1,20 +1,23 @@
-"""The public verbs: ``quantize`` a model with a recipe and data, ``evaluate`` it against the float model."""
+"""The public verbs: ``quantize`` a model with a recipe and data (real, or synthesised when there is
+none), ``synthesize`` data-free calibration images, ``evaluate`` against the float model."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from .data.synthetic import GenerationResult, create_generator, make_refresher
 from .errors import VitqError
 from .eval.metrics import compare, model_size, predict
 from .methods.lifecycle import convert, prepare
 from .methods.plan import Plan, apply_plan, plan_from_model
 from .methods.stages import Refresher, StageContext
 from .models.adapters import kept_on_its_device
+from .models.loading import data_config_of, weights_digest
 from .quant.protocol import DEFAULT_INPUT_BITS
 from .recipes.recipe import Recipe, load_recipe
 
@@ -44,12 +47,105 @@ class QuantizedModel:
     model: nn.Module
     plan: Plan
     record: Dict[str, Any] = field(default_factory=dict)
+    #: data-free runs: the synthetic calibration images (as refreshed last) and their targets
+    synthetic: Optional[GenerationResult] = None
+
+
+@dataclass
+class Synthesized:
+    """What :func:`synthesize` returns: the images and the generator that made them."""
+
+    result: GenerationResult
+    generator: str
+    settings: Dict[str, Any]
+
+
+def _generator_settings(recipe: Recipe, generator: str, settings: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The recipe's generator settings when it names this generator, updated by ``settings``."""
+    out = dict(recipe.data_free.settings) if recipe.data_free.generator == generator else {}
+    out.update(settings or {})
+    return out
+
+
+def synthesize(
+    model: nn.Module,
+    recipe: Union[str, Recipe] = "recommended",
+    *,
+    generator: Optional[str] = None,
+    num_images: Optional[int] = None,
+    settings: Optional[Mapping[str, Any]] = None,
+    data_config: Optional[Mapping[str, Any]] = None,
+    seed: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+) -> Synthesized:
+    """Data-free calibration images made from ``model`` itself, as the recipe's ``data_free``
+    section says (generator, number, settings), each overridable.
+
+    Args:
+        generator: ``clamp``, ``psaq``, ``gaussian``, ... (``vitq list``); default: the recipe's.
+        num_images: default: the recipe's ``data_free.num_images``.
+        settings: generator settings over the recipe's (e.g. ``{"iterations": 100}``).
+        data_config: the model's preprocessing (default: timm's for the model).
+
+    Raises:
+        GenerationDiverged: when the images stop being finite; it carries those made so far.
+    """
+    recipe = load_recipe(recipe)
+    device = resolve_device(device)
+    name = generator or recipe.data_free.generator
+    chosen = _generator_settings(recipe, name, settings)
+    gen = create_generator(name, chosen)
+    num = num_images if num_images is not None else recipe.data_free.num_images
+    if isinstance(num, bool) or not isinstance(num, int) or num <= 0:
+        raise VitqError(f"num_images must be a positive integer, got {num!r}")
+    with kept_on_its_device(model):
+        result = gen.generate(model.to(device), num, data_config or data_config_of(model), seed=seed, device=device,
+                              progress=progress)
+    return Synthesized(result, name, gen.settings.to_dict())
+
+
+def data_free_refresher(
+    model: nn.Module,
+    recipe: Union[str, Recipe],
+    generator: str,
+    targets: torch.Tensor,
+    *,
+    settings: Optional[Mapping[str, Any]] = None,
+    data_config: Optional[Mapping[str, Any]] = None,
+    seed: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
+    log: Optional[Callable[..., None]] = None,
+) -> Optional[Refresher]:
+    """CLAMP-ViT's cycle for a data-free run: a function that refines the synthetic images against
+    the quantized model being built, when the recipe's ``search`` stage asks for it
+    (``refresh_every``); None otherwise."""
+    recipe = load_recipe(recipe)
+    if "search" not in recipe.stage_names or not recipe.stage("search").settings.refresh_every:
+        return None
+    cfg = recipe.data_free
+    return make_refresher(create_generator(generator, _generator_settings(recipe, generator, settings)), model,
+                          targets, data_config or data_config_of(model), steps=cfg.refresh_steps,
+                          adversary_weight=cfg.refresh_adversary, seed=seed, device=resolve_device(device), log=log)
+
+
+def _remembering(refresh: Optional[Refresher], made: Synthesized) -> Optional[Refresher]:
+    """``refresh`` that also keeps the last refreshed images in ``made.result.images``."""
+    if refresh is None:
+        return None
+
+    def remembered(qmodel: nn.Module, batches, step: int):
+        new = refresh(qmodel, batches, step)
+        made.result.images = torch.cat([b.detach().cpu() for b in new])
+        return new
+
+    return remembered
 
 
 def quantize(
     model: nn.Module,
     recipe: Union[str, Recipe] = "recommended",
-    data: Batches = (),
+    data: Optional[Batches] = (),
     *,
     w_bits: int = 8,
     a_bits: int = 8,
@@ -64,6 +160,10 @@ def quantize(
     refresh: Optional[Refresher] = None,
     log: Optional[Callable[..., None]] = None,
     input_bits: Optional[int] = DEFAULT_INPUT_BITS,
+    data_free: Optional[str] = None,
+    num_images: Optional[int] = None,
+    gen_settings: Optional[Mapping[str, Any]] = None,
+    batch_size: int = 32,
 ) -> QuantizedModel:
     """Quantize a float ViT/DeiT/Swin with a recipe, calibrating on ``data``.
 
@@ -74,7 +174,9 @@ def quantize(
         model: a timm ``VisionTransformer`` or ``SwinTransformer``.
         recipe: a built-in recipe name (``vitq list``), a YAML path or a :class:`Recipe`.
         data: calibration batches: image tensors or ``(images, labels)`` pairs, already
-            preprocessed for the model.
+            preprocessed for the model. ``None``: data-free, the images are synthesised from the
+            model (:func:`synthesize` with ``data_free``, ``num_images``, ``gen_settings``) and,
+            when the recipe's search asks for it, refreshed during the search (CLAMP-ViT's cycle).
         w_bits, a_bits: bit-widths, 2 to 8 (ignored with ``start_plan``: the plan's).
         protocol: ``p1``, ``p2`` or ``p3`` (which tensors are quantized).
         device: ``cpu``, ``cuda`` or None (CUDA when present).
@@ -91,6 +193,9 @@ def quantize(
         input_bits: bits of the image input (the patch embedding's input): 8 by default at every
             activation width, as in RepQ-ViT; None quantizes it at ``a_bits`` (ignored with
             ``start_plan``: the plan's).
+        data_free, num_images, gen_settings: with ``data=None``: the generator (default: the
+            recipe's), how many images, and its settings.
+        batch_size: with ``data=None``: images per calibration batch.
 
     Example:
         >>> import timm, torch
@@ -101,6 +206,17 @@ def quantize(
     """
     recipe = load_recipe(recipe)
     device = resolve_device(device)
+    made: Optional[Synthesized] = None
+    if data is None:
+        made = synthesize(model, recipe, generator=data_free, num_images=num_images, settings=gen_settings, seed=seed,
+                          device=device, progress=progress)
+        data = list(made.result.images.split(batch_size))
+        if refresh is None:
+            refresh = _remembering(data_free_refresher(model, recipe, made.generator, made.result.targets,
+                                                       settings=gen_settings, seed=seed, device=device, log=log),
+                                   made)
+    elif data_free is not None or num_images is not None or gen_settings is not None:
+        raise VitqError("data_free, num_images and gen_settings are for data-free runs: pass data=None")
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
     if start_plan is not None:
         plan = start_plan if isinstance(start_plan, Plan) else Plan.load(start_plan)
@@ -145,18 +261,26 @@ def quantize(
     convert(qmodel)
     plan_meta = {"recipe": recipe.name, "protocol": protocol, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
                  **(meta or {})}
+    plan_meta["model"] = {**(plan_meta.get("model") or {})}
+    plan_meta["model"].setdefault("weights_sha256", weights_digest(model))
     if start_plan is None:
         plan_meta["input_bits"] = input_bits if input_bits is not None else a_bits
     elif "input_bits" in plan.meta:
         plan_meta["input_bits"] = plan.meta["input_bits"]
     if start_plan is not None:
         plan_meta["start_plan"] = {"recipe": plan.meta.get("recipe"), "skipped_stages": skipped}
-    for key in ("search", "opt_m", "greedy_mp", "reparam", "gptq", "reconstruct"):
+    for key in ("search", "opt_m", "greedy_mp", "reparam", "gptq", "bias_correct", "reconstruct"):
         if key in ctx.record:
             plan_meta[key] = ctx.record[key]
     if "smooth" in ctx.record:  # the smoothed pairs themselves go into meta["smooth"] (plan_from_model)
         plan_meta["smooth_settings"] = ctx.record["smooth"]
-    return QuantizedModel(qmodel, plan_from_model(qmodel, plan_meta), ctx.record)
+    synthetic = None
+    if made is not None:
+        plan_meta.setdefault("calibration", {"data_free": made.generator, "num": len(made.result.images), "seed": seed})
+        ctx.record["data_free"] = {"generator": made.generator, "settings": made.settings,
+                                   "seconds": round(made.result.seconds, 2)}
+        synthetic = made.result
+    return QuantizedModel(qmodel, plan_from_model(qmodel, plan_meta), ctx.record, synthetic)
 
 
 def evaluate(
@@ -174,6 +298,9 @@ def evaluate(
     the same batches (benchmarks compare many quantized models against one float model).
     """
     device = resolve_device(device)
+    if getattr(float_model, "num_classes", None) == 0:
+        raise VitqError("the model has no classifier (num_classes=0): it outputs features, so top-1, agreement and "
+                        "KL mean nothing; evaluate a model with its head, or quantize without evaluation images")
     if fp_logits is None:
         with kept_on_its_device(float_model):
             (fp_logits, q_logits), labels = predict([float_model, quantized_model], data, device, progress)

@@ -13,13 +13,14 @@ import torch
 import yaml
 
 from . import __version__
-from .api import evaluate, quantize, resolve_device
-from .data.folder import ImageList, balanced_subset, check_labels, load_images, make_loader, scan_folder
-from .data.synthetic import GENERATORS, GenerationDiverged, GenerationResult, create_generator, make_refresher
+from .api import data_free_refresher, evaluate, quantize, resolve_device, synthesize
+from .data.folder import ImageList, balanced_subset, check_images, check_labels, load_images, make_loader, scan_folder
+from .data.synthetic import GENERATORS, GenerationDiverged, GenerationResult
 from .methods.search import FITNESS
 from .methods.stages import STAGES, Refresher
 from .data.synthetic.io import image_stats, save_grid, save_images
 from .errors import VitqError
+from .files import atomic_torch_save, load_state
 from .eval.bits import bit_stats
 from .eval.metrics import count_quant_points, model_size
 from .export import FORMATS, OnnxModel, bench_speed, evaluate_onnx, export_onnx
@@ -28,7 +29,7 @@ from .export.onnx_export import DEFAULT_OPSET
 from .export.speed import BACKENDS, profile_table, size_table, speed_table
 from .methods.lifecycle import check_bits
 from .methods.mixed import parse_budget
-from .methods.plan import Plan, apply_plan
+from .methods.plan import Plan, apply_plan, check_plan_weights
 from .models.adapters import ADAPTERS, find_adapter
 from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .quant.observers import OBSERVERS
@@ -98,6 +99,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", dest="eval_dir", help="evaluation images (ImageFolder or flat synset folder)")
     parser.add_argument("--num-eval", type=_positive_int, default=None, help="seeded class-balanced subset")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log on the console")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out unreadable images (counted in the report) instead of refusing the run")
 
 
 def _generation_options(parser: argparse.ArgumentParser) -> None:
@@ -198,8 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _load(args: argparse.Namespace) -> LoadedModel:
-    loaded = load_model(args.model, arch=args.arch, model_kwargs=args.model_kwargs, pretrained=not args.random_weights)
+def _load(args: argparse.Namespace, plan: Optional[Plan] = None) -> LoadedModel:
+    """The float model; random weights are seeded (by the plan's seed when a plan made them)."""
+    seed = ((plan.meta.get("model") or {}).get("random_weights_seed") if plan is not None else None)
+    loaded = load_model(args.model, arch=args.arch, model_kwargs=args.model_kwargs, pretrained=not args.random_weights,
+                        seed=seed if seed is not None else (args.seed or 0))
     find_adapter(loaded.model)  # refuse unsupported families before any data is read
     return loaded
 
@@ -215,7 +221,17 @@ def _eval_images(args: argparse.Namespace, calib: Optional[ImageList], seed: int
     exclude: Sequence[Path] = ()
     if calib is not None and Path(args.eval_dir).expanduser().resolve() == calib.root.resolve():
         exclude = calib.paths
-    return load_images(args.eval_dir, args.num_eval, seed, exclude, what="evaluation images")
+    images = load_images(args.eval_dir, args.num_eval, seed, exclude, what="evaluation images")
+    images, skipped = check_images(images, "evaluation images", getattr(args, "skip_bad_images", False))
+    _skipped(args)["eval"] = skipped
+    return images
+
+
+def _skipped(args: argparse.Namespace) -> Dict[str, int]:
+    """Unreadable images left out (--skip-bad-images), by role."""
+    if not hasattr(args, "skipped_images"):
+        args.skipped_images = {}
+    return args.skipped_images
 
 
 def _calib_images_of_plan(meta: Dict[str, Any], eval_dir: str) -> Optional[ImageList]:
@@ -227,20 +243,21 @@ def _calib_images_of_plan(meta: Dict[str, Any], eval_dir: str) -> Optional[Image
     return load_images(folder, calib["num"], calib["seed"], what="calibration images")
 
 
-def _generate(args: argparse.Namespace, loaded: LoadedModel, generator_name: str, recipe, device, run) -> GenerationResult:
-    """Synthesise images as the recipe and the options say; write images, grid and stats into the run."""
-    settings = dict(recipe.data_free.settings) if recipe is not None and recipe.data_free.generator == generator_name else {}
-    settings.update(args.gen_settings or {})
+def _gen_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    settings = dict(args.gen_settings or {})
     if args.iterations is not None:
         settings["iterations"] = args.iterations
-    num = args.num_images or (recipe.data_free.num_images if recipe is not None else 32)
-    generator = create_generator(generator_name, settings)
-    run.log.info("generating %d images with %s (%s)", num, generator_name,
-                 ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "default settings")
-    model = loaded.model.to(device)
+    return settings
+
+
+def _generate(args: argparse.Namespace, loaded: LoadedModel, generator_name: str, recipe, device, run) -> GenerationResult:
+    """Synthesise images (:func:`vitq.api.synthesize`); write images, grid and stats into the run."""
+    recipe = recipe if recipe is not None else load_recipe("recommended")
+    run.log.info("generating %d images with %s", args.num_images or recipe.data_free.num_images, generator_name)
     try:
-        result = generator.generate(model, num, loaded.data_config, seed=args.seed, device=device,
-                                    progress=not args.quiet)
+        made = synthesize(loaded.model, recipe, generator=generator_name, num_images=args.num_images,
+                          settings=_gen_settings(args), data_config=loaded.data_config, seed=args.seed, device=device,
+                          progress=not args.quiet)
     except GenerationDiverged as err:
         kept = len(err.images)
         if kept:
@@ -248,17 +265,19 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, generator_name: str
             save_grid(err.images, run.path / "grid.png", loaded.data_config)
         run.log.error("generation stopped: %s; %d images made before it are kept in %s", err, kept, run.path)
         raise
+    result, num = made.result, len(made.result.images)
     save_images(result.images, result.targets, run.path / "images", loaded.data_config)
     save_grid(result.images, run.path / "grid.png", loaded.data_config)
-    stats = {"generator": generator_name, "settings": generator.settings.to_dict(), "seconds": round(result.seconds, 2),
+    stats = {"generator": generator_name, "settings": made.settings, "seconds": round(result.seconds, 2),
              "seconds_per_image": round(result.seconds / num, 3), "first_loss": result.losses[0] if result.losses else None,
              "last_loss": result.losses[-1] if result.losses else None,
-             **image_stats(model, result.images, result.targets)}
+             **image_stats(loaded.model, result.images, result.targets)}
     if torch.cuda.is_available() and device.type == "cuda":
         stats["peak_cuda_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     run.write_json("stats.json", stats)
-    run.log.info("made %d images in %.1f s; float model confidence %.3f, %d distinct predicted classes",
-                 num, result.seconds, stats["mean_confidence"], stats["distinct_predicted_classes"])
+    run.log.info("made %d images in %.1f s (%s); float model confidence %.3f, %d distinct predicted classes",
+                 num, result.seconds, ", ".join(f"{k}={v}" for k, v in sorted(made.settings.items())),
+                 stats["mean_confidence"], stats["distinct_predicted_classes"])
     return result
 
 
@@ -269,25 +288,19 @@ def _generate_or_reuse(args: argparse.Namespace, loaded: LoadedModel, recipe, de
     """Synthesise the calibration images, or reuse those a resumed run made before."""
     saved = run.path / SYNTHETIC_FILE
     if args.resume and saved.exists():
-        data = torch.load(saved, weights_only=True)
+        data = load_state(saved)
         run.log.info("resume: reusing the %d synthetic images in %s", len(data["images"]), saved)
         return GenerationResult(data["images"], data["targets"], 0.0)
     result = _generate(args, loaded, args.data_free, recipe, device, run)
-    torch.save({"images": result.images.cpu(), "targets": result.targets.cpu()}, saved)
+    atomic_torch_save({"images": result.images.cpu(), "targets": result.targets.cpu()}, saved)
     return result
 
 
 def _refresher(args: argparse.Namespace, loaded: LoadedModel, recipe, generated: GenerationResult, device,
                run) -> Optional[Refresher]:
-    """CLAMP-ViT's cycle: a function that refines the synthetic images against the current quantized model."""
-    if "search" not in recipe.stage_names or not recipe.stage("search").settings.refresh_every:
-        return None
-    cfg = recipe.data_free
-    settings = dict(cfg.settings) if cfg.generator == args.data_free else {}
-    settings.update(args.gen_settings or {})
-    return make_refresher(create_generator(args.data_free, settings), loaded.model, generated.targets,
-                          loaded.data_config, steps=cfg.refresh_steps, adversary_weight=cfg.refresh_adversary,
-                          seed=args.seed, device=device, log=run.log.info)
+    """CLAMP-ViT's cycle (:func:`vitq.api.data_free_refresher`), or None when the recipe has none."""
+    return data_free_refresher(loaded.model, recipe, args.data_free, generated.targets, settings=_gen_settings(args),
+                               data_config=loaded.data_config, seed=args.seed, device=device, log=run.log.info)
 
 
 def _metric_keys(metrics: Dict[str, Any]) -> str:
@@ -383,8 +396,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         folder = scan_folder(args.calib)
         num_calib = args.num_calib if args.num_calib is not None else min(DEFAULT_NUM_CALIB, len(folder))
         calib = balanced_subset(folder, num_calib, args.seed, what="calibration images")
+        calib, _skipped(args)["calib"] = check_images(calib, "calibration images", args.skip_bad_images)
         if _num_classes(loaded):
             check_labels(calib, _num_classes(loaded))
+    if args.eval_dir and getattr(loaded.model, "num_classes", None) == 0:
+        raise VitqError("the model has no classifier (num_classes=0): it outputs features, so top-1 and agreement "
+                        "would mean nothing; drop --eval (the plan and report are still written)")
     eval_images = _eval_images(args, calib, args.seed)
     if eval_images is not None and _num_classes(loaded):
         check_labels(eval_images, _num_classes(loaded))
@@ -413,7 +430,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                   "excludes_calibration": bool(calib and eval_images.root == calib.root)},
             "versions": {"vitq": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
-        run.write_yaml("config.yaml", config)
+        run.start(config)
         run.log.info("vitq %s: %s, recipe %s, W%dA%d, protocol %s, device %s",
                      __version__, loaded.name, recipe.name, args.w_bits, args.a_bits, protocol.name, device)
         meta = {"model": loaded.identity, "seed": args.seed, "batch_size": args.batch_size}
@@ -468,6 +485,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "data_free": args.data_free,
             "start_plan": str(args.start_plan) if args.start_plan else None,
             **metrics,
+            **({"skipped_images": _skipped(args)} if any(_skipped(args).values()) else {}),
             "bits": bits,
             **({"search": result.record["search"]} if "search" in result.record else {}),
             **({"greedy_mp": {k: result.record["greedy_mp"][k] for k in ("mode", "avg_w", "avg_a", "budget_w", "budget_a")}}
@@ -509,7 +527,8 @@ def _load_plan_model(plan: Plan, model: Optional[str] = None, arch: Optional[str
             raise VitqError(f"the plan's model {model} is not found from here: pass --model PATH")
         arch = arch or recorded.get("arch")
         model_kwargs = {**(recorded.get("kwargs") or {}), **(model_kwargs or {})}
-    loaded = load_model(model, arch=arch, model_kwargs=model_kwargs, pretrained=not random_weights)
+    seed = recorded.get("random_weights_seed") or 0  # random weights: the plan's own, rebuilt
+    loaded = load_model(model, arch=arch, model_kwargs=model_kwargs, pretrained=not random_weights, seed=seed)
     find_adapter(loaded.model)
     planned = recorded.get("arch")
     if planned and planned != loaded.arch:
@@ -537,10 +556,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise VitqError(f"{run} is not a run folder nor a plan.json: pass the --out folder of `vitq quantize`")
     plan = Plan.load(run)
     loaded = _load_plan_model(plan, args.model, args.arch, args.model_kwargs, args.random_weights)
-    if args.random_weights and not args.quiet:
+    made_random = (plan.meta.get("model") or {}).get("random_weights_seed") is not None
+    if args.random_weights and not made_random and not args.quiet:
         print("note: --random-weights: the exported model has random weights, not the ones the plan was "
               "calibrated on (for speed measurements only)", file=sys.stderr)
-    qmodel = apply_plan(loaded.model, plan)
+    qmodel = apply_plan(loaded.model, plan, check_weights=not (args.random_weights and not made_random))
     meta = {**plan.meta, "model": loaded.identity, "classes": loaded.classes}
     report = export_onnx(qmodel, out, int_format=args.int_format, data_config=loaded.data_config, meta=meta,
                          opset=args.opset)
@@ -605,7 +625,7 @@ def _eval_onnx(args: argparse.Namespace) -> int:
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     _check_deploy()
-    loaded = _load(args)
+    loaded = _load(args, Plan.load(args.plan) if args.plan else None)
     float_model = loaded.model
     if args.plan:
         if args.calib:
@@ -672,12 +692,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.eval_dir:
         raise VitqError("vitq eval needs --eval DIR (the images to evaluate on)")
     device = resolve_device(args.device)
-    loaded = _load(args)
+    loaded = _load(args, plan)
     planned = plan.meta.get("model", {})
     if planned.get("arch") and planned["arch"] != loaded.arch:
         raise VitqError(
             f"the plan was made for {planned['arch']!r} but the model is {loaded.arch!r}: pass the model the plan was made for"
         )
+    check_plan_weights(loaded.model, plan)  # before any image is read
     seed = args.seed if args.seed is not None else plan.meta.get("seed", 0)
     calib = _calib_images_of_plan(plan.meta, args.eval_dir)
     images = _eval_images(args, calib, seed)
@@ -696,6 +717,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "a_bits": plan.meta.get("a_bits"),
         "seed": seed,
         **metrics,
+        **({"skipped_images": _skipped(args)} if any(_skipped(args).values()) else {}),
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -712,7 +734,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = _load(args)
     with RunFolder(args.out, overwrite=args.overwrite, echo=not args.quiet) as run:
         torch.manual_seed(args.seed)
-        run.write_yaml("config.yaml", {"command": "generate", "model": loaded.identity, "generator": args.generator,
+        run.start({"command": "generate", "model": loaded.identity, "generator": args.generator,
                                        "recipe": args.recipe, "num_images": args.num_images, "seed": args.seed,
                                        "device": str(device), "settings": args.gen_settings,
                                        "iterations": args.iterations})
@@ -760,13 +782,22 @@ COMMANDS = {
 }
 
 
+def _plain(message: str) -> str:
+    """A VitqError raised in a DataLoader worker comes back wrapped with the worker's traceback:
+    keep only the message."""
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        return last.split("VitqError: ", 1)[-1]
+    return message
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except VitqError as err:
-        print(f"vitq {args.command}: error: {err}", file=sys.stderr)
+        print(f"vitq {args.command}: error: {_plain(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

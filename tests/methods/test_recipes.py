@@ -25,6 +25,8 @@ def test_registry_lists_builtins():
         ("name: x\nstages: [calibrate, fly]\n", "unknown stage"),
         ("name: x\nweights: [1, 2]\n", "mapping"),
         ("weights: {observer: [unclosed\n", "not valid YAML"),
+        ("weights: {observer: minmax}\nstages: [calibrate]\n", "needs a name"),
+        ("- calibrate\n", "a recipe is a mapping"),
     ],
 )
 def test_bad_recipe_files(tmp_path, text, match):

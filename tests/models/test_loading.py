@@ -52,8 +52,9 @@ def test_pickled_module_is_refused(tmp_path):
     path = tmp_path / "whole.pth"
     torch.save(tiny_vit(), path)  # a pickled module would need code execution to load
     _card(path)
-    with pytest.raises(VitqError, match="cannot read checkpoint"):
+    with pytest.raises(VitqError, match=r"pickled Python objects.*torch.save\(model.state_dict\(\)") as info:
         load_model(path)
+    assert "weights_only" not in str(info.value) and "\x1b[" not in str(info.value)  # not torch's own text
 
 
 def test_hub_failure_names_the_way_out(monkeypatch):
@@ -74,3 +75,19 @@ def test_random_weights_and_modules():
 def test_unknown_model_name_suggests_names():
     with pytest.raises(VitqError, match="unknown model 'deit_tinyy_patch16_224'.*Similar names: deit"):
         load_model("deit_tinyy_patch16_224")
+
+
+def test_a_card_that_timm_rejects_is_a_clean_error(tmp_path):
+    path = tmp_path / "odd.pth"
+    torch.save({}, path)
+    card = {"format": "vitq-model-card/1", "timm_model": "test_vit", "kwargs": {"embed_dim": 65, "num_heads": 2}}
+    path.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(VitqError, match="timm cannot build 'test_vit'.*divisible by num_heads"):
+        load_model(path)
+
+
+def test_random_weights_are_seeded_and_checksummed():
+    a, b, c = (load_model("test_vit", pretrained=False, seed=s) for s in (0, 0, 1))
+    assert a.digest == b.digest != c.digest
+    assert a.identity["random_weights_seed"] == 0 and a.identity["weights_sha256"] == a.digest
+    assert "random_weights_seed" not in load_model(tiny_vit()).identity

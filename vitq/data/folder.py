@@ -194,6 +194,43 @@ class ImageDataset(Dataset):
         return self.transform(img), self.images.labels[i]
 
 
+def find_bad_images(images: ImageList) -> List[Tuple[Path, str]]:
+    """The files of ``images`` that cannot be read as images, each with the reason (PIL opens
+    each and checks its integrity without decoding all of it)."""
+    bad = []
+    for path in images.paths:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError (broken PNG chunks), ...
+            bad.append((path, f"{type(err).__name__}: {err}"))
+    return bad
+
+
+def check_images(images: ImageList, what: str = "images", skip: bool = False) -> Tuple[ImageList, int]:
+    """``images`` without unreadable files, before any work starts.
+
+    Returns:
+        The images to use and how many were skipped.
+
+    Raises:
+        VitqError: when some cannot be read and ``skip`` is False (naming them and the fix), or
+            when none can.
+    """
+    bad = find_bad_images(images)
+    if not bad:
+        return images, 0
+    listed = "; ".join(f"{p} ({why})" for p, why in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+    if not skip:
+        raise VitqError(f"{len(bad)} of the {len(images)} {what} cannot be read: {listed}. Remove or replace them, "
+                        "or pass --skip-bad-images to leave them out (they are counted in the report)")
+    bad_paths = {p for p, _ in bad}
+    keep = [i for i, p in enumerate(images.paths) if p not in bad_paths]
+    if not keep:
+        raise VitqError(f"none of the {len(images)} {what} in {images.root} can be read: {listed}")
+    return images.subset(keep), len(bad)
+
+
 def make_loader(
     images: ImageList, data_config: Dict[str, Any], batch_size: int = 64, num_workers: int = 0
 ) -> DataLoader:

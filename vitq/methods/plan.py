@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import VitqError
+from ..files import atomic_write, atomic_write_text
+from ..models.loading import weights_digest
 from ..models.adapters import iter_quantizers
 from ..quant.spec import QuantSpec
 from .gptq import changed_params, mark_changed
@@ -64,8 +66,9 @@ class Plan:
             "tensors": "plan.safetensors",
             "rules": {k: v.to_dict() for k, v in self.rules.items()},
         }
-        (folder / "plan.json").write_text(json.dumps(body, indent=1) + "\n")
-        save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, str(folder / "plan.safetensors"))
+        tensors = {k: v.contiguous().cpu() for k, v in self.tensors.items()}
+        atomic_write(folder / "plan.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write_text(folder / "plan.json", json.dumps(body, indent=1) + "\n")
         return folder / "plan.json"
 
     @classmethod
@@ -116,9 +119,29 @@ def plan_from_model(model: nn.Module, meta: Dict[str, Any]) -> Plan:
     return Plan(meta, rules, tensors)
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+def check_plan_weights(model: nn.Module, plan: Plan) -> None:
+    """Refuse a plan made from other float weights than ``model``'s (its ``weights_sha256``)."""
+    want = (plan.meta.get("model") or {}).get("weights_sha256")
+    if not want:
+        return  # plans from before checksums were recorded
+    got = weights_digest(model)
+    if got != want:
+        recorded = plan.meta.get("model") or {}
+        seed = recorded.get("random_weights_seed")
+        made = (f"random weights (seed {seed})" if seed is not None else
+                f"the weights of {recorded['name']}" if recorded.get("name") else "those weights")
+        raise VitqError(f"the plan was made from other weights than this model's (checksum {want}, this model "
+                        f"{got}): its scales fit {made}. Pass the model the plan was made for; to apply it "
+                        "anyway (speed measurements only), apply_plan(..., check_weights=False)")
+
+
+def apply_plan(model: nn.Module, plan: Plan, check_weights: bool = True) -> nn.Module:
     """A quantized, converted copy of the float ``model`` with the plan's specs and parameters
-    (and its SQ-b smoothing folded in first)."""
+    (and its SQ-b smoothing folded in first).
+
+    Args:
+        check_weights: refuse a plan made from other float weights (see :func:`check_plan_weights`).
+    """
     protocol = plan.meta.get("protocol", "p1")
     qmodel = prepare(model, protocol=protocol)
     if plan.meta.get("smooth"):
@@ -152,6 +175,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
                     f"the plan's scale for {name} has {quantizer.scale.numel()} values, the model needs "
                     f"{expected}: the plan was made for another architecture"
                 )
+    if check_weights:  # after the checks of the architecture, whose messages say more
+        check_plan_weights(model, plan)
     return convert(qmodel)
 
 

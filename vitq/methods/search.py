@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
+from ..files import atomic_torch_save, load_state
 from ..models.adapters import find_adapter
 from ..nn import QuantLinear
 from ..quant import protocol as roles
@@ -717,7 +718,7 @@ class SearchStage(Stage):
         refreshes: List[int] = []
         best_select, best_state, best_step = math.inf, None, -1
         if ctx.resume and state_path is not None and state_path.exists():
-            state = torch.load(state_path, weights_only=True)
+            state = load_state(state_path)
             same = {k: v for k, v in s.to_dict().items() if k != "max_units"}
             if {k: v for k, v in state["settings"].items() if k != "max_units"} != same or state["seed"] != ctx.seed or state["units"] != [u.name for u in units]:
                 raise VitqError(f"{state_path} was written by a search with other settings, seed or model: "
@@ -788,7 +789,7 @@ class SearchStage(Stage):
             bar.update(1)
             bar.set_postfix(fitness=f"{evo.best[1]:.4f}", unit=unit.name)
             if state_path is not None:
-                torch.save({
+                atomic_torch_save({
                     "settings": s.to_dict(), "seed": ctx.seed, "units": [u.name for u in units], "next": step + 1,
                     "scales": _quantizer_state(model), "rng": generator.get_state(), "evaluations": evaluations,
                     "cycles_done": cycles_done, "curve": curve, "refreshes": refreshes,

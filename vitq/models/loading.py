@@ -1,7 +1,9 @@
 """Build float models from timm names, local checkpoints (with a sidecar card) or modules."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -28,6 +30,7 @@ class LoadedModel:
         data_config: preprocessing (timm data config keys: input_size, interpolation, crop_pct,
             crop_mode, mean, std).
         classes: class names, when the checkpoint's card gives them.
+        random_seed: the seed of random weights (``pretrained=False``), None for trained weights.
     """
 
     model: nn.Module
@@ -36,11 +39,36 @@ class LoadedModel:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     data_config: Dict[str, Any] = field(default_factory=dict)
     classes: Optional[List[str]] = None
+    random_seed: Optional[int] = None
+    _digest: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def digest(self) -> str:
+        """:func:`weights_digest` of the float model (computed once)."""
+        if self._digest is None:
+            self._digest = weights_digest(self.model)
+        return self._digest
 
     @property
     def identity(self) -> Dict[str, Any]:
-        """What a plan records of the model, to refuse a plan made for another architecture."""
-        return {"name": self.name, "arch": self.arch, "kwargs": self.kwargs}
+        """What a plan records of the model, to refuse a plan made for another architecture or
+        for other weights (the checksum; the seed of random weights, to rebuild them)."""
+        out = {"name": self.name, "arch": self.arch, "kwargs": self.kwargs, "weights_sha256": self.digest}
+        if self.random_seed is not None:
+            out["random_weights_seed"] = self.random_seed
+        return out
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A checksum of a model's parameters and buffers (names, dtypes, shapes and values): the first
+    16 hex digits of their SHA-256."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def load_model(
@@ -49,6 +77,7 @@ def load_model(
     arch: Optional[str] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
     pretrained: bool = True,
+    seed: int = 0,
 ) -> LoadedModel:
     """Load a float model.
 
@@ -59,6 +88,7 @@ def load_model(
         arch: timm architecture for a checkpoint without a card.
         model_kwargs: extra ``timm.create_model`` arguments (override the card's).
         pretrained: for a timm name, whether to download the hub weights (False: random weights).
+        seed: the seed of random weights (``pretrained=False``), so that they can be rebuilt.
 
     Example:
         >>> loaded = load_model("test_vit", pretrained=False)
@@ -74,6 +104,12 @@ def load_model(
     looks_like_path = path.suffix.lower() in CHECKPOINT_SUFFIXES or "/" in text or path.exists()
     if looks_like_path:
         return _load_checkpoint(path, arch, model_kwargs)
+    if not pretrained:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loaded = _load_timm(text, model_kwargs, pretrained)
+        loaded.random_seed = seed
+        return loaded
     return _load_timm(text, model_kwargs, pretrained)
 
 
@@ -100,8 +136,10 @@ def _create(arch: str, kwargs: Dict[str, Any], pretrained: bool = False) -> nn.M
         )
     try:
         return timm.create_model(arch, pretrained=pretrained, **kwargs)
-    except TypeError as err:
-        raise VitqError(f"bad model arguments for {arch!r}: {err}") from None
+    except (TypeError, ValueError, AssertionError, KeyError) as err:  # timm's checks of the arguments
+        raise VitqError(f"timm cannot build {arch!r} with the arguments {kwargs} ({type(err).__name__}: "
+                        f"{err or 'an internal check failed'}): fix the model card's kwargs or --model-kwargs "
+                        "(e.g. embed_dim must be divisible by num_heads)") from None
 
 
 def _load_timm(name: str, kwargs: Dict[str, Any], pretrained: bool) -> LoadedModel:
@@ -172,8 +210,20 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        if type(err).__name__ == "UnpicklingError" and "Unsupported global" in str(err):
+            # torch's own text talks of re-running with weights_only=False: nothing was re-run
+            raise VitqError(
+                f"{path} holds pickled Python objects (e.g. a whole nn.Module), not only tensors; vitq does not "
+                "unpickle them, since unpickling can run any code. Save the weights instead: "
+                "torch.save(model.state_dict(), PATH) (or a .safetensors file) with a sidecar .json card"
+            ) from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+        if "Weights only load failed" in text:  # torch's advice to re-run unsafely is not ours to give
+            found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            text = f"not a valid checkpoint ({found.group(1).strip() if found else 'unreadable pickle'})"
+        first = text.strip().splitlines()[0][:200] if text.strip() else ""
         raise VitqError(
-            f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}. "
+            f"cannot read checkpoint {path}: {type(err).__name__}: {first}. "
             "Is it a state_dict saved with torch.save, a .safetensors or a .npz file, and complete?"
         ) from None
     if isinstance(state, dict):

@@ -109,8 +109,13 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "recipe") -> "Recipe":
+        if not isinstance(data, Mapping):
+            raise VitqError(f"{where}: a recipe is a mapping of keys (name, weights, activations, stages, ...), "
+                            f"got {type(data).__name__}")
         reject_unknown_keys(cls, data, where)
         data = dict(data)
+        if not isinstance(data.get("name"), str) or not data["name"].strip():
+            raise VitqError(f"{where}: the recipe needs a name, e.g. 'name: my-recipe' as its first line")
         for key in ("weights", "activations"):
             if key in data:
                 data[key] = ObserverConfig.from_dict(data[key], f"{where}: {key}")
