@@ -45,13 +45,15 @@ SEQ = {"calibrate": {"sequential": True}}
 
 
 def _recommended(name: str, stages=None, gptq=None, extra_stages=()) -> Dict[str, Any]:
-    """The recommended recipe's YAML with its stages changed (selection candidates)."""
+    """The recommended recipe's YAML without its bias correction, its stages changed (selection
+    candidates)."""
     import yaml
 
     import vitq.recipes
 
     spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
     spec["name"] = name
+    spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "bias_correct" in st)]
     if gptq is not None:
         spec["stages"] = [{"gptq": {**st["gptq"], **gptq}} if isinstance(st, dict) and "gptq" in st else st
                           for st in spec["stages"]]
@@ -71,8 +73,8 @@ METHODS: Dict[str, Tuple[Any, str]] = {
     "repq-vit@32": ("repq-vit", "repq-vit on 32 calibration images (RepQ-ViT's setting)"),
     "+reparam+gptq": ({"name": "+reparam+gptq", **_PMSE, **_LOG, "stages": ["reparam", "calibrate", "gptq"]},
                       "+reparam, then GPTQ (no sequential calibration)"),
-    "recommended": ("recommended", "the recommended (default) recipe, chosen by the selection below: "
-                    "+reparam+opt-m+gptq with the OMSE weight grid"),
+    "recommended": ("recommended", "the recommended (default) recipe, chosen by the selections below: "
+                    "+reparam+opt-m+gptq with the OMSE weight grid, then bias correction at 8-bit activations"),
     "+reparam+seq+gptq": ({"name": "+reparam+seq+gptq", **_PMSE, **_LOG, "stages": ["reparam", SEQ, "gptq"]},
                           "repq-vit + GPTQ (sequential calibration)"),
     "+reparam+seq+gptq-ao": ({"name": "+reparam+seq+gptq-ao", **_PMSE, **_LOG,
@@ -100,14 +102,16 @@ METHODS: Dict[str, Tuple[Any, str]] = {
                                                                                          "keep_uniform": True}},
                                                       "gptq"]},
                                           "+reparam+opt-m+gptq with the OMSE weight grid"),
+    "recommended − bias_correct": (_recommended("recommended − bias_correct"),
+                                   "the recommended recipe without its bias correction (the default before it)"),
     "recommended+bc": (_recommended("recommended+bc", extra_stages=["bias_correct"]),
-                       "the recommended recipe, then empirical bias correction (every layer's channel means "
-                       "matched to the float model's, in forward order)"),
+                       "recommended − bias_correct, then empirical bias correction at every bit-width (every "
+                       "layer's channel means matched to the float model's, in forward order)"),
     "recommended, gptq-ao": (_recommended("recommended, gptq-ao", gptq={"act_order": True}),
-                             "the recommended recipe with GPTQ's act-order"),
+                             "recommended − bias_correct with GPTQ's act-order"),
     "recommended+bc, gptq-ao": (_recommended("recommended+bc, gptq-ao", gptq={"act_order": True},
                                              extra_stages=["bias_correct"]),
-                                "the recommended recipe with GPTQ's act-order, then bias correction"),
+                                "recommended − bias_correct with GPTQ's act-order, then bias correction"),
 }
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",
                   "+reparam+seq+gptq-ao")

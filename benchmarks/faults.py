@@ -181,6 +181,12 @@ def main_(argv=None) -> int:
             (folder / "owl" / "002.png").write_bytes(b"garbage")
             return run(q(out, "--eval", str(folder), "--skip-bad-images"))
 
+        @case("a 1×1 image among the evaluation images")
+        def _(out):
+            folder = write_images(out.parent / "tiny-image")
+            Image.new("RGB", (1, 1)).save(folder / "cat" / "tiny.png")
+            return run(q(out, "--eval", str(folder)))
+
         @case("bits out of range (--w-bits 12)")
         def _(out):
             args = q(out)

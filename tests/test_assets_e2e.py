@@ -52,7 +52,7 @@ def test_cifar_reference_cptv_from_an_omse_plan(assets, tmp_path):
                  "--set", "search.passes=1", "--out", str(tmp_path / "cptv"), *common]) == 0
     before = json.loads((tmp_path / "omse" / "metrics.json").read_text())
     after = json.loads((tmp_path / "cptv" / "metrics.json").read_text())
-    assert after["search"]["last_fitness"] <= after["search"]["first_fitness"]
+    assert after["search"]["last_fitness"] < after["search"]["first_fitness"]  # strictly: a no-op search fails
     assert after["quant_top1"] >= before["quant_top1"] - 2.0
     assert (tmp_path / "cptv" / "search_curve.png").exists()
 

@@ -167,3 +167,50 @@ def test_a_model_without_classifier_is_not_scored(image_folder, tmp_path, capsys
     assert main(base + ["--out", str(tmp_path / "b")]) == 0  # without --eval the plan is still made
     with pytest.raises(VitqError, match="no classifier"):
         vitq.evaluate(tiny_vit(num_classes=0), tiny_vit(num_classes=0), [(torch.randn(2, 3, 32, 32), torch.zeros(2))])
+
+
+def test_a_run_whose_evaluation_failed_can_be_evaluated_from_its_partial_folder(checkpoint, image_folder, tmp_path,
+                                                                                capsys, monkeypatch):
+    import vitq.cli as cli
+
+    out = tmp_path / "run"
+
+    def broken(*args, **kwargs):
+        raise VitqError("cannot read image x.jpg: image file is truncated; remove or replace the file")
+
+    monkeypatch.setattr(cli, "evaluate", broken)
+    err = run_error(capsys, quantize_args(checkpoint, image_folder, out, "--num-calib", "4", eval_dir=image_folder))
+    assert "truncated" in err and not out.exists()
+    partial = tmp_path / "run.partial"
+    assert (partial / "plan.json").exists() and "truncated" in (partial / "error.txt").read_text()
+    monkeypatch.undo()
+    assert main(["eval", str(checkpoint), "--plan", str(partial), "--eval", str(image_folder), "--quiet"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["num_eval"] == 8  # the plan's 4 calibration images are excluded again
+
+
+def test_the_report_names_the_layers_left_in_float():
+    from torch import nn
+
+    from vitq.eval.metrics import float_layers
+    from vitq.methods import prepare
+    from vitq.report import run_report
+
+    qmodel = prepare(tiny_vit())
+    assert float_layers(qmodel) == {}
+    qmodel.patch_embed.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))  # a hybrid's float stem
+    qmodel.head.weight_quantizer.set_spec(qmodel.head.weight_quantizer.spec.with_(enabled=False))
+    assert float_layers(qmodel) == {"patch_embed.backbone": 2, "head": 1}
+    metrics = {"model": "m", "recipe": "r", "protocol": "p1", "w_bits": 4, "a_bits": 8, "num_calib": 1, "num_eval": 0,
+               "seed": 0, "seconds": 1.0, "weight_bytes": 1, "fp_weight_bytes": 4}
+    text = run_report(metrics, {"float_layers": float_layers(qmodel)})
+    assert "Layers left in float (weights not quantized): head (1), patch_embed.backbone (2)" in text
+
+
+def test_a_one_pixel_image_is_not_accepted_silently(checkpoint, image_folder, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (1, 1)).save(image_folder / "cat" / "tiny.png")
+    err = run_error(capsys, quantize_args(checkpoint, image_folder, tmp_path / "run", "--num-calib", "4",
+                                          eval_dir=image_folder))
+    assert "tiny.png (only 1×1 pixels" in err and "--skip-bad-images" in err

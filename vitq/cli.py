@@ -22,7 +22,7 @@ from .data.synthetic.io import image_stats, save_grid, save_images
 from .errors import VitqError
 from .files import atomic_torch_save, load_state
 from .eval.bits import bit_stats
-from .eval.metrics import count_quant_points, model_size
+from .eval.metrics import count_quant_points, float_layers, model_size
 from .export import FORMATS, OnnxModel, bench_speed, evaluate_onnx, export_onnx
 from .export._deps import require
 from .export.onnx_export import DEFAULT_OPSET
@@ -500,6 +500,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             + (" (calibration images excluded)" if config["eval"]["excludes_calibration"] else ""),
             "device": str(device),
             "quant_points": count_quant_points(result.model),
+            "float_layers": float_layers(result.model),
         }
         run.write_json("metrics.json", metrics)
         run.write_text("report.md", run_report(metrics, notes))

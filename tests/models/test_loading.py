@@ -75,6 +75,8 @@ def test_random_weights_and_modules():
 def test_unknown_model_name_suggests_names():
     with pytest.raises(VitqError, match="unknown model 'deit_tinyy_patch16_224'.*Similar names: deit"):
         load_model("deit_tinyy_patch16_224")
+    with pytest.raises(VitqError, match="Similar names: deit_tiny_patch16_224, "):  # the nearest first, not deit3
+        load_model("deit_tinny")
 
 
 def test_a_card_that_timm_rejects_is_a_clean_error(tmp_path):

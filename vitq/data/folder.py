@@ -194,16 +194,24 @@ class ImageDataset(Dataset):
         return self.transform(img), self.images.labels[i]
 
 
+#: images smaller than this on a side carry nothing a model can use once resized: refused as bad
+MIN_IMAGE_SIDE = 8
+
+
 def find_bad_images(images: ImageList) -> List[Tuple[Path, str]]:
-    """The files of ``images`` that cannot be read as images, each with the reason (PIL opens
-    each and checks its integrity without decoding all of it)."""
+    """The files of ``images`` that cannot be read as images, or are tiny, each with the reason
+    (PIL opens each and checks its integrity without decoding all of it)."""
     bad = []
     for path in images.paths:
         try:
             with Image.open(path) as img:
+                size = img.size
                 img.verify()
         except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError (broken PNG chunks), ...
             bad.append((path, f"{type(err).__name__}: {err}"))
+            continue
+        if min(size) < MIN_IMAGE_SIDE:
+            bad.append((path, f"only {size[0]}×{size[1]} pixels (fewer than {MIN_IMAGE_SIDE} on a side)"))
     return bad
 
 

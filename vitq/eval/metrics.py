@@ -98,6 +98,23 @@ def model_size(model: nn.Module) -> ModelSize:
     return ModelSize(total, fp, n_q, n_f)
 
 
+def float_layers(model: nn.Module) -> Dict[str, int]:
+    """Layers with weights (convolutions, linear layers) that stay float in a prepared model, counted
+    under their parent module's name (e.g. a hybrid ViT's ResNet stem: ``patch_embed.backbone``)."""
+    from ..nn import QuantModule
+
+    out: Dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):  # quantized unless its weight quantizer is off
+            quantizer = getattr(module, "weight_quantizer", None)
+            if quantizer is not None and not quantizer.spec.enabled:
+                out[name] = out.get(name, 0) + 1
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):  # never wrapped: e.g. a hybrid's stem
+            group = ".".join(name.split(".")[:-1][:2]) or name
+            out[group] = out.get(group, 0) + 1
+    return out
+
+
 def count_quant_points(model: nn.Module) -> Dict[str, int]:
     """Enabled quant points per role."""
     counts: Dict[str, int] = {}

@@ -128,7 +128,12 @@ def data_config_of(model: nn.Module) -> Dict[str, Any]:
 
 def _create(arch: str, kwargs: Dict[str, Any], pretrained: bool = False) -> nn.Module:
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8] if arch else []
+        import difflib
+
+        family = timm.list_models(f"{arch.split('_')[0]}*") if arch else []  # same family first
+        pool = family or timm.list_models()
+        close = sorted(pool, key=lambda n: -difflib.SequenceMatcher(None, arch, n).ratio())[:6] if family else \
+            difflib.get_close_matches(arch, pool, n=6, cutoff=0.6)
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise VitqError(
             f"unknown model {arch!r}: not a timm model name nor an existing checkpoint file.{hint} "

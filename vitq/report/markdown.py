@@ -46,6 +46,10 @@ def run_report(metrics: Dict[str, Any], notes: Dict[str, Any]) -> str:
         "Quant points enabled, by role: "
         + ", ".join(f"{role} {n}" for role, n in sorted(notes.get("quant_points", {}).items())),
         "",
+        "Layers left in float (weights not quantized): "
+        + (", ".join(f"{name} ({n})" for name, n in sorted(notes["float_layers"].items())) or "none")
+        if notes.get("float_layers") is not None else "",
+        "",
     ]
     bits = m.get("bits")
     if bits:
