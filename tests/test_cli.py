@@ -296,7 +296,7 @@ def test_corrupt_image(checkpoint, image_folder, tmp_path, capsys):
     for workers in ("0", "2"):  # found before any work starts, worker processes or not
         err = run_error(capsys, quantize_args(checkpoint, image_folder, out, "--workers", workers,
                                               eval_dir=image_folder))
-        assert "1 of the 12 calibration images cannot be read" in err and str(bad) in err
+        assert "1 of the 12 calibration images cannot be used (unreadable or too small)" in err and str(bad) in err
         assert "--skip-bad-images" in err and "Traceback" not in err
         assert_no_run(out)
         assert not out.with_name("run.partial").exists()  # refused before the run started

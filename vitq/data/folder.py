@@ -230,8 +230,9 @@ def check_images(images: ImageList, what: str = "images", skip: bool = False) ->
         return images, 0
     listed = "; ".join(f"{p} ({why})" for p, why in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
     if not skip:
-        raise VitqError(f"{len(bad)} of the {len(images)} {what} cannot be read: {listed}. Remove or replace them, "
-                        "or pass --skip-bad-images to leave them out (they are counted in the report)")
+        raise VitqError(f"{len(bad)} of the {len(images)} {what} cannot be used (unreadable or too small): "
+                        f"{listed}. Remove or replace them, or pass --skip-bad-images to leave them out (they are "
+                        "counted in the report)")
     bad_paths = {p for p, _ in bad}
     keep = [i for i, p in enumerate(images.paths) if p not in bad_paths]
     if not keep:
