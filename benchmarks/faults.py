@@ -65,7 +65,9 @@ def run(args: List[str]) -> Tuple[int, str]:
     return rc, err.getvalue()
 
 
+@contextlib.contextmanager
 def interrupted_search():
+    """Ctrl-C in the search's fourth evaluation, as a user's interrupt would strike."""
     tell, calls = search.Evolution.tell, {"n": 0}
 
     def cut(self, x, f):
@@ -75,7 +77,10 @@ def interrupted_search():
         tell(self, x, f)
 
     search.Evolution.tell = cut
-    return lambda: setattr(search.Evolution, "tell", tell)
+    try:
+        yield
+    finally:
+        search.Evolution.tell = tell
 
 
 def main_(argv=None) -> int:
@@ -96,6 +101,11 @@ def main_(argv=None) -> int:
         def cptv(out: Path, *extra: str) -> List[str]:
             return q(out, "--set", "search.passes=1", "--set", "search.batch_size=4", *extra, recipe="cpt-v")
 
+        def cut_run(out: Path) -> None:
+            """A cpt-v run interrupted in its search: ``<out>.partial`` holds its state."""
+            with interrupted_search():
+                run(cptv(out))
+
         cases: List[Tuple[str, Callable[[Path], Tuple[int, str]]]] = []
 
         def case(name: str):
@@ -106,11 +116,7 @@ def main_(argv=None) -> int:
 
         @case("resume with other bits and image count")
         def _(out):
-            restore = interrupted_search()
-            try:
-                run(cptv(out))
-            finally:
-                restore()
+            cut_run(out)
             args = cptv(out, "--resume")
             args[args.index("--w-bits") + 1], args[args.index("--num-calib") + 1] = "6", "8"
             return run(args)
@@ -152,11 +158,7 @@ def main_(argv=None) -> int:
 
         @case("half-written search_state.pt, then --resume")
         def _(out):
-            restore = interrupted_search()
-            try:
-                run(cptv(out))
-            finally:
-                restore()
+            cut_run(out)
             state = out.with_name(out.name + ".partial") / "search_state.pt"
             state.write_bytes(state.read_bytes()[:100])
             return run(cptv(out, "--resume"))

@@ -262,7 +262,8 @@ def quantize(
     plan_meta = {"recipe": recipe.name, "protocol": protocol, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
                  **(meta or {})}
     plan_meta["model"] = {**(plan_meta.get("model") or {})}
-    plan_meta["model"].setdefault("weights_sha256", weights_digest(model))
+    if "weights_sha256" not in plan_meta["model"]:  # the CLI's meta has it already
+        plan_meta["model"]["weights_sha256"] = weights_digest(model)
     if start_plan is None:
         plan_meta["input_bits"] = input_bits if input_bits is not None else a_bits
     elif "input_bits" in plan.meta:

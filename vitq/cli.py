@@ -214,24 +214,21 @@ def _num_classes(loaded: LoadedModel) -> int:
     return int(getattr(loaded.model, "num_classes", 0) or 0)
 
 
-def _eval_images(args: argparse.Namespace, calib: Optional[ImageList], seed: int) -> Optional[ImageList]:
-    """Evaluation images; drawn from the calibration folder they exclude the calibration images."""
+def _eval_images(args: argparse.Namespace, calib: Optional[ImageList], seed: int) -> Tuple[Optional[ImageList], int]:
+    """Evaluation images (drawn from the calibration folder they exclude the calibration images)
+    and how many unreadable ones were left out (``--skip-bad-images``)."""
     if not args.eval_dir:
-        return None
+        return None, 0
     exclude: Sequence[Path] = ()
     if calib is not None and Path(args.eval_dir).expanduser().resolve() == calib.root.resolve():
         exclude = calib.paths
     images = load_images(args.eval_dir, args.num_eval, seed, exclude, what="evaluation images")
-    images, skipped = check_images(images, "evaluation images", getattr(args, "skip_bad_images", False))
-    _skipped(args)["eval"] = skipped
-    return images
+    return check_images(images, "evaluation images", getattr(args, "skip_bad_images", False))
 
 
-def _skipped(args: argparse.Namespace) -> Dict[str, int]:
-    """Unreadable images left out (--skip-bad-images), by role."""
-    if not hasattr(args, "skipped_images"):
-        args.skipped_images = {}
-    return args.skipped_images
+def _skipped_images(**counts: int) -> Dict[str, Any]:
+    """``{"skipped_images": {...}}`` for metrics.json when unreadable images were left out, else {}."""
+    return {"skipped_images": counts} if any(counts.values()) else {}
 
 
 def _calib_images_of_plan(meta: Dict[str, Any], eval_dir: str) -> Optional[ImageList]:
@@ -388,6 +385,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if planned.get("arch") and planned["arch"] != loaded.arch:
             raise VitqError(f"the start plan was made for {planned['arch']!r} but the model is {loaded.arch!r}")
     calib: Optional[ImageList] = None
+    skipped_calib = 0
     if args.data_free and args.num_calib is not None:
         raise VitqError("--num-calib counts real images; with --data-free use --num-images")
     if args.calib and (args.num_images or args.iterations or args.gen_settings):
@@ -396,13 +394,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         folder = scan_folder(args.calib)
         num_calib = args.num_calib if args.num_calib is not None else min(DEFAULT_NUM_CALIB, len(folder))
         calib = balanced_subset(folder, num_calib, args.seed, what="calibration images")
-        calib, _skipped(args)["calib"] = check_images(calib, "calibration images", args.skip_bad_images)
+        calib, skipped_calib = check_images(calib, "calibration images", args.skip_bad_images)
         if _num_classes(loaded):
             check_labels(calib, _num_classes(loaded))
     if args.eval_dir and getattr(loaded.model, "num_classes", None) == 0:
         raise VitqError("the model has no classifier (num_classes=0): it outputs features, so top-1 and agreement "
                         "would mean nothing; drop --eval (the plan and report are still written)")
-    eval_images = _eval_images(args, calib, args.seed)
+    eval_images, skipped_eval = _eval_images(args, calib, args.seed)
     if eval_images is not None and _num_classes(loaded):
         check_labels(eval_images, _num_classes(loaded))
 
@@ -485,7 +483,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "data_free": args.data_free,
             "start_plan": str(args.start_plan) if args.start_plan else None,
             **metrics,
-            **({"skipped_images": _skipped(args)} if any(_skipped(args).values()) else {}),
+            **_skipped_images(calib=skipped_calib, eval=skipped_eval),
             "bits": bits,
             **({"search": result.record["search"]} if "search" in result.record else {}),
             **({"greedy_mp": {k: result.record["greedy_mp"][k] for k in ("mode", "avg_w", "avg_a", "budget_w", "budget_a")}}
@@ -597,7 +595,7 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     meta = onnx_model.meta.get("meta") or {}
     seed = args.seed if args.seed is not None else meta.get("seed", 0)
     calib = _calib_images_of_plan(meta, args.eval_dir)
-    images = _eval_images(args, calib, seed)
+    images, skipped = _eval_images(args, calib, seed)
     if onnx_model.num_classes:
         check_labels(images, onnx_model.num_classes)
     reference = None
@@ -610,7 +608,8 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     loader = make_loader(images, onnx_model.data_config, args.batch_size, args.workers)
     metrics = evaluate_onnx(onnx_model, loader, reference=reference, progress=not args.quiet)
     metrics = {"model": str(args.model), "int_format": onnx_model.meta.get("int_format"),
-               **{k: meta.get(k) for k in ("recipe", "protocol", "w_bits", "a_bits")}, "seed": seed, **metrics}
+               **{k: meta.get(k) for k in ("recipe", "protocol", "w_bits", "a_bits")}, "seed": seed, **metrics,
+               **_skipped_images(eval=skipped)}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=1) + "\n")
@@ -702,10 +701,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_plan_weights(loaded.model, plan)  # before any image is read
     seed = args.seed if args.seed is not None else plan.meta.get("seed", 0)
     calib = _calib_images_of_plan(plan.meta, args.eval_dir)
-    images = _eval_images(args, calib, seed)
+    images, skipped = _eval_images(args, calib, seed)
     if _num_classes(loaded):
         check_labels(images, _num_classes(loaded))
-    qmodel = apply_plan(loaded.model, plan)
+    qmodel = apply_plan(loaded.model, plan, check_weights=False)  # checked above, before the images
     batch_size = args.batch_size
     loader = make_loader(images, loaded.data_config, batch_size, args.workers)
     metrics = evaluate(loaded.model, qmodel, loader, device=device, progress=not args.quiet)
@@ -718,7 +717,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "a_bits": plan.meta.get("a_bits"),
         "seed": seed,
         **metrics,
-        **({"skipped_images": _skipped(args)} if any(_skipped(args).values()) else {}),
+        **_skipped_images(eval=skipped),
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import VitqError
 from ..models.adapters import iter_quantizers
+from ..nn import QuantModule
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -101,8 +102,6 @@ def model_size(model: nn.Module) -> ModelSize:
 def float_layers(model: nn.Module) -> Dict[str, int]:
     """Layers with weights (convolutions, linear layers) that stay float in a prepared model, counted
     under their parent module's name (e.g. a hybrid ViT's ResNet stem: ``patch_embed.backbone``)."""
-    from ..nn import QuantModule
-
     out: Dict[str, int] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantModule):  # quantized unless its weight quantizer is off
