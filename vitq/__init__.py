@@ -10,7 +10,8 @@ Example:
 __version__ = "0.1.0"
 
 from . import export  # vitq.export.export_onnx, OnnxModel, evaluate_onnx, bench_speed (needs vitq[deploy])
-from .api import QuantizedModel, Synthesized, data_free_refresher, evaluate, quantize, resolve_device, synthesize
+from .api import (QuantizedModel, Synthesized, data_free_refresher, evaluate, evaluate_detection, evaluate_segmentation,
+                  quantize, resolve_device, synthesize)
 from .errors import VitqError
 from .methods import Plan, apply_plan, calibrate, convert, prepare
 from .models import load_model
@@ -27,6 +28,8 @@ __all__ = [
     "convert",
     "data_free_refresher",
     "evaluate",
+    "evaluate_detection",
+    "evaluate_segmentation",
     "export",
     "load_model",
     "load_recipe",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -13,6 +13,8 @@ from torch import nn
 from .data.synthetic import GenerationResult, create_generator, make_refresher
 from .errors import VitqError
 from .eval.metrics import compare, model_size, predict
+from .eval.segmentation import compare_segmentation, segmentation_metrics
+from .methods.backbone import backbone_inputs, backbone_module, splice
 from .methods.lifecycle import convert, prepare
 from .methods.plan import Plan, apply_plan, plan_from_model
 from .methods.stages import Refresher, StageContext
@@ -164,6 +166,7 @@ def quantize(
     num_images: Optional[int] = None,
     gen_settings: Optional[Mapping[str, Any]] = None,
     batch_size: int = 32,
+    backbone: Optional[str] = None,
 ) -> QuantizedModel:
     """Quantize a float ViT/DeiT/Swin with a recipe, calibrating on ``data``.
 
@@ -196,6 +199,14 @@ def quantize(
         data_free, num_images, gen_settings: with ``data=None``: the generator (default: the
             recipe's), how many images, and its settings.
         batch_size: with ``data=None``: images per calibration batch.
+        backbone: the path of the transformer inside ``model`` to quantize (e.g. ``"backbone.body"``
+            of a torchvision detector) when ``model``'s own forward takes other inputs than an
+            image tensor: ``data`` is then in the model's own input form (a list of images, or
+            ``(inputs, targets)`` tuples), the tensors the model feeds the backbone are captured,
+            the stages run on the backbone alone, and the result is the whole model with the
+            quantized backbone in place (the plan records the path; :func:`apply_plan` follows
+            it). Without it, a model that holds one ViT/Swin (a segmentation model taking image
+            tensors) is quantized whole, its backbone found by type.
 
     Example:
         >>> import timm, torch
@@ -206,6 +217,16 @@ def quantize(
     """
     recipe = load_recipe(recipe)
     device = resolve_device(device)
+    if backbone is not None:
+        sub = backbone_module(model, backbone)
+        inputs = None if data is None else backbone_inputs(model, backbone, data, device)
+        with kept_on_its_device(model):
+            inner = quantize(sub, recipe, inputs, w_bits=w_bits, a_bits=a_bits, protocol=protocol, device=device,
+                             progress=progress, meta=meta, seed=seed, start_plan=start_plan, workdir=workdir,
+                             resume=resume, refresh=refresh, log=log, input_bits=input_bits, data_free=data_free,
+                             num_images=num_images, gen_settings=gen_settings, batch_size=batch_size)
+        inner.plan.meta["backbone"] = backbone
+        return QuantizedModel(splice(model, backbone, inner.model), inner.plan, inner.record, inner.synthetic)
     made: Optional[Synthesized] = None
     if data is None:
         made = synthesize(model, recipe, generator=data_free, num_images=num_images, settings=gen_settings, seed=seed,
@@ -292,12 +313,20 @@ def evaluate(
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
     fp_logits: Optional[torch.Tensor] = None,
+    ignore_index: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Top-1/5 of both models on the same images, agreement, KL(float ‖ quantized) and size.
+    """Top-1/5 of both models on the same images, agreement, KL(float ‖ quantized) and size
+    (a segmentation model, ``task = "segmentation"``: :func:`evaluate_segmentation`'s metrics).
 
     ``data`` yields ``(images, labels)``. ``fp_logits`` reuses float logits computed before on
     the same batches (benchmarks compare many quantized models against one float model).
+    ``ignore_index``: segmentation: the void label.
     """
+    if getattr(float_model, "task", "classification") == "segmentation":
+        if fp_logits is not None:
+            raise VitqError("fp_logits is for classifiers; a segmentation model's float outputs are not kept")
+        return evaluate_segmentation(float_model, quantized_model, data, ignore_index=ignore_index, device=device,
+                                     progress=progress)[0]
     device = resolve_device(device)
     if getattr(float_model, "num_classes", None) == 0:
         raise VitqError("the model has no classifier (num_classes=0): it outputs features, so top-1, agreement and "
@@ -316,4 +345,74 @@ def evaluate(
         weight_bytes=size.weight_bytes,
         fp_weight_bytes=size.fp_bytes,
     )
+    return metrics
+
+
+def evaluate_segmentation(
+    float_model: nn.Module,
+    quantized_model: nn.Module,
+    data: Batches,
+    *,
+    num_classes: Optional[int] = None,
+    ignore_index: Optional[int] = None,
+    classes: Optional[Sequence[str]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+    examples: int = 0,
+) -> Tuple[Dict[str, Any], List[Any]]:
+    """mIoU (dataset-level, void ignored), pixel accuracy and per-class IoU of both models, their
+    pixel agreement and per-pixel KL(float ‖ quantized), and size.
+
+    Args:
+        data: ``(images, label maps)`` batches (:func:`vitq.data.segmentation_loader`); logits are
+            resized to each label map's size.
+        num_classes: default: the model's ``num_classes``.
+        ignore_index: the void label (not scored).
+        classes: class names for the per-class table.
+        examples: how many ``(image, label, [float prediction, quantized prediction])`` to return.
+
+    Returns:
+        The metrics (percent) and the examples.
+    """
+    device = resolve_device(device)
+    num_classes = num_classes or int(getattr(float_model, "num_classes", 0) or 0)
+    if num_classes <= 0:
+        raise VitqError("pass num_classes: the model does not say how many classes it segments")
+    with kept_on_its_device(float_model):
+        out = compare_segmentation([float_model, quantized_model], data, num_classes, ignore_index, device, progress,
+                                   keep=examples)
+    metrics = segmentation_metrics(out["confusion"][0], out["confusion"][1], out["agreement"][1], out["kl"][1],
+                                   classes)
+    size = model_size(quantized_model)
+    metrics.update(num_eval=out["num_images"], weight_bytes=size.weight_bytes, fp_weight_bytes=size.fp_bytes)
+    return metrics, out["examples"]
+
+
+def evaluate_detection(
+    float_model: nn.Module,
+    quantized_model: nn.Module,
+    data: Batches,
+    annotations: Any,
+    *,
+    label_to_category: Optional[Mapping[int, int]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """COCO box AP (and mask AP when the model predicts masks) of a torchvision-style detector and
+    its quantized copy on the same images, through pycocotools' COCOeval (percent).
+
+    Args:
+        data: ``(images, targets)`` batches: a list of ``[3, H, W]`` images and, per image, a dict
+            with its COCO ``image_id``.
+        annotations: the COCO-format ground truth (a JSON path or dict).
+        label_to_category: the model's label → COCO category id, when they differ.
+    """
+    from .eval.detection import compare_detection, load_coco
+
+    device = resolve_device(device)
+    coco = load_coco(annotations)
+    with kept_on_its_device(float_model):
+        metrics = compare_detection(float_model, quantized_model, data, coco, label_to_category, device, progress)
+    size = model_size(quantized_model)
+    metrics.update(weight_bytes=size.weight_bytes, fp_weight_bytes=size.fp_bytes)
     return metrics

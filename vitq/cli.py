@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -13,9 +14,11 @@ import torch
 import yaml
 
 from . import __version__
-from .api import data_free_refresher, evaluate, quantize, resolve_device, synthesize
+from .api import data_free_refresher, evaluate, evaluate_segmentation, quantize, resolve_device, synthesize
+from .data.segmentation import SegmentationSet, scan_segmentation, segmentation_loader
 from .data.folder import ImageList, balanced_subset, check_images, check_labels, load_images, make_loader, scan_folder
 from .data.synthetic import GENERATORS, GenerationDiverged, GenerationResult
+from .data.synthetic.generators import has_class_head
 from .methods.search import FITNESS
 from .methods.stages import STAGES, Refresher
 from .data.synthetic.io import image_stats, save_grid, save_images
@@ -30,12 +33,12 @@ from .export.speed import BACKENDS, profile_table, size_table, speed_table
 from .methods.lifecycle import check_bits
 from .methods.mixed import parse_budget
 from .methods.plan import Plan, apply_plan, check_plan_weights
-from .models.adapters import ADAPTERS, find_adapter
+from .models.adapters import ADAPTERS, BackboneAdapter, find_adapter
 from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .quant.observers import OBSERVERS
 from .quant.protocol import DEFAULT_INPUT_BITS, PROTOCOLS, get_protocol
 from .recipes.recipe import RECIPES, Recipe, load_recipe
-from .report import RunFolder, bits_per_layer, pareto, run_report, search_curve
+from .report import RunFolder, bits_per_layer, pareto, run_report, search_curve, segmentation_examples
 
 DEFAULT_NUM_CALIB = 256
 
@@ -96,7 +99,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    parser.add_argument("--eval", dest="eval_dir", help="evaluation images (ImageFolder or flat synset folder)")
+    parser.add_argument("--eval", dest="eval_dir",
+                        help="evaluation images (ImageFolder or flat synset folder); --task segmentation: a set with "
+                             "images/<split>/ and labels/<split>/ (its test/ split is scored)")
+    parser.add_argument("--task", choices=TASKS, default=None,
+                        help="what the model predicts (default: the model's: its card's segmentation_head or class)")
     parser.add_argument("--num-eval", type=_positive_int, default=None, help="seeded class-balanced subset")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log on the console")
     parser.add_argument("--skip-bad-images", action="store_true",
@@ -210,6 +217,45 @@ def _load(args: argparse.Namespace, plan: Optional[Plan] = None) -> LoadedModel:
     return loaded
 
 
+TASKS = ("classification", "segmentation")
+#: the split of a segmentation set that --eval scores (``train`` fits heads and calibrates, ``val`` chooses)
+EVAL_SPLIT = "test"
+
+
+def _task(args: argparse.Namespace, loaded: LoadedModel) -> str:
+    """The task: ``--task`` when given (it must be the model's), else the model's."""
+    task = getattr(args, "task", None) or loaded.task
+    if task != loaded.task:
+        raise VitqError(f"--task {task} but {loaded.name} is a {loaded.task} model"
+                        + (" (a segmentation model has a card with a segmentation_head, or a module with "
+                           "task = 'segmentation')" if task == "segmentation" else ""))
+    return task
+
+
+def _calib_folder(args: argparse.Namespace, task: str) -> ImageList:
+    """The calibration folder; for a dense task any folder of images (labels are not used), and a
+    segmentation set's root means its ``images/train``."""
+    if task == "classification":
+        return scan_folder(args.calib)
+    root = Path(args.calib).expanduser()
+    if (root / "images" / "train").is_dir():
+        root = root / "images" / "train"
+    return scan_folder(root, labelled=False)
+
+
+def _segmentation_eval(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> Optional[SegmentationSet]:
+    """The scored split of a segmentation set (``--num-eval``: a seeded subset), its void label checked."""
+    if not args.eval_dir:
+        return None
+    data = scan_segmentation(args.eval_dir, EVAL_SPLIT).sample(args.num_eval, seed)
+    if data.ignore_index is None and loaded.ignore_index is not None:
+        data = dataclasses.replace(data, ignore_index=loaded.ignore_index)
+    if data.classes is not None and len(data.classes) != _num_classes(loaded):
+        raise VitqError(f"{data.root} has {len(data.classes)} classes but the model segments {_num_classes(loaded)}: "
+                        "is this the set the model was trained on?")
+    return data
+
+
 def _num_classes(loaded: LoadedModel) -> int:
     return int(getattr(loaded.model, "num_classes", 0) or 0)
 
@@ -268,14 +314,22 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, generator_name: str
     stats = {"generator": generator_name, "settings": made.settings, "seconds": round(result.seconds, 2),
              "seconds_per_image": round(result.seconds / num, 3), "first_loss": result.losses[0] if result.losses else None,
              "last_loss": result.losses[-1] if result.losses else None,
-             **image_stats(loaded.model, result.images, result.targets)}
+             "output_loss": result.output_loss, **image_stats(loaded.model, result.images, result.targets)}
     if torch.cuda.is_available() and device.type == "cuda":
         stats["peak_cuda_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     run.write_json("stats.json", stats)
-    run.log.info("made %d images in %.1f s (%s); float model confidence %.3f, %d distinct predicted classes",
-                 num, result.seconds, ", ".join(f"{k}={v}" for k, v in sorted(made.settings.items())),
-                 stats["mean_confidence"], stats["distinct_predicted_classes"])
+    run.log.info("made %d images in %.1f s (%s)", num, result.seconds,
+                 ", ".join(f"{k}={v}" for k, v in sorted(made.settings.items())))
+    if stats["mean_confidence"] is not None:
+        run.log.info("float model confidence %.3f, %d distinct predicted classes", stats["mean_confidence"],
+                     stats["distinct_predicted_classes"])
+    if not result.output_loss:
+        run.log.info(HEADLESS_NOTE)
     return result
+
+
+HEADLESS_NOTE = ("the model has no image-level classifier: the synthetic images were made without the cross-entropy "
+                 "to random classes, from the patch losses and the image prior alone")
 
 
 SYNTHETIC_FILE = "synthetic.pt"
@@ -300,8 +354,23 @@ def _refresher(args: argparse.Namespace, loaded: LoadedModel, recipe, generated:
                                data_config=loaded.data_config, seed=args.seed, device=device, log=run.log.info)
 
 
+EXAMPLES = 4  # segmentation runs: predictions drawn, float beside quantized
+
+
 def _metric_keys(metrics: Dict[str, Any]) -> str:
-    row = [
+    if metrics.get("task") == "segmentation":
+        row = [("fp mIoU", metrics.get("fp_miou")), ("quant mIoU", metrics.get("quant_miou")),
+               ("fp pixel acc", metrics.get("fp_pixel_acc")), ("quant pixel acc", metrics.get("quant_pixel_acc")),
+               ("pixel agreement", metrics.get("pixel_agreement")), ("KL", metrics.get("kl"))]
+    else:
+        row = _classification_row(metrics)
+    head = " | ".join(k for k, _ in row)
+    vals = " | ".join("—" if v is None else (f"{v:.4f}" if k == "KL" else f"{v:.2f}") for k, v in row)
+    return f"| {head} |\n| {' | '.join('---' for _ in row)} |\n| {vals} |"
+
+
+def _classification_row(metrics: Dict[str, Any]) -> list:
+    return [
         ("fp top-1", metrics.get("fp_top1")),
         ("quant top-1", metrics.get("quant_top1")),
         ("fp top-5", metrics.get("fp_top5")),
@@ -309,9 +378,6 @@ def _metric_keys(metrics: Dict[str, Any]) -> str:
         ("agreement", metrics.get("agreement")),
         ("KL", metrics.get("kl")),
     ]
-    head = " | ".join(k for k, _ in row)
-    vals = " | ".join("—" if v is None else (f"{v:.4f}" if k == "KL" else f"{v:.2f}") for k, v in row)
-    return f"| {head} |\n| {' | '.join('---' for _ in row)} |\n| {vals} |"
 
 
 def _apply_budget(args: argparse.Namespace, recipe: Recipe) -> Recipe:
@@ -380,6 +446,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         input_bits = start_plan.meta.get("input_bits")
     device = resolve_device(args.device)
     loaded = _load(args)
+    task = _task(args, loaded)
     if start_plan is not None:
         planned = start_plan.meta.get("model", {})
         if planned.get("arch") and planned["arch"] != loaded.arch:
@@ -391,18 +458,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.calib and (args.num_images or args.iterations or args.gen_settings):
         raise VitqError("--num-images, --iterations and --gen-settings are for --data-free; with --calib use --num-calib")
     if args.calib:
-        folder = scan_folder(args.calib)
+        folder = _calib_folder(args, task)
         num_calib = args.num_calib if args.num_calib is not None else min(DEFAULT_NUM_CALIB, len(folder))
         calib = balanced_subset(folder, num_calib, args.seed, what="calibration images")
         calib, skipped_calib = check_images(calib, "calibration images", args.skip_bad_images)
-        if _num_classes(loaded):
+        if _num_classes(loaded) and task == "classification":
             check_labels(calib, _num_classes(loaded))
-    if args.eval_dir and getattr(loaded.model, "num_classes", None) == 0:
+    if task == "segmentation":
+        seg_eval, eval_images, skipped_eval = _segmentation_eval(args, loaded, args.seed), None, 0
+    elif args.eval_dir and getattr(loaded.model, "num_classes", None) == 0:
         raise VitqError("the model has no classifier (num_classes=0): it outputs features, so top-1 and agreement "
                         "would mean nothing; drop --eval (the plan and report are still written)")
-    eval_images, skipped_eval = _eval_images(args, calib, args.seed)
-    if eval_images is not None and _num_classes(loaded):
-        check_labels(eval_images, _num_classes(loaded))
+    else:
+        seg_eval = None
+        eval_images, skipped_eval = _eval_images(args, calib, args.seed)
+        if eval_images is not None and _num_classes(loaded):
+            check_labels(eval_images, _num_classes(loaded))
 
     with RunFolder(args.out, overwrite=args.overwrite, echo=not args.quiet, resume=args.resume) as run:
         torch.manual_seed(args.seed)
@@ -422,7 +493,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "calib": {"folder": str(calib.root), "num": len(calib), "layout": calib.layout} if calib else
             {"data_free": args.data_free},
-            "eval": None
+            "task": task,
+            "eval": {"folder": str(seg_eval.root), "split": seg_eval.split, "num": len(seg_eval)} if seg_eval else None
             if eval_images is None
             else {"folder": str(eval_images.root), "num": len(eval_images),
                   "excludes_calibration": bool(calib and eval_images.root == calib.root)},
@@ -462,7 +534,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         bits = _write_bits(run, result, loaded, f"{Path(loaded.name).name} {recipe.name}")
 
-        if eval_images is not None:
+        if seg_eval is not None:
+            run.log.info("evaluation: %d images of %s (%s split)", len(seg_eval), seg_eval.root, seg_eval.split)
+            loader = segmentation_loader(seg_eval, loaded.data_config, args.batch_size, args.workers)
+            metrics, examples = evaluate_segmentation(
+                loaded.model, result.model, loader, num_classes=_num_classes(loaded),
+                ignore_index=seg_eval.ignore_index, classes=seg_eval.classes or loaded.classes, device=device,
+                progress=not args.quiet, examples=EXAMPLES)
+            drawn = segmentation_examples(examples, run.path / "predictions.png", loaded.data_config,
+                                          ignore_index=seg_eval.ignore_index,
+                                          titles=("image", "labels", "float", f"W{args.w_bits}A{args.a_bits}"))
+            if drawn is not None:
+                run.log.info("predictions of %d images, float beside quantized: %s", len(examples), drawn.name)
+        elif task == "segmentation":
+            size = model_size(result.model)
+            metrics = {k: None for k in ("fp_miou", "quant_miou", "pixel_agreement", "kl")}
+            metrics.update(num_eval=0, weight_bytes=size.weight_bytes, fp_weight_bytes=size.fp_bytes)
+        elif eval_images is not None:
             run.log.info("evaluation: %d images from %s", len(eval_images), eval_images.root)
             loader = make_loader(eval_images, loaded.data_config, args.batch_size, args.workers)
             metrics = evaluate(loaded.model, result.model, loader, device=device, progress=not args.quiet)
@@ -472,6 +560,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             metrics.update(num_eval=0, weight_bytes=size.weight_bytes, fp_weight_bytes=size.fp_bytes)
         metrics = {
             "model": loaded.name,
+            "task": task,
             "recipe": recipe.name,
             "protocol": protocol.name,
             "w_bits": args.w_bits,
@@ -494,11 +583,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         notes = {
             "protocol_description": protocol.description,
             "calib": calib_source,
-            "eval": "—" if eval_images is None else str(eval_images.root)
+            "eval": f"{seg_eval.root}, {seg_eval.split} split" if seg_eval is not None else
+            "—" if eval_images is None else str(eval_images.root)
             + (" (calibration images excluded)" if config["eval"]["excludes_calibration"] else ""),
             "device": str(device),
             "quant_points": count_quant_points(result.model),
             "float_layers": float_layers(result.model),
+            "remarks": [HEADLESS_NOTE] if args.data_free and not has_class_head(loaded.model) else [],
         }
         run.write_json("metrics.json", metrics)
         run.write_text("report.md", run_report(metrics, notes))
@@ -700,16 +791,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     check_plan_weights(loaded.model, plan)  # before any image is read
     seed = args.seed if args.seed is not None else plan.meta.get("seed", 0)
-    calib = _calib_images_of_plan(plan.meta, args.eval_dir)
-    images, skipped = _eval_images(args, calib, seed)
-    if _num_classes(loaded):
-        check_labels(images, _num_classes(loaded))
-    qmodel = apply_plan(loaded.model, plan, check_weights=False)  # checked above, before the images
-    batch_size = args.batch_size
-    loader = make_loader(images, loaded.data_config, batch_size, args.workers)
-    metrics = evaluate(loaded.model, qmodel, loader, device=device, progress=not args.quiet)
+    task = _task(args, loaded)
+    skipped = 0
+    if task == "segmentation":
+        data = _segmentation_eval(args, loaded, seed)
+        qmodel = apply_plan(loaded.model, plan, check_weights=False)
+        loader = segmentation_loader(data, loaded.data_config, args.batch_size, args.workers)
+        metrics, _ = evaluate_segmentation(loaded.model, qmodel, loader, num_classes=_num_classes(loaded),
+                                           ignore_index=data.ignore_index, classes=data.classes or loaded.classes,
+                                           device=device, progress=not args.quiet)
+    else:
+        calib = _calib_images_of_plan(plan.meta, args.eval_dir)
+        images, skipped = _eval_images(args, calib, seed)
+        if _num_classes(loaded):
+            check_labels(images, _num_classes(loaded))
+        qmodel = apply_plan(loaded.model, plan, check_weights=False)  # checked above, before the images
+        loader = make_loader(images, loaded.data_config, args.batch_size, args.workers)
+        metrics = evaluate(loaded.model, qmodel, loader, device=device, progress=not args.quiet)
     metrics = {
         "model": loaded.name,
+        "task": task,
         "plan": str(args.plan),
         "recipe": plan.meta.get("recipe"),
         "protocol": plan.meta.get("protocol"),
@@ -769,6 +870,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("model families:")
     for name, cls in ADAPTERS.items():
         print(f"  {name:18s} {cls.family}")
+    print(f"  {'(backbone)':18s} {BackboneAdapter.family}")
     return 0
 
 

@@ -10,6 +10,7 @@ from .folder import (
     make_loader,
     scan_folder,
 )
+from .segmentation import SegmentationSet, scan_segmentation, segmentation_loader
 
 __all__ = [
     "assets_dir",
@@ -21,4 +22,7 @@ __all__ = [
     "load_images",
     "make_loader",
     "scan_folder",
+    "SegmentationSet",
+    "scan_segmentation",
+    "segmentation_loader",
 ]

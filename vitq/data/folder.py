@@ -73,12 +73,14 @@ def _class_indices(names: Sequence[str]) -> Dict[str, int]:
     return {n: i for i, n in enumerate(sorted(names))}
 
 
-def scan_folder(root: str | Path) -> ImageList:
+def scan_folder(root: str | Path, labelled: bool = True) -> ImageList:
     """List the images of ``root`` with their labels.
 
     Two layouts: one sub-folder per class (class index = sorted folder name, or the ImageNet-1k
     index when the folders are ImageNet synsets), or a flat folder whose file names begin with an
-    ImageNet synset id (``n01440764_tench.JPEG``).
+    ImageNet synset id (``n01440764_tench.JPEG``). With ``labelled=False`` (calibration images of a
+    dense model, whose class labels are not image-level) any flat folder of images is accepted, as
+    layout ``unlabelled`` with every label -1.
     """
     root = Path(root).expanduser().resolve()  # absolute paths: subsets of one folder compare equal
     if not root.exists():
@@ -107,6 +109,8 @@ def scan_folder(root: str | Path) -> ImageList:
         raise VitqError(f"data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     synsets = [_SYNSET.match(p.name) for p in flat]
     bad = [p.name for p, m in zip(flat, synsets) if m is None]
+    if bad and not labelled:
+        return ImageList(root, tuple(flat), (-1,) * len(flat), {}, "unlabelled")
     if bad:
         raise VitqError(
             f"{root} is a flat folder, but {len(bad)} file name(s) do not begin with an ImageNet synset id "

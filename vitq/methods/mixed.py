@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
-from ..models.adapters import find_adapter, quantizers_off
+from ..models.adapters import find_adapter, quantizers_off, scores_last
 from ..nn import QuantLinear
 from ..quant.observers import Observer
 from ..quant.quantizer import Quantizer
@@ -186,11 +186,13 @@ def calibrate_widths(ctx: StageContext, model: nn.Module, units: Sequence[BitUni
 
 
 def _kl(reference: Tensor, logits: Tensor) -> float:
+    reference, logits = scores_last(reference), scores_last(logits)
     return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True,
                           reduction="batchmean"))
 
 
 def _agreement(reference: Tensor, logits: Tensor) -> float:
+    reference, logits = scores_last(reference), scores_last(logits)
     return 100.0 * float((reference.argmax(-1) == logits.argmax(-1)).double().mean())
 
 

@@ -26,6 +26,7 @@ from ..files import atomic_write, atomic_write_text
 from ..models.loading import weights_digest
 from ..models.adapters import iter_quantizers
 from ..quant.spec import QuantSpec
+from .backbone import backbone_module, splice
 from .gptq import changed_params, mark_changed
 from .lifecycle import convert, prepare
 from .smooth import fold_smoothing, smoothing_from_plan, smoothing_of, smoothing_to_plan
@@ -141,7 +142,14 @@ def apply_plan(model: nn.Module, plan: Plan, check_weights: bool = True) -> nn.M
 
     Args:
         check_weights: refuse a plan made from other float weights (see :func:`check_plan_weights`).
+
+    A plan made with ``vitq.quantize(..., backbone=PATH)`` (``meta["backbone"]``) is applied to
+    that sub-module of ``model``, and the whole model is returned with it in place.
     """
+    path = plan.meta.get("backbone")
+    if path:
+        inner = Plan({k: v for k, v in plan.meta.items() if k != "backbone"}, plan.rules, plan.tensors)
+        return splice(model, path, apply_plan(backbone_module(model, path), inner, check_weights))
     protocol = plan.meta.get("protocol", "p1")
     qmodel = prepare(model, protocol=protocol)
     if plan.meta.get("smooth"):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import VitqError
 from ..files import atomic_torch_save, load_state
-from ..models.adapters import find_adapter
+from ..models.adapters import find_adapter, scores_last
 from ..nn import QuantLinear
 from ..quant import protocol as roles
 from ..quant.quantizer import Quantizer
@@ -426,7 +426,7 @@ class _Objective:
     def set_batches(self, batches: List[Tensor]) -> None:
         self.batches = [b.to(self.device) for b in batches]
         with torch.no_grad():
-            self.float_logits = [self.float_model(b) for b in self.batches]
+            self.float_logits = [scores_last(self.float_model(b)) for b in self.batches]
         self.unit: Optional[Unit] = None
         self.float_outputs: List[Tensor] = []
         self.block_inputs: List[Tensor] = []
@@ -472,6 +472,8 @@ class _Objective:
         self.unit = unit
         with torch.no_grad():
             self.block_inputs = [self._block_input(unit.block, b) for b in self.batches] if unit.block else []
+        if not self.adapter.can_forward_from and self.settings.fitness != "local_contrastive":
+            self.block_inputs = []  # a backbone inside a dense model: the output needs the whole model
         if self.settings.fitness != "local_contrastive":
             return
         with torch.no_grad():
@@ -479,9 +481,9 @@ class _Objective:
                                   for b in self.batches]
 
     def _logits(self, i: int) -> Tensor:
-        if self.block_inputs:
-            return self.adapter.forward_from(self.model, self.unit.block, self.block_inputs[i])
-        return self.model(self.batches[i])
+        if self.block_inputs and self.adapter.can_forward_from:
+            return scores_last(self.adapter.forward_from(self.model, self.unit.block, self.block_inputs[i]))
+        return scores_last(self.model(self.batches[i]))
 
     def _local(self, i: int, with_logits: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """The unit's output on batch ``i`` (and the logits when asked), from its block's input."""

@@ -1,5 +1,7 @@
-"""Model families (DESIGN layer 5): adapters and loading."""
-from .adapters import ADAPTERS, ModelAdapter, NormLinearPair, find_adapter, iter_quantizers
+"""Model families (DESIGN layer 5): adapters, loading, and the reference segmentation model."""
+from .adapters import ADAPTERS, BackboneAdapter, ModelAdapter, NormLinearPair, find_adapter, find_backbones, iter_quantizers
 from .loading import LoadedModel, load_model
+from .segmentation import ViTSegmenter, resize_vit_grid
 
-__all__ = ["ADAPTERS", "LoadedModel", "ModelAdapter", "NormLinearPair", "find_adapter", "iter_quantizers", "load_model"]
+__all__ = ["ADAPTERS", "BackboneAdapter", "LoadedModel", "ModelAdapter", "NormLinearPair", "ViTSegmenter",
+           "find_adapter", "find_backbones", "iter_quantizers", "load_model", "resize_vit_grid"]

@@ -73,6 +73,8 @@ class ModelAdapter:
 
     family: str = ""
     model_types: Tuple[type, ...] = ()
+    #: whether :meth:`forward_from` computes the model's output from a block's input
+    can_forward_from: bool = True
     module_map: Dict[type, Type[QuantModule]] = {}
 
     @classmethod
@@ -248,15 +250,101 @@ class SwinAdapter(ModelAdapter):
         return pairs
 
 
+class BackboneAdapter(ModelAdapter):
+    """A supported transformer (the backbone) inside a larger model, e.g. a segmentation or
+    detection model: the backbone's modules are quantized, the rest of the model stays float.
+
+    Every name it gives (blocks, quant points, LayerNorm → linear pairs) is the full path in the
+    whole model, so plans made on the whole model re-apply to it. A pass from a block to the model's
+    output is not defined for any model (a dense head reads several blocks): :meth:`forward_from`
+    raises and searches run the whole model instead.
+    """
+
+    family = "a ViT/DeiT/Swin backbone inside another model (segmentation, detection, ...): only the backbone"
+    can_forward_from = False
+
+    def __init__(self, inner: ModelAdapter, path: str) -> None:
+        self.inner = inner
+        self.path = path
+
+    def _sub(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.path)
+
+    def _name(self, name: str) -> str:
+        return f"{self.path}.{name}"
+
+    def check(self, model: nn.Module) -> None:
+        self.inner.check(self._sub(model))
+
+    def token_grids(self, model: nn.Module) -> List[Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+        return self.inner.token_grids(self._sub(model))
+
+    def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
+        return [(self._name(n), m) for n, m in self.inner.blocks(self._sub(model))]
+
+    def forward_from(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+        raise VitqError(f"{type(model).__name__}: the output of a model around a backbone cannot be computed from "
+                        "one block's input (run the whole model)")
+
+    def image_input(self, model: nn.Module) -> Optional[str]:
+        inner = self.inner.image_input(self._sub(model))
+        return None if inner is None else self._name(inner)
+
+    def block_parts(self, block: nn.Module) -> Dict[str, nn.Module]:
+        return self.inner.block_parts(block)
+
+    def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
+        return [NormLinearPair(p.point, self._name(p.norm), self._name(p.linear), p.shift_exact)
+                for p in self.inner.norm_linear_pairs(self._sub(model))]
+
+    def quantize_modules(self, model: nn.Module) -> nn.Module:
+        sub = self._sub(model)
+        self.inner.check(sub)
+        self.inner._swap(sub)
+        return model
+
+
+def find_backbones(model: nn.Module) -> List[Tuple[str, type]]:
+    """The outermost sub-modules of ``model`` (not ``model`` itself) that a registered adapter
+    supports, by path, with the adapter class: the transformer backbones of a dense model."""
+    found: List[Tuple[str, type]] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(path + ".") for path, _ in found):
+            continue
+        for _, cls in ADAPTERS.items():
+            if cls.matches(module):
+                found.append((name, cls))
+                break
+    return found
+
+
 def find_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``'s family, or a :class:`VitqError` naming the supported ones."""
+    """The adapter for ``model``'s family; for a model that holds exactly one supported transformer
+    (a segmentation or detection model around a ViT/Swin backbone), a :class:`BackboneAdapter` of
+    it. Otherwise a :class:`VitqError` naming the supported families (or the backbones found)."""
     if not isinstance(model, nn.Module):
         raise VitqError(f"expected a torch.nn.Module, got {type(model).__name__}")
     for _, cls in ADAPTERS.items():
         if cls.matches(model):
             return cls()
+    backbones = find_backbones(model)
+    if len(backbones) == 1:
+        path, cls = backbones[0]
+        return BackboneAdapter(cls(), path)
+    if len(backbones) > 1:
+        raise VitqError(f"{type(model).__name__} holds {len(backbones)} transformer backbones "
+                        f"({', '.join(p for p, _ in backbones)}); vitq quantizes a model with one: quantize the "
+                        "module that holds only the backbone you mean")
     supported = "; ".join(f"{name}: {cls.family}" for name, cls in ADAPTERS.items())
-    raise VitqError(f"{type(model).__name__} is not a supported model family. Supported: {supported}")
+    raise VitqError(f"{type(model).__name__} is not a supported model family and holds no supported transformer "
+                    f"backbone. Supported: {supported}")
+
+
+def scores_last(out: torch.Tensor) -> torch.Tensor:
+    """A model's output with its class scores on the last axis: a classifier's ``[B, C]`` as it is,
+    a dense model's ``[B, C, H, W]`` as ``[B, H, W, C]`` (so that a KL or an argmax over the last
+    axis compares each pixel's class distribution)."""
+    return out.movedim(1, -1) if out.ndim == 4 else out
 
 
 def iter_quantizers(model: nn.Module) -> Iterator[Tuple[str, Quantizer]]:

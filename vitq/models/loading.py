@@ -31,6 +31,9 @@ class LoadedModel:
             crop_mode, mean, std).
         classes: class names, when the checkpoint's card gives them.
         random_seed: the seed of random weights (``pretrained=False``), None for trained weights.
+        task: ``classification``, or ``segmentation`` for a model that outputs per-pixel logits
+            (a module with ``task = "segmentation"``, or a card with a ``segmentation_head``).
+        ignore_index: dense tasks: the label value that is not scored (void), from the card.
     """
 
     model: nn.Module
@@ -40,6 +43,8 @@ class LoadedModel:
     data_config: Dict[str, Any] = field(default_factory=dict)
     classes: Optional[List[str]] = None
     random_seed: Optional[int] = None
+    task: str = "classification"
+    ignore_index: Optional[int] = None
     _digest: Optional[str] = field(default=None, repr=False)
 
     @property
@@ -98,7 +103,8 @@ def load_model(
     model_kwargs = dict(model_kwargs or {})
     if isinstance(model, nn.Module):
         cfg = data_config_of(model)
-        return LoadedModel(model.eval(), type(model).__name__, arch or type(model).__name__, model_kwargs, cfg)
+        return LoadedModel(model.eval(), type(model).__name__, arch or type(model).__name__, model_kwargs, cfg,
+                           task=getattr(model, "task", "classification"))
     text = str(model)
     path = Path(text).expanduser()
     looks_like_path = path.suffix.lower() in CHECKPOINT_SUFFIXES or "/" in text or path.exists()
@@ -120,7 +126,13 @@ def data_config_of(model: nn.Module) -> Dict[str, Any]:
     another ``img_size``; the patch embedding knows the real one.
     """
     cfg = dict(timm.data.resolve_data_config({}, model=model))
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    embed = getattr(model, "patch_embed", None)
+    if embed is None:  # a dense model around a backbone: the backbone's patch embedding
+        from .adapters import find_backbones
+
+        found = find_backbones(model)
+        embed = getattr(model.get_submodule(found[0][0]), "patch_embed", None) if len(found) == 1 else None
+    img_size = getattr(embed, "img_size", None)
     if img_size is not None:
         cfg["input_size"] = (3, *tuple(img_size))
     return cfg
@@ -190,13 +202,22 @@ def _load_checkpoint(path: Path, arch: Optional[str], kwargs: Dict[str, Any]) ->
     arch = arch or card["timm_model"]
     all_kwargs = {**(card.get("kwargs", {}) if card else {}), **kwargs}
     model = _create(arch, all_kwargs)
+    head = card.get("segmentation_head") if card else None
+    if head is not None:
+        from .segmentation import build_segmenter
+
+        if not isinstance(head, dict):
+            raise VitqError(f"{path.with_suffix('.json')}: segmentation_head must be an object")
+        model = build_segmenter(model, head)
     state = read_state_dict(path)
     _load_into(model, state, path)
     cfg = data_config_of(model)
     if card and card.get("data_config"):
         cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in card["data_config"].items()})
     classes = card.get("classes") if card else None
-    return LoadedModel(model.eval(), str(path), arch, all_kwargs, cfg, classes)
+    task = getattr(model, "task", "classification")
+    ignore = card.get("ignore_index") if card else None
+    return LoadedModel(model.eval(), str(path), arch, all_kwargs, cfg, classes, task=task, ignore_index=ignore)
 
 
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:

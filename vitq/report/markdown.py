@@ -25,7 +25,27 @@ def run_report(metrics: Dict[str, Any], notes: Dict[str, Any]) -> str:
         f"- seed {m['seed']}, device {notes.get('device', '—')}, {m['seconds']:.1f} s in all",
         "",
     ]
-    if m.get("quant_top1") is not None:
+    if m.get("task") == "segmentation" and m.get("quant_miou") is not None:
+        lines += [
+            "| model | mIoU | pixel accuracy |",
+            "|---|---:|---:|",
+            f"| float | {_fmt(m['fp_miou'])} | {_fmt(m['fp_pixel_acc'])} |",
+            f"| W{m['w_bits']}A{m['a_bits']} {m['recipe']} | {_fmt(m['quant_miou'])} | {_fmt(m['quant_pixel_acc'])} |",
+            "",
+            "mIoU: intersection and union of each class summed over all images, void pixels ignored, averaged "
+            f"over the classes. Pixels where the quantized model predicts the float model's class: "
+            f"{_fmt(m['pixel_agreement'])} %. Mean per-pixel KL(float ‖ quantized): {_fmt(m['kl'], 4)}.",
+            "",
+            "| class | float IoU | quantized IoU | Δ |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, iou in m.get("per_class_iou", {}).items():
+            delta = None if iou["fp"] is None or iou["quant"] is None else iou["quant"] - iou["fp"]
+            lines.append(f"| {name} | {_fmt(iou['fp'])} | {_fmt(iou['quant'])} | {_fmt(delta)} |")
+        lines += ["", "Predictions of the first images, float beside quantized: `predictions.png`.", ""]
+    elif m.get("task") == "segmentation":
+        lines += ["No evaluation set was given: mIoU was not measured.", ""]
+    elif m.get("quant_top1") is not None:
         lines += [
             "| model | top-1 | top-5 |",
             "|---|---:|---:|",

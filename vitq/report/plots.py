@@ -113,3 +113,63 @@ def pareto(series: Dict[str, Sequence[Dict[str, Any]]], path: Path, *, x: str = 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+#: colours of label maps: CamVid's own for its 11 classes (sky, building, pole, road, sidewalk, tree,
+#: sign, fence, car, pedestrian, bicyclist), then a seeded spread for more classes
+_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+            (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
+
+
+def label_colours(num: int) -> List[tuple]:
+    """``num`` RGB colours for class indices."""
+    import random
+
+    rng = random.Random(0)
+    extra = [(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(max(0, num - len(_PALETTE)))]
+    return (_PALETTE + extra)[:num]
+
+
+def segmentation_examples(examples: Sequence[Any], path: Path, data_config: Dict[str, Any], *,
+                          ignore_index: Optional[int] = None, titles: Sequence[str] = ()) -> Optional[Path]:
+    """``predictions.png``: one row per example: the image, its labels, then each model's
+    prediction (the float model's beside the quantized one's); void pixels black.
+
+    ``examples``: ``(image [3, h, w] normalised, label [H, W], [prediction [H, W], ...])``. Drawn
+    with PIL (no matplotlib needed). Returns the path, or None when there is nothing to draw.
+    """
+    if not examples:
+        return None
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    mean = torch.tensor(data_config["mean"]).view(-1, 1, 1)
+    std = torch.tensor(data_config["std"]).view(-1, 1, 1)
+    top = max(int(max(int(lab.max()), *(int(p.max()) for p in preds))) for _, lab, preds in examples) + 1
+    colours = np.array(label_colours(top) + [(0, 0, 0)], dtype=np.uint8)
+
+    def paint(label: torch.Tensor) -> Image.Image:
+        idx = label.numpy().astype(np.int64)
+        idx = np.where((idx == ignore_index) | (idx < 0) | (idx >= top), top, idx)
+        return Image.fromarray(colours[idx])
+
+    rows = []
+    for image, label, preds in examples:
+        h, w = label.shape[-2:]
+        rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        tiles = [Image.fromarray(rgb).resize((w, h), Image.BILINEAR), paint(label)] + [paint(p) for p in preds]
+        rows.append(tiles)
+    tile_w = max(t.size[0] for row in rows for t in row)
+    tile_h = max(t.size[1] for row in rows for t in row)
+    band = 18 if titles else 0
+    sheet = Image.new("RGB", (tile_w * len(rows[0]), band + tile_h * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(titles[:len(rows[0])]):
+        draw.text((c * tile_w + 4, 3), str(title), fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            sheet.paste(tile, (c * tile_w, band + r * tile_h))
+    path = Path(path)
+    sheet.save(path)
+    return path

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import VitqError, reject_unknown_keys
-from ...models.adapters import find_adapter, kept_on_its_device
+from ...models.adapters import find_adapter, kept_on_its_device, scores_last
 from ...registry import Registry
 from .losses import patch_contrastive_loss, patch_similarity_entropy, total_variation
 
@@ -102,6 +102,16 @@ class GenerationResult:
     targets: Tensor
     seconds: float
     losses: List[float] = field(default_factory=list)
+    #: whether the cross-entropy to random classes was part of the loss (not for a model without a
+    #: classification head: a backbone inside a dense model makes images from its patch losses alone)
+    output_loss: bool = True
+
+
+def has_class_head(model: nn.Module) -> bool:
+    """Whether ``model`` outputs image-level class scores (a classifier with ``num_classes`` > 0);
+    a backbone without head, or a segmentation model, does not: data-free generation drops its
+    cross-entropy to random classes and keeps the patch losses and image priors."""
+    return int(getattr(model, "num_classes", 0) or 0) > 0 and getattr(model, "task", "classification") == "classification"
 
 
 class Generator:
@@ -135,11 +145,12 @@ class Generator:
             raise VitqError(f"the number of images must be a positive integer, got {num_images!r}")
         device = torch.device(device) if device is not None else next(model.parameters()).device
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        num_classes = int(getattr(model, "num_classes", 0) or 0)
-        if num_classes <= 0:
-            raise VitqError("the model has no classification head (num_classes = 0): data-free generation "
-                            "needs class scores for its output loss")
-        targets = torch.randint(0, num_classes, (num_images,), generator=gen)
+        if has_class_head(model):
+            targets = torch.randint(0, int(model.num_classes), (num_images,), generator=gen)
+        elif self.uses_grids or isinstance(self, GaussianGenerator):
+            targets = torch.zeros(num_images, dtype=torch.long)  # no head: no output loss, no targets
+        else:
+            raise VitqError(f"the {self.name} generator needs a classification head")
         start = time.perf_counter()
         batches, losses = [], []
         bs = self.settings.batch_size
@@ -159,7 +170,8 @@ class Generator:
                     losses += batch_losses
         finally:
             bar.close()
-        return GenerationResult(torch.cat(batches), targets, time.perf_counter() - start, losses)
+        return GenerationResult(torch.cat(batches), targets, time.perf_counter() - start, losses,
+                                output_loss=has_class_head(model) and self.settings.ce_weight > 0)
 
     @property
     def name(self) -> str:
@@ -228,6 +240,7 @@ class Generator:
             lambda i: (i + 1) / (warmup + 1) if i < warmup
             else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, iterations - warmup))),
         )
+        head = has_class_head(model)
         grids: List[Tensor] = []
         hooks = []
         if self.uses_grids:
@@ -244,12 +257,14 @@ class Generator:
                 if s.flip and torch.rand((), generator=gen).item() < 0.5:
                     inp = inp.flip(3)
                 logits = model(inp)
-                loss = s.ce_weight * F.cross_entropy(logits, targets) + s.tv_weight * total_variation(x).mean()
+                loss = s.tv_weight * total_variation(x).mean()
+                if head:
+                    loss = loss + s.ce_weight * F.cross_entropy(logits, targets)
                 if self.uses_grids and s.patch_weight:
                     loss = loss + s.patch_weight * self.patch_loss(grids)
                 if adversary is not None and adversary_weight:
-                    q_logits = adversary(inp)
-                    disagreement = F.kl_div(F.log_softmax(q_logits, -1), F.log_softmax(logits, -1),
+                    q_logits = scores_last(adversary(inp))
+                    disagreement = F.kl_div(F.log_softmax(q_logits, -1), F.log_softmax(scores_last(logits), -1),
                                             log_target=True, reduction="batchmean")
                     loss = loss - adversary_weight * disagreement
                 if not torch.isfinite(loss):

@@ -57,23 +57,30 @@ def image_stats(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, b
     device = next(model.parameters()).device
     logits = torch.cat([model(images[i : i + batch_size].to(device)).float().cpu()
                         for i in range(0, len(images), batch_size)])
-    probs = logits.softmax(1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
-    preds = probs.argmax(1)
     flat = F.normalize(images.reshape(len(images), -1).float().cpu(), dim=1)
     sims = flat @ flat.T
     n = len(images)
     mean_sim = ((sims.sum() - n) / max(1, n * (n - 1))).item()
-    hist: Dict[int, int] = {}
-    for p in preds.tolist():
-        hist[p] = hist.get(p, 0) + 1
+    scores: Dict[str, Any] = {"mean_confidence": None, "mean_entropy": None, "target_hit_rate": None,
+                              "distinct_predicted_classes": None, "predicted_class_histogram": None}
+    dense = logits.ndim == 4  # a segmentation model: per-pixel class scores, no image-level target
+    if dense or int(getattr(model, "num_classes", 0) or 0) > 0:
+        probs = logits.softmax(1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+        preds = probs.argmax(1)
+        hist: Dict[int, int] = {}
+        for p in preds.reshape(-1).tolist():
+            hist[p] = hist.get(p, 0) + 1
+        scores = {
+            "mean_confidence": probs.max(1).values.mean().item(),
+            "mean_entropy": entropy.mean().item(),
+            "target_hit_rate": None if dense else (preds == targets.cpu()).double().mean().item(),
+            "distinct_predicted_classes": len(hist),
+            "predicted_class_histogram": dict(sorted(hist.items())),  # a dense model: pixels per class
+        }
     return {
         "num_images": n,
-        "mean_confidence": probs.max(1).values.mean().item(),
-        "mean_entropy": entropy.mean().item(),
-        "target_hit_rate": (preds == targets.cpu()).double().mean().item(),
-        "distinct_predicted_classes": len(hist),
-        "predicted_class_histogram": dict(sorted(hist.items())),
+        **scores,
         "pairwise_diversity": 1.0 - mean_sim,
         "pixel_mean": images.mean().item(),
         "pixel_std": images.std().item(),

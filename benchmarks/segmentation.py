@@ -1,0 +1,340 @@
+"""Dense prediction (issue 13): vitq's reference CamVid segmentation model, and its quantization table.
+
+    python benchmarks/segmentation.py --build-model --out DIR [--assets DIR]
+    python benchmarks/segmentation.py --bench --model DIR/model.pth [--methods ...] [--bits w8a8 ...] [--append]
+
+``--build-model`` trains the reference model deterministically from ``$VITQ_ASSETS/camvid``: the
+ImageNet DeiT-Tiny (``models/deit_tiny_imagenet.pth``) as a frozen backbone at 352×480 (its position
+embedding resampled from 14×14 to a 22×30 grid), the features of some of its blocks, and a small
+convolutional head (:class:`vitq.models.ViTSegmenter`) trained on ``train/`` with cross-entropy
+(void ignored), horizontal flips as the only augmentation (the backbone features are computed once
+per image and flip). The head's shape and the number of epochs are chosen by mIoU on ``val/``;
+``test/`` is scored once, at the end, for the card. Writes ``DIR/model.pth`` (a state_dict),
+``DIR/model.json`` (its vitq model card) and ``DIR/train_log.json``.
+
+``--bench`` quantizes that model's backbone with each method at each bit-width (calibration: seeded
+train/ images; evaluation: all 233 test/ images) and writes benchmarks/results/segmentation.json
+and the "Dense prediction" section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from foundation import machine, write_section  # noqa: E402
+
+from vitq.data import assets_dir, scan_segmentation, segmentation_loader  # noqa: E402
+from vitq.eval.segmentation import confusion_matrix, iou_per_class, mean_iou  # noqa: E402
+from vitq.models import ViTSegmenter, load_model, resize_vit_grid  # noqa: E402
+from vitq.models.loading import read_state_dict  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS_JSON = HERE / "results" / "segmentation.json"
+SIZE = (352, 480)  # CamVid's 360×480 scenes at a multiple of the patch size (22×30 patches)
+BACKBONE = "deit_tiny_patch16_224"
+INDICES = [3, 7, 11]
+#: head shapes tried on val/ (hidden channels, first kernel); the best one is kept
+HEADS = [(0, 1), (256, 1), (256, 3)]
+EPOCHS = 30
+CHECK_EVERY = 5
+
+
+def _backbone(assets: Path) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """The ImageNet DeiT-Tiny at 352×480 without its classifier."""
+    import timm
+
+    card = json.loads((assets / "models" / "deit_tiny_imagenet.json").read_text())
+    state = read_state_dict(assets / "models" / "deit_tiny_imagenet.pth")
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    grid = (SIZE[0] // 16, SIZE[1] // 16)
+    state = resize_vit_grid(state, grid)
+    model = timm.create_model(BACKBONE, pretrained=False, img_size=SIZE, num_classes=0)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), card
+
+
+def _data_config(card: Dict[str, Any]) -> Dict[str, Any]:
+    dc = card["data_config"]
+    return {"input_size": (3, *SIZE), "interpolation": dc["interpolation"], "crop_pct": 1.0,
+            "mean": tuple(dc["mean"]), "std": tuple(dc["std"])}
+
+
+@torch.no_grad()
+def _features(seg: ViTSegmenter, data, data_config, flip: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features (float16) and label maps of a split, with their mirror images if ``flip``."""
+    feats, labels = [], []
+    for images, label in segmentation_loader(data, data_config, batch_size=8):
+        feats.append(seg.features(images).half())
+        labels.append(label.to(torch.uint8))
+        if flip:
+            feats.append(seg.features(images.flip(-1)).half())
+            labels.append(label.flip(-1).to(torch.uint8))
+        print(f"\r  features: {sum(len(f) for f in feats)} maps", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _scores(seg: ViTSegmenter, feats: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore: int
+            ) -> Tuple[float, List]:
+    seg.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    with torch.no_grad():
+        for i in range(0, len(feats), 16):
+            logits = seg.classify(feats[i:i + 16].float(), SIZE)
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            cm += confusion_matrix(logits.argmax(1), labels[i:i + 16].long(), num_classes, ignore)
+    return mean_iou(cm), iou_per_class(cm)
+
+
+def _train_head(seg: ViTSegmenter, train: Tuple[torch.Tensor, torch.Tensor], val, num_classes: int, ignore: int,
+                seed: int, log: List[Dict[str, Any]], tag: str) -> Tuple[int, float]:
+    """AdamW with cosine decay on the head's parameters; the val mIoU every ``CHECK_EVERY`` epochs.
+    Returns the best epoch and its val mIoU; the head's state at that epoch is kept in ``seg``."""
+    feats, labels = train
+    # the loss at half the label resolution (nearest-neighbour labels): 4× cheaper on CPU, and the
+    # 22×30 logits are still upsampled 8×; val/ is scored at full resolution, as the model runs
+    half = (labels.shape[-2] // 2, labels.shape[-1] // 2)
+    labels = labels[:, ::2, ::2]
+    params = list(seg.norm.parameters()) + list(seg.head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    steps_per_epoch = (len(feats) + 7) // 8
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=EPOCHS * steps_per_epoch)
+    gen = torch.Generator().manual_seed(seed)
+    best = (-1.0, 0, None)
+    for epoch in range(1, EPOCHS + 1):
+        seg.norm.train()
+        seg.head.train()
+        order = torch.randperm(len(feats), generator=gen)
+        total = 0.0
+        for i in range(0, len(order), 8):
+            idx = order[i:i + 8]
+            logits = seg.classify(feats[idx].float(), half)
+            loss = F.cross_entropy(logits, labels[idx].long(), ignore_index=ignore)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        entry = {"head": tag, "epoch": epoch, "train_loss": round(total / len(feats), 5)}
+        if epoch % CHECK_EVERY == 0:
+            miou, _ = _scores(seg, *val, num_classes, ignore)
+            entry["val_miou"] = round(miou, 3)
+            if miou > best[0]:
+                best = (miou, epoch, {k: v.clone() for k, v in seg.state_dict().items() if not k.startswith("backbone.")})
+        log.append(entry)
+        print(f"  {tag} epoch {epoch}: loss {entry['train_loss']:.4f}"
+              + (f", val mIoU {entry['val_miou']:.2f}" if "val_miou" in entry else ""), file=sys.stderr)
+    seg.load_state_dict(best[2], strict=False)
+    return best[1], best[0]
+
+
+def build_model(out: Path, assets: Path, seed: int = 0) -> Dict[str, Any]:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    started = time.perf_counter()
+    camvid = assets / "camvid"
+    info = json.loads((camvid / "classes.json").read_text())
+    classes, ignore = info["classes"], int(info["ignore_index"])
+    backbone, card = _backbone(assets)
+    data_config = _data_config(card)
+    probe = ViTSegmenter(backbone, INDICES, len(classes), hidden=0)
+    print("backbone features of train/ (with flips) and val/ ...", file=sys.stderr)
+    train = _features(probe, scan_segmentation(camvid, "train"), data_config, flip=True)
+    val = _features(probe, scan_segmentation(camvid, "val"), data_config, flip=False)
+    feature_seconds = time.perf_counter() - started
+    log: List[Dict[str, Any]] = []
+    tried = []
+    best = None
+    for hidden, kernel in HEADS:
+        torch.manual_seed(seed)
+        seg = ViTSegmenter(backbone, INDICES, len(classes), hidden=hidden, kernel=kernel)
+        tag = f"hidden {hidden}, kernel {kernel}" if hidden else f"linear, kernel {kernel}"
+        epoch, miou = _train_head(seg, train, val, len(classes), ignore, seed, log, tag)
+        tried.append({"hidden": hidden, "kernel": kernel, "best_epoch": epoch, "val_miou": round(miou, 3)})
+        if best is None or miou > best[0]:
+            best = (miou, hidden, kernel, epoch, seg)
+    miou, hidden, kernel, epoch, seg = best
+    seg.eval()
+    del train
+    test = _features(seg, scan_segmentation(camvid, "test"), data_config, flip=False)
+    test_miou, test_iou = _scores(seg, *test, len(classes), ignore)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(seg.state_dict(), out / "model.pth")
+    card_out = {
+        "format": "vitq-model-card/1",
+        "name": "deit_tiny_camvid_seg",
+        "task": "segmentation",
+        "timm_model": BACKBONE,
+        "kwargs": {"img_size": list(SIZE), "num_classes": 0},
+        "segmentation_head": {"indices": INDICES, "num_classes": len(classes), "hidden": hidden, "kernel": kernel},
+        "data_config": {**{k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}},
+        "classes": classes,
+        "ignore_index": ignore,
+        "metrics": {"val_miou": round(miou, 3), "test_miou": round(test_miou, 3),
+                    "test_iou_per_class": {c: None if v is None else round(v, 2) for c, v in zip(classes, test_iou)},
+                    "scored": "dataset-level mIoU over the 11 classes, void ignored, logits resized to 360×480"},
+        "training": {
+            "script": "benchmarks/segmentation.py --build-model", "seed": seed,
+            "backbone": "deit_tiny_imagenet.pth (frozen), pos_embed resampled bicubic 14×14 → 22×30",
+            "features": f"blocks {INDICES} (residual stream before the final norm), concatenated, BatchNorm",
+            "data": "camvid train/ (367 images) and their horizontal mirrors; 352×480 bicubic resize",
+            "optimiser": f"AdamW lr 1e-3 wd 1e-4, cosine over {EPOCHS} epochs, batch 8, cross-entropy ignoring void "
+                         "at half the label resolution (180×240, nearest labels)",
+            "selection": f"head shape and epoch (checked every {CHECK_EVERY}) by val/ mIoU: {tried}",
+            "seconds": round(time.perf_counter() - started, 1), "feature_seconds": round(feature_seconds, 1),
+            "machine": machine(), "torch": torch.__version__,
+        },
+    }
+    (out / "model.json").write_text(json.dumps(card_out, indent=1) + "\n")
+    (out / "train_log.json").write_text(json.dumps({"tried": tried, "log": log}, indent=1) + "\n")
+    print(f"wrote {out / 'model.pth'}: val mIoU {miou:.2f} ({'linear' if not hidden else f'hidden {hidden}'}, "
+          f"kernel {kernel}, epoch {epoch}); test mIoU {test_miou:.2f}")
+    return card_out
+
+
+# -- the quantization table ---------------------------------------------------------------------------
+METHODS = ["omse", "recommended", "mptq-vit"]
+BITS = ["w8a8", "w6a6", "w4a8", "w4a4"]
+DATA_FREE = ["clamp", "psaq", "gaussian"]
+
+
+def _bits(text: str) -> Tuple[int, int]:
+    w, a = text.lower().lstrip("w").split("a")
+    return int(w), int(a)
+
+
+def _load_rows() -> List[Dict[str, Any]]:
+    return json.loads(RESULTS_JSON.read_text())["rows"] if RESULTS_JSON.exists() else []
+
+
+def _save_rows(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps({**extra, "rows": rows}, indent=1) + "\n")
+
+
+def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], data_free: List[str],
+          num_calib: int, num_eval: int, seed: int, append: bool, dry_run: bool) -> List[Dict[str, Any]]:
+    from accuracy import PeakMemory
+
+    import vitq
+    from vitq.data import balanced_subset, make_loader, scan_folder
+
+    loaded = load_model(model_path)
+    camvid = assets / "camvid"
+    calib = balanced_subset(scan_folder(camvid / "images" / "train", labelled=False), num_calib, seed)
+    calib_batches = [x for x, _ in make_loader(calib, loaded.data_config, 8)]
+    test = scan_segmentation(camvid, "test").sample(num_eval, seed)
+    eval_batches = list(segmentation_loader(test, loaded.data_config, 8))
+    rows = _load_rows() if append else []
+    done = {(r["method"], r["bits"], r.get("data_free")) for r in rows}
+    plan = [(m, b, None) for b in bits for m in methods] + [("recommended", "w4a8", g) for g in data_free]
+    extra = {"model": str(model_path), "machine": machine(), "num_calib": len(calib), "num_eval": len(test),
+             "calibration": f"{len(calib)} seeded images of camvid/images/train (seed {seed})",
+             "evaluation": f"{len(test)} images of camvid test/"}
+    for method, bits_name, generator in plan:
+        if (method, bits_name, generator) in done:
+            continue
+        w, a = _bits(bits_name)
+        print(f"[{method} {bits_name}{' data-free ' + generator if generator else ''}]", flush=True)
+        if dry_run:
+            continue
+        started = time.perf_counter()
+        with PeakMemory() as memory:
+            if generator:
+                result = vitq.quantize(loaded.model, method, None, data_free=generator, num_images=num_calib,
+                                       batch_size=8, w_bits=w, a_bits=a, seed=seed, device="cpu", progress=False)
+            else:
+                result = vitq.quantize(loaded.model, method, calib_batches, w_bits=w, a_bits=a, seed=seed,
+                                       device="cpu", progress=False)
+        quantize_seconds = time.perf_counter() - started
+        t0 = time.perf_counter()
+        metrics, _ = vitq.evaluate_segmentation(loaded.model, result.model, eval_batches,
+                                                ignore_index=test.ignore_index, classes=test.classes, device="cpu",
+                                                progress=False)
+        row = {"method": method, "bits": bits_name, "data_free": generator, **metrics,
+               "quantize_seconds": round(quantize_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+               "stage_seconds": result.record.get("stage_seconds"), "peak_mib": memory.mib,
+               "generation_seconds": (result.record.get("data_free") or {}).get("seconds")}
+        rows.append(row)
+        _save_rows(rows, extra)
+        print(f"  mIoU float {row['fp_miou']:.2f} quantized {row['quant_miou']:.2f}, pixel agreement "
+              f"{row['pixel_agreement']:.2f}, {row['quantize_seconds']} s + eval {row['eval_seconds']} s", flush=True)
+    if rows and not dry_run:
+        write_results(rows, extra)
+    return rows
+
+
+def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
+    fp = rows[0]["fp_miou"]
+    lines = [
+        "## Dense prediction: CamVid segmentation with a quantized DeiT-Tiny backbone",
+        "",
+        f"Model: vitq's reference segmenter (`python benchmarks/segmentation.py --build-model`): the ImageNet "
+        "DeiT-Tiny, frozen, at 352×480, features of blocks 3, 7 and 11, a two-layer head trained on CamVid "
+        f"train/. Only the backbone is quantized (protocol p1, image input 8 bits); the head stays float. "
+        f"Calibration: {extra['calibration']}; evaluation: {extra['evaluation']}, dataset-level mIoU over "
+        "11 classes, void ignored. Machine: " + extra["machine"] + ".",
+        "",
+        "Command: `python benchmarks/segmentation.py --bench --model DIR/model.pth --append`",
+        "",
+        f"| method | bits | calibration | test mIoU (float {fp:.2f}) | Δ | pixel agreement | KL | quantize s | peak MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        source = f"data-free {r['data_free']}" if r.get("data_free") else "real"
+        lines.append(f"| {r['method']} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
+                     f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
+                     f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
+    shown = [r for r in rows if r["bits"] == "w4a8" and not r.get("data_free")]
+    if shown:
+        names = list(shown[0]["per_class_iou"])
+        lines += ["", "Per-class IoU, float and W4A8 (real calibration images):", "",
+                  "| class | float | " + " | ".join(r["method"] for r in shown) + " |",
+                  "|---|---:|" + "---:|" * len(shown)]
+        for n in names:
+            lines.append(f"| {n} | {shown[0]['per_class_iou'][n]['fp']:.2f} | "
+                         + " | ".join(f"{r['per_class_iou'][n]['quant']:.2f}" for r in shown) + " |")
+    write_section("## Dense prediction", lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", default=None, help="default: $VITQ_ASSETS or ../shared/assets")
+    parser.add_argument("--build-model", action="store_true", help="train the reference segmentation model")
+    parser.add_argument("--out", help="--build-model: the folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bench", action="store_true", help="the quantization table of --model")
+    parser.add_argument("--model", help="--bench: the reference model (DIR/model.pth of --build-model)")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--bits", nargs="+", default=BITS)
+    parser.add_argument("--data-free", nargs="*", default=DATA_FREE, help="generators of the data-free W4A8 rows")
+    parser.add_argument("--num-calib", type=int, default=32)
+    parser.add_argument("--num-eval", type=int, default=None, help="default: all of test/")
+    parser.add_argument("--append", action="store_true", help="keep the rows measured before; add the missing")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    assets = Path(args.assets) if args.assets else assets_dir()
+    if args.build_model:
+        if not args.out:
+            parser.error("--build-model needs --out DIR")
+        build_model(Path(args.out), assets, args.seed)
+    if args.bench:
+        if not args.model:
+            parser.error("--bench needs --model DIR/model.pth")
+        bench(Path(args.model), assets, args.methods, args.bits, args.data_free, args.num_calib, args.num_eval,
+              args.seed, args.append, args.dry_run)
+    if not (args.build_model or args.bench):
+        parser.error("nothing to do: pass --build-model and/or --bench")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
