@@ -221,7 +221,8 @@ def _save_rows(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
 
 
 def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], data_free: List[str],
-          num_calib: int, num_eval: int, seed: int, append: bool, dry_run: bool) -> List[Dict[str, Any]]:
+          num_calib: int, num_eval: int, seed: int, append: bool, dry_run: bool, df_images: int = 16,
+          df_iterations: int = 50) -> List[Dict[str, Any]]:
     from accuracy import PeakMemory
 
     import vitq
@@ -234,32 +235,38 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     test = scan_segmentation(camvid, "test").sample(num_eval, seed)
     eval_batches = list(segmentation_loader(test, loaded.data_config, 8))
     rows = _load_rows() if append else []
-    done = {(r["method"], r["bits"], r.get("data_free")) for r in rows}
-    plan = [(m, b, None) for b in bits for m in methods] + [("recommended", "w4a8", g) for g in data_free]
+    done = {(r["method"], r["bits"], r.get("data_free"), r["num_calib"]) for r in rows}
+    # data-free rows (W4A8, the recommended recipe) beside real images of the same number
+    plan = [(m, b, None, len(calib)) for b in bits for m in methods]
+    if data_free:
+        plan += [("recommended", "w4a8", None, df_images)] + [("recommended", "w4a8", g, df_images) for g in data_free]
     extra = {"model": str(model_path), "machine": machine(), "num_calib": len(calib), "num_eval": len(test),
              "calibration": f"{len(calib)} seeded images of camvid/images/train (seed {seed})",
              "evaluation": f"{len(test)} images of camvid test/"}
-    for method, bits_name, generator in plan:
-        if (method, bits_name, generator) in done:
+    for method, bits_name, generator, count in plan:
+        if (method, bits_name, generator, count) in done:
             continue
         w, a = _bits(bits_name)
-        print(f"[{method} {bits_name}{' data-free ' + generator if generator else ''}]", flush=True)
+        print(f"[{method} {bits_name} {count} {'data-free ' + generator if generator else 'real'} images]", flush=True)
         if dry_run:
             continue
         started = time.perf_counter()
         with PeakMemory() as memory:
             if generator:
-                result = vitq.quantize(loaded.model, method, None, data_free=generator, num_images=num_calib,
-                                       batch_size=8, w_bits=w, a_bits=a, seed=seed, device="cpu", progress=False)
+                result = vitq.quantize(loaded.model, method, None, data_free=generator, num_images=count,
+                                       gen_settings={"iterations": df_iterations, "batch_size": 8}, batch_size=8,
+                                       w_bits=w, a_bits=a, seed=seed, device="cpu", progress=False)
             else:
-                result = vitq.quantize(loaded.model, method, calib_batches, w_bits=w, a_bits=a, seed=seed,
+                batches = calib_batches if count == len(calib) else [b for b in torch.cat(calib_batches)[:count].split(8)]
+                result = vitq.quantize(loaded.model, method, batches, w_bits=w, a_bits=a, seed=seed,
                                        device="cpu", progress=False)
         quantize_seconds = time.perf_counter() - started
         t0 = time.perf_counter()
         metrics, _ = vitq.evaluate_segmentation(loaded.model, result.model, eval_batches,
                                                 ignore_index=test.ignore_index, classes=test.classes, device="cpu",
                                                 progress=False)
-        row = {"method": method, "bits": bits_name, "data_free": generator, **metrics,
+        row = {"method": method, "bits": bits_name, "data_free": generator, "num_calib": count,
+               "gen_iterations": df_iterations if generator else None, **metrics,
                "quantize_seconds": round(quantize_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
                "stage_seconds": result.record.get("stage_seconds"), "peak_mib": memory.mib,
                "generation_seconds": (result.record.get("data_free") or {}).get("seconds")}
@@ -283,17 +290,20 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
         f"Calibration: {extra['calibration']}; evaluation: {extra['evaluation']}, dataset-level mIoU over "
         "11 classes, void ignored. Machine: " + extra["machine"] + ".",
         "",
-        "Command: `python benchmarks/segmentation.py --bench --model DIR/model.pth --append`",
+        "Command: `python benchmarks/segmentation.py --bench --model DIR/model.pth --append` (data-free rows: "
+        "the recommended recipe at W4A8 on generated images, CPU budget `--df-images 16 --df-iterations 50`, beside "
+        "real images of the same number).",
         "",
-        f"| method | bits | calibration | test mIoU (float {fp:.2f}) | Δ | pixel agreement | KL | quantize s | peak MiB |",
+        f"| method | bits | calibration images | test mIoU (float {fp:.2f}) | Δ | pixel agreement | KL | quantize s | peak MiB |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        source = f"data-free {r['data_free']}" if r.get("data_free") else "real"
+        source = (f"{r['num_calib']} data-free {r['data_free']} ({r['gen_iterations']} steps)" if r.get("data_free")
+                  else f"{r['num_calib']} real")
         lines.append(f"| {r['method']} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
                      f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
                      f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
-    shown = [r for r in rows if r["bits"] == "w4a8" and not r.get("data_free")]
+    shown = [r for r in rows if r["bits"] == "w4a8" and not r.get("data_free") and r["num_calib"] == extra["num_calib"]]
     if shown:
         names = list(shown[0]["per_class_iou"])
         lines += ["", "Per-class IoU, float and W4A8 (real calibration images):", "",
@@ -317,6 +327,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", nargs="+", default=BITS)
     parser.add_argument("--data-free", nargs="*", default=DATA_FREE, help="generators of the data-free W4A8 rows")
     parser.add_argument("--num-calib", type=int, default=32)
+    parser.add_argument("--df-images", type=int, default=16, help="images of the data-free rows (and their real twin)")
+    parser.add_argument("--df-iterations", type=int, default=50, help="generator steps per batch (CPU budget)")
     parser.add_argument("--num-eval", type=int, default=None, help="default: all of test/")
     parser.add_argument("--append", action="store_true", help="keep the rows measured before; add the missing")
     parser.add_argument("--dry-run", action="store_true")
@@ -330,7 +342,7 @@ def main(argv=None) -> int:
         if not args.model:
             parser.error("--bench needs --model DIR/model.pth")
         bench(Path(args.model), assets, args.methods, args.bits, args.data_free, args.num_calib, args.num_eval,
-              args.seed, args.append, args.dry_run)
+              args.seed, args.append, args.dry_run, args.df_images, args.df_iterations)
     if not (args.build_model or args.bench):
         parser.error("nothing to do: pass --build-model and/or --bench")
     return 0

@@ -260,3 +260,30 @@ def test_cli_task_mismatch_is_refused(checkpoint, seg_set, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "classification model" in err and "Traceback" not in err
+
+
+def test_cli_data_free_segmentation_says_the_output_loss_was_dropped(seg_checkpoint, seg_set, tmp_path):
+    out = tmp_path / "df"
+    rc = main(["quantize", str(seg_checkpoint), "--recipe", "omse", "--data-free", "clamp", "--num-images", "2",
+               "--iterations", "2", "--eval", str(seg_set), "--out", str(out), "--quiet"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "segmentation" and metrics["data_free"] == "clamp" and metrics["quant_miou"] is not None
+    assert "without the cross-entropy to random classes" in (out / "report.md").read_text()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["output_loss"] is False and stats["target_hit_rate"] is None
+
+
+def test_cli_export_of_a_segmentation_run_and_onnx_eval_refused_clearly(seg_checkpoint, seg_set, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    assert main(["quantize", str(seg_checkpoint), "--recipe", "minmax", "--calib", str(seg_set), "--out", str(run),
+                 "--quiet"]) == 0
+    onnx_path = tmp_path / "seg.onnx"
+    assert main(["export", str(run), "--out", str(onnx_path), "--quiet"]) == 0
+    report = json.loads(onnx_path.with_suffix(".export.json").read_text())
+    assert report["verification"]["max_abs_diff"] < 1e-3  # ONNX Runtime's logits against the simulated model
+    capsys.readouterr()
+    assert main(["eval", str(onnx_path), "--eval", str(seg_set)]) == 2
+    err = capsys.readouterr().err
+    assert "segmentation model" in err and "vitq eval CHECKPOINT --plan" in err and "Traceback" not in err

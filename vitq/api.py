@@ -358,7 +358,7 @@ def evaluate_segmentation(
     classes: Optional[Sequence[str]] = None,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
-    examples: int = 0,
+    examples: Union[int, Sequence[int]] = 0,
 ) -> Tuple[Dict[str, Any], List[Any]]:
     """mIoU (dataset-level, void ignored), pixel accuracy and per-class IoU of both models, their
     pixel agreement and per-pixel KL(float ‖ quantized), and size.
@@ -369,7 +369,8 @@ def evaluate_segmentation(
         num_classes: default: the model's ``num_classes``.
         ignore_index: the void label (not scored).
         classes: class names for the per-class table.
-        examples: how many ``(image, label, [float prediction, quantized prediction])`` to return.
+        examples: how many ``(image, label, [float prediction, quantized prediction])`` to return
+            (the first images), or their indices in ``data``.
 
     Returns:
         The metrics (percent) and the examples.

@@ -41,6 +41,10 @@ from .recipes.recipe import RECIPES, Recipe, load_recipe
 from .report import RunFolder, bits_per_layer, pareto, run_report, search_curve, segmentation_examples
 
 DEFAULT_NUM_CALIB = 256
+DEFAULT_BATCH = 64
+DEFAULT_BATCH_DENSE = 8  # 660 tokens an image: a batch of 64 allocates gigabytes of attention maps
+#: dense tasks: their images are large (CamVid at 352×480: 660 tokens, 3.4× an ImageNet image's 196)
+DEFAULT_NUM_CALIB_DENSE = 64
 
 
 # -- argument types -------------------------------------------------------------------------------
@@ -97,7 +101,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None, help="which tensors are quantized")
     parser.add_argument("--seed", type=int, default=None, help="seed of the data subsets (default 0; eval: the plan's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help=f"images per batch (default {DEFAULT_BATCH}; {DEFAULT_BATCH_DENSE} for --task segmentation)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--eval", dest="eval_dir",
                         help="evaluation images (ImageFolder or flat synset folder); --task segmentation: a set with "
@@ -145,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data-free", choices=GENERATORS.names(),
                         help="no real images: calibrate on images synthesised from the model by this generator")
     _generation_options(q)
-    q.add_argument("--num-calib", type=_positive_int, default=None, help=f"default {DEFAULT_NUM_CALIB} or all if fewer")
+    q.add_argument("--num-calib", type=_positive_int, default=None, help=f"default {DEFAULT_NUM_CALIB} ({DEFAULT_NUM_CALIB_DENSE} for --task segmentation) or all if fewer")
     q.add_argument("--out", required=True, help="run folder to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
@@ -357,6 +362,12 @@ def _refresher(args: argparse.Namespace, loaded: LoadedModel, recipe, generated:
 EXAMPLES = 4  # segmentation runs: predictions drawn, float beside quantized
 
 
+def _spread(total: int, n: int) -> List[int]:
+    """``n`` indices spread evenly over ``range(total)`` (a set's images are often consecutive frames)."""
+    k = min(n, total)
+    return sorted({round(i * (total - 1) / max(1, k - 1)) for i in range(k)})
+
+
 def _metric_keys(metrics: Dict[str, Any]) -> str:
     if metrics.get("task") == "segmentation":
         row = [("fp mIoU", metrics.get("fp_miou")), ("quant mIoU", metrics.get("quant_miou")),
@@ -447,6 +458,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = _load(args)
     task = _task(args, loaded)
+    args.batch_size = args.batch_size or (DEFAULT_BATCH if task == "classification" else DEFAULT_BATCH_DENSE)
     if start_plan is not None:
         planned = start_plan.meta.get("model", {})
         if planned.get("arch") and planned["arch"] != loaded.arch:
@@ -459,7 +471,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise VitqError("--num-images, --iterations and --gen-settings are for --data-free; with --calib use --num-calib")
     if args.calib:
         folder = _calib_folder(args, task)
-        num_calib = args.num_calib if args.num_calib is not None else min(DEFAULT_NUM_CALIB, len(folder))
+        default = DEFAULT_NUM_CALIB if task == "classification" else DEFAULT_NUM_CALIB_DENSE
+        num_calib = args.num_calib if args.num_calib is not None else min(default, len(folder))
         calib = balanced_subset(folder, num_calib, args.seed, what="calibration images")
         calib, skipped_calib = check_images(calib, "calibration images", args.skip_bad_images)
         if _num_classes(loaded) and task == "classification":
@@ -540,7 +553,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             metrics, examples = evaluate_segmentation(
                 loaded.model, result.model, loader, num_classes=_num_classes(loaded),
                 ignore_index=seg_eval.ignore_index, classes=seg_eval.classes or loaded.classes, device=device,
-                progress=not args.quiet, examples=EXAMPLES)
+                progress=not args.quiet, examples=_spread(len(seg_eval), EXAMPLES))
             drawn = segmentation_examples(examples, run.path / "predictions.png", loaded.data_config,
                                           ignore_index=seg_eval.ignore_index,
                                           titles=("image", "labels", "float", f"W{args.w_bits}A{args.a_bits}"))
@@ -684,6 +697,10 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     if not onnx_model.meta:
         raise VitqError(f"{args.model} has no vitq metadata (preprocessing, classes): export it with `vitq export`")
     meta = onnx_model.meta.get("meta") or {}
+    if onnx_model.meta.get("task", "classification") != "classification":
+        raise VitqError(f"{args.model} is a {onnx_model.meta['task']} model: scoring it in ONNX Runtime is not built yet; "
+                        "score its plan in PyTorch with `vitq eval CHECKPOINT --plan RUN --eval SET` (the export "
+                        "itself already checks ONNX Runtime's outputs against the simulated model)")
     seed = args.seed if args.seed is not None else meta.get("seed", 0)
     calib = _calib_images_of_plan(meta, args.eval_dir)
     images, skipped = _eval_images(args, calib, seed)
@@ -696,7 +713,7 @@ def _eval_onnx(args: argparse.Namespace) -> int:
         loaded = _load_plan_model(plan, exported.get("name"), exported.get("arch"), exported.get("kwargs")) \
             if exported.get("name") else _load_plan_model(plan)
         reference = apply_plan(loaded.model, plan)
-    loader = make_loader(images, onnx_model.data_config, args.batch_size, args.workers)
+    loader = make_loader(images, onnx_model.data_config, args.batch_size or DEFAULT_BATCH, args.workers)
     metrics = evaluate_onnx(onnx_model, loader, reference=reference, progress=not args.quiet)
     metrics = {"model": str(args.model), "int_format": onnx_model.meta.get("int_format"),
                **{k: meta.get(k) for k in ("recipe", "protocol", "w_bits", "a_bits")}, "seed": seed, **metrics,
@@ -792,6 +809,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_plan_weights(loaded.model, plan)  # before any image is read
     seed = args.seed if args.seed is not None else plan.meta.get("seed", 0)
     task = _task(args, loaded)
+    args.batch_size = args.batch_size or (DEFAULT_BATCH if task == "classification" else DEFAULT_BATCH_DENSE)
     skipped = 0
     if task == "segmentation":
         data = _segmentation_eval(args, loaded, seed)

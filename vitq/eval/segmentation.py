@@ -84,7 +84,7 @@ def compare_segmentation(
     ignore_index: Optional[int] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
-    keep: int = 0,
+    keep: Union[int, Sequence[int]] = 0,
 ) -> Dict[str, Any]:
     """One pass of ``(images, labels)`` batches through each model (the first is the reference,
     usually the float model): a confusion matrix per model, and for each other model its pixel
@@ -93,8 +93,10 @@ def compare_segmentation(
 
     Returns:
         ``{"confusion": [K×K per model], "agreement": [...], "kl": [...], "num_images": n,
-        "examples": [(image, label, [pred per model]), ...]}`` (``keep`` first images, on CPU).
+        "examples": [(image, label, [pred per model]), ...]}`` (on CPU: the first ``keep`` images,
+        or those at the indices ``keep``).
     """
+    wanted = set(range(keep)) if isinstance(keep, int) else {int(i) for i in keep}
     models = [models] if isinstance(models, nn.Module) else list(models)
     for model in models:
         model.eval().to(device)
@@ -123,7 +125,7 @@ def compare_segmentation(
                 logp = F.log_softmax(per[m].double(), dim=0)
                 kl[m] += float((ref_logp.exp() * (ref_logp - logp)).sum())
             pixels += label.numel()
-            if len(examples) < keep:
+            if count in wanted:
                 examples.append((images[j].cpu(), label, preds))
             count += 1
     if not count:

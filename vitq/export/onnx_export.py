@@ -314,6 +314,7 @@ def export_onnx(
         "int_format": None if fmt is None else fmt.name,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "num_classes": int(getattr(model, "num_classes", 0) or 0),
+        "task": getattr(model, "task", "classification"),
         "meta": meta,
     }
     entry = proto.metadata_props.add()
