@@ -292,7 +292,8 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
         "",
         "Command: `python benchmarks/segmentation.py --bench --model DIR/model.pth --append` (data-free rows: "
         "the recommended recipe at W4A8 on generated images, CPU budget `--df-images 16 --df-iterations 50`, beside "
-        "real images of the same number).",
+        "real images of the same number). Peak MiB: the whole process's resident memory while the row quantized, "
+        "which includes what earlier rows of the same invocation left allocated.",
         "",
         f"| method | bits | calibration images | test mIoU (float {fp:.2f}) | Δ | pixel agreement | KL | quantize s | peak MiB |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",

@@ -61,7 +61,7 @@ def test_clamp_vit_data_free_refreshes_images(checkpoint, tmp_path, capsys):
     out = tmp_path / "clamp"
     args = ["quantize", str(checkpoint), "--recipe", "clamp-vit", "--w-bits", "4", "--a-bits", "8",
             "--data-free", "clamp", "--num-images", "4", "--iterations", "2", "--out", str(out), "--device", "cpu",
-            "--quiet", "--set", "search.passes=1", "--set", "search.cycles=2", "--set", "search.refresh_every=4",
+            "--quiet", "--set", "search.passes=1", "--set", "search.cycles=2", "--set", "search.refresh_every=16",
             "--batch-size", "4"]
     assert main(args) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
