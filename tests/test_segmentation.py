@@ -287,3 +287,16 @@ def test_cli_export_of_a_segmentation_run_and_onnx_eval_refused_clearly(seg_chec
     assert main(["eval", str(onnx_path), "--eval", str(seg_set)]) == 2
     err = capsys.readouterr().err
     assert "segmentation model" in err and "vitq eval CHECKPOINT --plan" in err and "Traceback" not in err
+
+
+def test_cli_unreadable_label_map_is_named_before_any_work_or_skipped(seg_checkpoint, seg_set, tmp_path, capsys):
+    (seg_set / "labels" / "test" / "f2.png").write_bytes(b"not a png")
+    args = ["quantize", str(seg_checkpoint), "--recipe", "minmax", "--calib", str(seg_set), "--eval", str(seg_set),
+            "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "f2.png" in err and "--skip-bad-images" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()  # refused before calibrating
+    assert main(args + ["--out", str(tmp_path / "b"), "--skip-bad-images"]) == 0
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["num_eval"] == 2 and metrics["skipped_images"] == {"calib": 0, "eval": 1}

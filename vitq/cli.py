@@ -16,7 +16,8 @@ import yaml
 from . import __version__
 from .api import data_free_refresher, evaluate, evaluate_segmentation, quantize, resolve_device, synthesize
 from .data.segmentation import SegmentationSet, scan_segmentation, segmentation_loader
-from .data.folder import ImageList, balanced_subset, check_images, check_labels, load_images, make_loader, scan_folder
+from .data.folder import (ImageList, balanced_subset, check_images, check_labels, find_bad_images, load_images, make_loader,
+                          scan_folder)
 from .data.synthetic import GENERATORS, GenerationDiverged, GenerationResult
 from .data.synthetic.generators import has_class_head
 from .methods.search import FITNESS
@@ -248,17 +249,37 @@ def _calib_folder(args: argparse.Namespace, task: str) -> ImageList:
     return scan_folder(root, labelled=False)
 
 
-def _segmentation_eval(args: argparse.Namespace, loaded: LoadedModel, seed: int) -> Optional[SegmentationSet]:
-    """The scored split of a segmentation set (``--num-eval``: a seeded subset), its void label checked."""
+def _segmentation_eval(args: argparse.Namespace, loaded: LoadedModel,
+                       seed: int) -> Tuple[Optional[SegmentationSet], int]:
+    """The scored split of a segmentation set (``--num-eval``: a seeded subset), its files checked and
+    its void label known, and how many unreadable pairs were left out (``--skip-bad-images``)."""
     if not args.eval_dir:
-        return None
-    data = scan_segmentation(args.eval_dir, EVAL_SPLIT).sample(args.num_eval, seed)
+        return None, 0
+    drawn = scan_segmentation(args.eval_dir, EVAL_SPLIT).sample(args.num_eval, seed)
+    data = _readable_pairs(drawn, getattr(args, "skip_bad_images", False))
     if data.ignore_index is None and loaded.ignore_index is not None:
         data = dataclasses.replace(data, ignore_index=loaded.ignore_index)
     if data.classes is not None and len(data.classes) != _num_classes(loaded):
         raise VitqError(f"{data.root} has {len(data.classes)} classes but the model segments {_num_classes(loaded)}: "
                         "is this the set the model was trained on?")
-    return data
+    return data, len(drawn) - len(data)
+
+
+def _readable_pairs(data: SegmentationSet, skip: bool) -> SegmentationSet:
+    """``data`` without the pairs whose image or label map cannot be read, checked before any work
+    (refused by name unless ``skip``, as for classification images)."""
+    as_list = lambda paths: ImageList(data.root, paths, (-1,) * len(paths), {}, "unlabelled")  # noqa: E731
+    bad = {p for p, _ in find_bad_images(as_list(data.images)) + find_bad_images(as_list(data.labels))}
+    if not bad:
+        return data
+    keep = [i for i, (img, lab) in enumerate(zip(data.images, data.labels)) if img not in bad and lab not in bad]
+    named = ", ".join(str(p) for p in sorted(bad)[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    if not skip:
+        raise VitqError(f"{len(bad)} file(s) of the evaluation set cannot be used (unreadable or too small): {named}. "
+                        "Remove or replace them, or pass --skip-bad-images to leave their pairs out")
+    if not keep:
+        raise VitqError(f"none of the {len(data)} image/label pairs of {data.root} can be read: {named}")
+    return data.subset(keep)
 
 
 def _num_classes(loaded: LoadedModel) -> int:
@@ -478,7 +499,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if _num_classes(loaded) and task == "classification":
             check_labels(calib, _num_classes(loaded))
     if task == "segmentation":
-        seg_eval, eval_images, skipped_eval = _segmentation_eval(args, loaded, args.seed), None, 0
+        (seg_eval, skipped_eval), eval_images = _segmentation_eval(args, loaded, args.seed), None
     elif args.eval_dir and getattr(loaded.model, "num_classes", None) == 0:
         raise VitqError("the model has no classifier (num_classes=0): it outputs features, so top-1 and agreement "
                         "would mean nothing; drop --eval (the plan and report are still written)")
@@ -487,6 +508,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         eval_images, skipped_eval = _eval_images(args, calib, args.seed)
         if eval_images is not None and _num_classes(loaded):
             check_labels(eval_images, _num_classes(loaded))
+
+    eval_config = None
+    if seg_eval is not None:
+        eval_config = {"folder": str(seg_eval.root), "split": seg_eval.split, "num": len(seg_eval)}
+    elif eval_images is not None:
+        eval_config = {"folder": str(eval_images.root), "num": len(eval_images),
+                       "excludes_calibration": bool(calib and eval_images.root == calib.root)}
 
     with RunFolder(args.out, overwrite=args.overwrite, echo=not args.quiet, resume=args.resume) as run:
         torch.manual_seed(args.seed)
@@ -507,10 +535,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "calib": {"folder": str(calib.root), "num": len(calib), "layout": calib.layout} if calib else
             {"data_free": args.data_free},
             "task": task,
-            "eval": {"folder": str(seg_eval.root), "split": seg_eval.split, "num": len(seg_eval)} if seg_eval else None
-            if eval_images is None
-            else {"folder": str(eval_images.root), "num": len(eval_images),
-                  "excludes_calibration": bool(calib and eval_images.root == calib.root)},
+            "eval": eval_config,
             "versions": {"vitq": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
         run.start(config)
@@ -812,7 +837,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.batch_size = args.batch_size or (DEFAULT_BATCH if task == "classification" else DEFAULT_BATCH_DENSE)
     skipped = 0
     if task == "segmentation":
-        data = _segmentation_eval(args, loaded, seed)
+        data, skipped = _segmentation_eval(args, loaded, seed)
         qmodel = apply_plan(loaded.model, plan, check_weights=False)
         loader = segmentation_loader(data, loaded.data_config, args.batch_size, args.workers)
         metrics, _ = evaluate_segmentation(loaded.model, qmodel, loader, num_classes=_num_classes(loaded),
