@@ -206,11 +206,6 @@ BITS = ["w8a8", "w6a6", "w4a8", "w4a4"]
 DATA_FREE = ["clamp", "psaq", "gaussian"]
 
 
-def _bits(text: str) -> Tuple[int, int]:
-    w, a = text.lower().lstrip("w").split("a")
-    return int(w), int(a)
-
-
 def _load_rows() -> List[Dict[str, Any]]:
     return json.loads(RESULTS_JSON.read_text())["rows"] if RESULTS_JSON.exists() else []
 
@@ -223,7 +218,7 @@ def _save_rows(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
 def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], data_free: List[str],
           num_calib: int, num_eval: int, seed: int, append: bool, dry_run: bool, df_images: int = 16,
           df_iterations: int = 50) -> List[Dict[str, Any]]:
-    from accuracy import PeakMemory
+    from accuracy import PeakMemory, parse_bits
 
     import vitq
     from vitq.data import balanced_subset, make_loader, scan_folder
@@ -246,7 +241,7 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     for method, bits_name, generator, count in plan:
         if (method, bits_name, generator, count) in done:
             continue
-        w, a = _bits(bits_name)
+        (w, a), = parse_bits([bits_name])
         print(f"[{method} {bits_name} {count} {'data-free ' + generator if generator else 'real'} images]", flush=True)
         if dry_run:
             continue
