@@ -156,17 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
     e = sub.add_parser("eval", help="evaluate a plan (re-applied to a fresh float model) against the float model, "
-                                     "or an exported .onnx file in ONNX Runtime")
+                                     "or an exported model: .onnx in ONNX Runtime, .xml in OpenVINO")
     _common(e)
-    e.add_argument("--plan", help="plan.json of a run (or the run folder); with an .onnx MODEL: also evaluate the "
-                                  "simulated PyTorch model of this plan and compare")
+    e.add_argument("--plan", help="plan.json of a run (or the run folder); with an exported MODEL (.onnx, .xml): "
+                                  "also evaluate the simulated PyTorch model of this plan and compare")
     e.add_argument("--out", help="write metrics.json here (a file path)")
-    e.add_argument("--threads", type=_positive_int, default=None, help=".onnx: ONNX Runtime threads")
+    e.add_argument("--threads", type=_positive_int, default=None,
+                   help="exported model: ONNX Runtime or OpenVINO threads")
 
-    x = sub.add_parser("export", help="export a run's quantized model to ONNX (QDQ: integer kernels in ONNX Runtime)")
+    x = sub.add_parser("export", help="export a run's quantized model to ONNX (QDQ: integer kernels in ONNX Runtime) "
+                                       "or OpenVINO IR")
     x.add_argument("run", help="run folder of `vitq quantize` (or its plan.json)")
-    x.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
-    x.add_argument("--out", required=True, help="the .onnx file to write; the export report goes beside it")
+    x.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="onnx (QDQ, for ONNX Runtime; default) or openvino (IR .xml + .bin, converted from the QDQ "
+                        "graph)")
+    x.add_argument("--out", required=True, help="the file to write (.onnx, or .xml for openvino); the export report "
+                                                "goes beside it")
     x.add_argument("--model", help="the float model the plan was made for (default: the one the plan records)")
     x.add_argument("--arch", help="timm architecture of a checkpoint without a sidecar card")
     x.add_argument("--model-kwargs", type=_json_object, default=None, help="JSON of timm.create_model arguments")
@@ -178,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quiet", action="store_true", help="print only the output paths")
 
     b = sub.add_parser("bench-speed",
-                       help="latency and throughput of PyTorch FP32, ONNX Runtime FP32 and int8; sizes")
+                       help="latency and throughput of PyTorch FP32, ONNX Runtime and OpenVINO FP32 and int8; sizes")
     b.add_argument("model", help="timm model name, or checkpoint (.pth/.safetensors/.npz) with a sidecar .json")
     b.add_argument("--arch", help="timm architecture of a checkpoint without a sidecar card")
     b.add_argument("--model-kwargs", type=_json_object, default=None, help="JSON of timm.create_model arguments")
@@ -194,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_positive_int, default=2, help="untimed runs first")
     b.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: the libraries')")
     b.add_argument("--int-format", choices=["auto", *FORMATS], default="auto")
-    b.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
+    b.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=None,
+                   help="default: every backend whose runtime is installed (OpenVINO: pip install 'vitq[openvino]')")
     b.add_argument("--profile", action="store_true", help="ONNX Runtime's time per op type at the largest batch")
     b.add_argument("--keep", help="keep the exported .onnx files in this folder")
     b.add_argument("--out", default="bench-speed.json", help="JSON file to write (default bench-speed.json)")
@@ -638,8 +644,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_onnx(model: str) -> bool:
-    return Path(model).suffix.lower() == ".onnx"
+def _is_exported(model: str) -> bool:
+    """An exported model: ``.onnx`` (ONNX Runtime) or ``.xml`` (OpenVINO IR)."""
+    return Path(model).suffix.lower() in (".onnx", ".xml")
 
 
 def _load_plan_model(plan: Plan, model: Optional[str] = None, arch: Optional[str] = None,
@@ -673,8 +680,13 @@ def _check_deploy() -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     _check_deploy()
     out = Path(args.out).expanduser()
-    if out.suffix.lower() != ".onnx":
-        raise VitqError(f"--out must name an .onnx file, got {args.out!r}")
+    suffix = ".xml" if args.format == "openvino" else ".onnx"
+    if out.suffix.lower() != suffix:
+        raise VitqError(f"--format {args.format} writes {'an' if suffix == '.onnx' else 'a'} {suffix} file: "
+                        f"--out must end in {suffix}, got {args.out!r}")
+    if args.format == "openvino":
+        from .export.openvino import _openvino
+        _openvino()  # the missing package named before any work
     if out.exists() and not args.overwrite:
         raise VitqError(f"{out} already exists: choose another --out or pass --overwrite")
     run = Path(args.run).expanduser()
@@ -690,20 +702,30 @@ def cmd_export(args: argparse.Namespace) -> int:
               "calibrated on (for speed measurements only)", file=sys.stderr)
     qmodel = apply_plan(loaded.model, plan, check_weights=not (args.random_weights and not made_random))
     meta = {**plan.meta, "model": loaded.identity, "classes": loaded.classes}
-    report = export_onnx(qmodel, out, int_format=args.int_format, data_config=loaded.data_config, meta=meta,
-                         opset=args.opset)
+    if args.format == "openvino":
+        from .export.openvino import export_openvino
+        report = export_openvino(qmodel, out, int_format=args.int_format, data_config=loaded.data_config, meta=meta)
+    else:
+        report = export_onnx(qmodel, out, int_format=args.int_format, data_config=loaded.data_config, meta=meta,
+                             opset=args.opset)
     files = report.save()
     if not args.quiet:
         d = report.to_dict()
         fmt, s, v = d["int_format"], report.sizes, report.verification
         print(f"integer format: {fmt['name'].upper()} ({fmt['reason']})")
         others = [f"{lay['name']} ({lay['precision']})" for lay in report.layers if lay not in report.integer_layers]
-        print(f"integer matrix products: {len(report.integer_layers)} of {len(report.layers)} "
-              f"(float: {', '.join(others) or 'none'})")
+        if args.format == "openvino":
+            ov = report.extra["openvino"]
+            print(f"integer matrix products in OpenVINO: {ov['integer']} of {ov['integer'] + ov['float']} "
+                  f"({ov['by_layer']})")
+        else:
+            print(f"integer matrix products: {len(report.integer_layers)} of {len(report.layers)} "
+                  f"(float: {', '.join(others) or 'none'})")
         print(f"size: {s['onnx_bytes'] / 1e6:.2f} MB ({s['onnx_ratio']:.3f}× float); weights packed at "
               f"{'/'.join(map(str, s['weight_bits']))} bits: {s['packed_weight_bytes'] / 1e6:.2f} MB "
               f"({s['packed_ratio']:.3f}×)")
-        print(f"ONNX Runtime vs PyTorch ({v['num_images']} {v['inputs']}): max |Δ logit| {v['max_abs_diff']:.3g}, "
+        runtime = "OpenVINO" if args.format == "openvino" else "ONNX Runtime"
+        print(f"{runtime} vs PyTorch ({v['num_images']} {v['inputs']}): max |Δ logit| {v['max_abs_diff']:.3g}, "
               f"top-1 agreement {v['agreement']:.1f} %")
         for warning in report.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -714,16 +736,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _eval_onnx(args: argparse.Namespace) -> int:
     _check_deploy()
     if args.random_weights or args.arch or args.model_kwargs or args.protocol:
-        raise VitqError("--arch, --model-kwargs, --random-weights and --protocol do not apply to an .onnx file: "
+        raise VitqError("--arch, --model-kwargs, --random-weights and --protocol do not apply to an exported model: "
                         "its model and protocol were fixed at export")
     if not args.eval_dir:
         raise VitqError("vitq eval needs --eval DIR (the images to evaluate on)")
-    onnx_model = OnnxModel(args.model, threads=args.threads)
+    if Path(args.model).suffix.lower() == ".xml":
+        from .export.openvino import OpenVinoModel
+        onnx_model = OpenVinoModel(args.model, threads=args.threads)
+    else:
+        onnx_model = OnnxModel(args.model, threads=args.threads)
+    runtime = getattr(onnx_model, "runtime", "ONNX Runtime")
     if not onnx_model.meta:
         raise VitqError(f"{args.model} has no vitq metadata (preprocessing, classes): export it with `vitq export`")
     meta = onnx_model.meta.get("meta") or {}
     if onnx_model.meta.get("task", "classification") != "classification":
-        raise VitqError(f"{args.model} is a {onnx_model.meta['task']} model: scoring it in ONNX Runtime is not built yet; "
+        raise VitqError(f"{args.model} is a {onnx_model.meta['task']} model: scoring it in {runtime} is not built yet; "
                         "score its plan in PyTorch with `vitq eval CHECKPOINT --plan RUN --eval SET` (the export "
                         "itself already checks ONNX Runtime's outputs against the simulated model)")
     seed = args.seed if args.seed is not None else meta.get("seed", 0)
@@ -746,7 +773,8 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=1) + "\n")
-    row = [("ONNX top-1", metrics["onnx_top1"]), ("ONNX top-5", metrics["onnx_top5"])]
+    key = "openvino" if runtime == "OpenVINO" else "onnx"
+    row = [(f"{runtime} top-1", metrics[f"{key}_top1"]), (f"{runtime} top-5", metrics[f"{key}_top5"])]
     if reference is not None:
         row += [("PyTorch simulated top-1", metrics["reference_top1"]), ("Δ top-1", metrics["top1_diff"]),
                 ("agreement", metrics["agreement"])]
@@ -808,17 +836,24 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
             print(profile_table(prof))
     floats = result["export"]["float_gemms"]
     if floats:
-        print(f"matrix products left in float32: {', '.join(floats)}")
+        print(f"matrix products left in float32 (ONNX Runtime): {', '.join(floats)}")
+    if "openvino" in result:
+        ov, v = result["openvino"]["gemms"], result["openvino"]["verification"]
+        print(f"OpenVINO int8: {ov['integer']} of {ov['integer'] + ov['float']} matrix products in integer kernels; "
+              f"vs PyTorch simulated ({v['num_images']} {v['inputs']}): max |Δ logit| {v['max_abs_diff']:.3g}, "
+              f"top-1 agreement {v['agreement']:.1f} %")
+    if "runtime_choice" in result:
+        print(f"fastest int8 runtime here: {result['runtime_choice']['runtime']} ({result['runtime_choice']['reason']})")
     print(f"wrote {out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if _is_onnx(args.model):
+    if _is_exported(args.model):
         return _eval_onnx(args)
     if not args.plan:
         raise VitqError("vitq eval needs --plan PLAN (the plan.json of a run) for a PyTorch model; "
-                        "an exported .onnx file needs none")
+                        "an exported .onnx or .xml file needs none")
     plan = Plan.load(args.plan)
     if args.protocol and args.protocol != plan.meta.get("protocol"):
         raise VitqError(f"the plan uses protocol {plan.meta.get('protocol')!r}; drop --protocol or pass that one")

@@ -70,7 +70,7 @@ def test_export_bad_inputs(run, checkpoint, tmp_path, capsys):
     err = run_error(capsys, ["export", str(tmp_path), "--out", out])
     assert "plan.json does not exist" in err
     err = run_error(capsys, ["export", str(run), "--out", str(tmp_path / "m.pth")])
-    assert "--out must name an .onnx file" in err
+    assert "--out must end in .onnx" in err
     err = argparse_error(capsys, ["export", str(run), "--format", "tflite", "--out", out])
     assert "invalid choice: 'tflite'" in err
     err = argparse_error(capsys, ["export", str(run), "--int-format", "i4", "--out", out])
@@ -128,7 +128,9 @@ def test_bench_speed_tiny(checkpoint, run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     result = json.loads(out.read_text())
-    assert set(result["timings"]) == {"pytorch_fp32", "pytorch_simulated", "ort_fp32", "ort_int8"}
+    from vitq.export.speed import available_backends
+    assert set(result["timings"]) == set(available_backends()) >= {"pytorch_fp32", "pytorch_simulated", "ort_fp32",
+                                                                    "ort_int8"}
     for per_batch in result["timings"].values():
         assert set(per_batch) == {"1", "2"} and per_batch["2"]["median_ms"] > 0
     assert result["speedups"]["2"]["int8_vs_ort_fp32"] > 0

@@ -16,7 +16,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -66,6 +66,9 @@ class ExportReport:
     verification: Dict[str, Any] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     seconds: float = 0.0
+    runtime: str = "onnxruntime"
+    input_size: Tuple[int, ...] = ()
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def integer_layers(self) -> List[Dict[str, str]]:
@@ -77,6 +80,7 @@ class ExportReport:
         return {
             "format": REPORT_FORMAT,
             "onnx": str(self.path),
+            "runtime": self.runtime,
             "vitq": __version__,
             "int_format": None if fmt is None else {
                 "name": fmt.name, "reason": fmt.reason,
@@ -94,6 +98,7 @@ class ExportReport:
             "verification": self.verification,
             "warnings": self.warnings,
             "seconds": round(self.seconds, 2),
+            **self.extra,
         }
 
     def _max_bits(self) -> Tuple[int, int]:
@@ -164,10 +169,19 @@ class ExportReport:
                 if s.get(key) is not None:
                     lines.append(f"| {label} | {s[key]:,} | {s[key] / fp:.3f} |")
             lines.append("")
+        ov = self.extra.get("openvino")
+        if ov:
+            kinds = "; ".join(f"{layer}: " + ", ".join(f"{n} {p}" for p, n in sorted(c.items()))
+                              for layer, c in sorted(ov["by_layer"].items()))
+            lines += ["## OpenVINO", "",
+                      f"This OpenVINO model was converted from the ONNX graph above. OpenVINO compiled "
+                      f"{ov['integer']} of {ov['integer'] + ov['float']} matrix products into integer (u8/i8) "
+                      f"kernels ({kinds}).", ""]
         v = self.verification
+        runtime = "OpenVINO" if self.runtime == "openvino" else "ONNX Runtime"
         if v:
             lines += ["## Verification", "",
-                      f"ONNX Runtime against the PyTorch model on {v['num_images']} {v['inputs']}: max |Δ logit| "
+                      f"{runtime} against the PyTorch model on {v['num_images']} {v['inputs']}: max |Δ logit| "
                       f"{v['max_abs_diff']:.3g} (largest |logit| {v['max_abs_logit']:.3g}), top-1 agreement "
                       f"{v['agreement']:.2f} %.", ""]
         if self.warnings:
@@ -324,7 +338,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
 
-    report = ExportReport(path, fmt, cpu, meta, points)
+    report = ExportReport(path, fmt, cpu, meta, points, input_size=input_size)
     analysis = analyse_graph(path)
     report.op_counts = analysis["op_counts"]
     report.layers = [
@@ -403,6 +417,12 @@ def _warnings(report: ExportReport) -> List[str]:
 
 
 def _verify(model: nn.Module, path: Path, sample: Optional[torch.Tensor], input_size: Sequence[int]) -> Dict[str, Any]:
+    return _verify_against(model, OnnxModel(path), sample, input_size)
+
+
+def _verify_against(model: nn.Module, runtime: Callable[[torch.Tensor], torch.Tensor], sample: Optional[torch.Tensor],
+                    input_size: Sequence[int]) -> Dict[str, Any]:
+    """A runtime's logits against the PyTorch model's on ``sample`` (default: 4 seeded random images)."""
     if sample is None:
         inputs = "seeded random images"
         sample = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(1))
@@ -411,7 +431,7 @@ def _verify(model: nn.Module, path: Path, sample: Optional[torch.Tensor], input_
     with torch.no_grad():
         device = next(model.parameters()).device
         ref = model(sample.to(device)).float().cpu()
-    got = OnnxModel(path)(sample)
+    got = runtime(sample)
     diff = (got - ref).abs()
     return {
         "inputs": inputs,

@@ -147,7 +147,7 @@ class OnnxModel:
 
 
 def evaluate_onnx(
-    model: Union[OnnxModel, Pathish],
+    model: Union[OnnxModel, Any, Pathish],
     data: Iterable[Tuple[torch.Tensor, torch.Tensor]],
     *,
     reference: Optional[nn.Module] = None,
@@ -155,15 +155,19 @@ def evaluate_onnx(
 ) -> Dict[str, Any]:
     """Top-1/5 of an exported model on ``(images, labels)`` batches.
 
+    ``model``: an :class:`OnnxModel`, a :class:`vitq.export.openvino.OpenVinoModel` (keys
+    ``openvino_top1``/``openvino_top5`` instead of ``onnx_*``) or the path of an ``.onnx`` file.
     With ``reference`` (the simulated PyTorch model, or the float one) the same images go through
-    it too, and the result adds its accuracy, the top-1 agreement and KL(reference ‖ ONNX).
+    it too, and the result adds its accuracy, the top-1 agreement and KL(reference ‖ exported).
     """
-    model = model if isinstance(model, OnnxModel) else OnnxModel(model)
+    model = model if hasattr(model, "predict") else OnnxModel(model)
+    key = "openvino" if getattr(model, "runtime", "") == "OpenVINO" else "onnx"
     batches = list(data) if reference is not None else data
     logits, labels = model.predict(batches, progress)
     metrics: Dict[str, Any] = {
-        "onnx_top1": round(topk_accuracy(logits, labels, 1), 4),
-        "onnx_top5": round(topk_accuracy(logits, labels, 5), 4),
+        f"{key}_top1": round(topk_accuracy(logits, labels, 1), 4),
+        f"{key}_top5": round(topk_accuracy(logits, labels, 5), 4),
+        "runtime": "openvino" if key == "openvino" else "onnxruntime",
         "num_eval": int(labels.numel()),
     }
     if reference is not None:

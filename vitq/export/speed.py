@@ -25,7 +25,19 @@ BACKENDS = {
     "pytorch_simulated": "PyTorch simulated (fake-quant)",
     "ort_fp32": "ONNX Runtime FP32",
     "ort_int8": "ONNX Runtime int8",
+    "ov_fp32": "OpenVINO FP32",
+    "ov_int8": "OpenVINO int8",
 }
+OPENVINO_BACKENDS = ("ov_fp32", "ov_int8")
+
+
+def available_backends() -> List[str]:
+    """Every backend whose runtime is installed (OpenVINO's need the optional ``openvino`` package)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return [b for b in BACKENDS if b not in OPENVINO_BACKENDS]
+    return list(BACKENDS)
 
 
 def machine() -> Dict[str, Any]:
@@ -39,8 +51,14 @@ def machine() -> Dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "python": platform.python_version(), "vitq": __version__}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+           "python": platform.python_version(), "vitq": __version__}
+    try:
+        import openvino
+        out["openvino"] = openvino.__version__.split("-")[0]
+    except ImportError:
+        pass
+    return out
 
 
 def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> List[float]:
@@ -65,7 +83,7 @@ def bench_speed(
     threads: Optional[int] = None,
     int_format: Optional[str] = "auto",
     workdir: Optional[str | Path] = None,
-    backends: Sequence[str] = tuple(BACKENDS),
+    backends: Optional[Sequence[str]] = None,
     profile: bool = False,
     meta: Optional[Dict[str, Any]] = None,
     progress: bool = True,
@@ -81,9 +99,16 @@ def bench_speed(
         batch_sizes: batch 1 measures latency, a larger batch throughput.
         threads: PyTorch and ONNX Runtime intra-op threads (default: each library's own).
         int_format: see :func:`vitq.export.export_onnx`.
-        backends: a subset of ``pytorch_fp32``, ``pytorch_simulated``, ``ort_fp32``, ``ort_int8``.
+        backends: a subset of ``pytorch_fp32``, ``pytorch_simulated``, ``ort_fp32``, ``ort_int8``,
+            ``ov_fp32``, ``ov_int8`` (default: all whose runtime is installed). The OpenVINO backends
+            run the same ONNX files, converted by OpenVINO; ``ov_int8`` is checked against the
+            simulated model like ONNX Runtime's.
         profile: add ONNX Runtime's per-op-type time of both ONNX models at the largest batch.
+
+    The result's ``runtime_choice`` names the faster int8 runtime at the largest batch when both
+    ran, with their accuracy against the simulated model.
     """
+    backends = list(backends) if backends is not None else available_backends()
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise VitqError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
@@ -115,12 +140,22 @@ def bench_speed(
             runners["ort_fp32"] = OnnxModel(fp_report.path, threads=threads)
         if "ort_int8" in backends:
             runners["ort_int8"] = OnnxModel(q_report.path, threads=threads)
+        if set(OPENVINO_BACKENDS) & set(backends):
+            from .openvino import OpenVinoModel
+            from .onnx_export import _verify_against
+
+            if "ov_fp32" in backends:
+                runners["ov_fp32"] = OpenVinoModel(fp_report.path, threads=threads)
+            if "ov_int8" in backends:
+                runners["ov_int8"] = OpenVinoModel(q_report.path, threads=threads)
+                ov_gemms = runners["ov_int8"].gemms()
+                ov_check = _verify_against(quantized_model.eval(), runners["ov_int8"], None, input_size)
         timings: Dict[str, Dict[str, Any]] = {name: {} for name in runners}
         for batch in batch_sizes:
             x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(batch))
             xn = x.numpy()
             for name, runner in runners.items():
-                if isinstance(runner, OnnxModel):
+                if hasattr(runner, "run"):
                     fn = lambda r=runner: r.run(xn)  # noqa: E731
                 else:
                     def fn(m=runner):
@@ -143,6 +178,12 @@ def bench_speed(
             if {"pytorch_fp32", "ort_int8"} <= set(timings):
                 row["int8_vs_pytorch_fp32"] = round(timings["pytorch_fp32"][batch]["median_ms"]
                                                     / timings["ort_int8"][batch]["median_ms"], 3)
+            if {"ov_fp32", "ov_int8"} <= set(timings):
+                row["ov_int8_vs_ov_fp32"] = round(timings["ov_fp32"][batch]["median_ms"]
+                                                  / timings["ov_int8"][batch]["median_ms"], 3)
+            if {"ort_fp32", "ov_int8"} <= set(timings):
+                row["ov_int8_vs_ort_fp32"] = round(timings["ort_fp32"][batch]["median_ms"]
+                                                   / timings["ov_int8"][batch]["median_ms"], 3)
             speedups[batch] = row
         result: Dict[str, Any] = {
             "machine": machine(),
@@ -160,6 +201,10 @@ def bench_speed(
                        "verification": q_report.verification,
                        "float_gemms": [lay["name"] for lay in q_report.layers if lay not in q_report.integer_layers]},
         }
+        if "ov_int8" in runners:
+            result["openvino"] = {"gemms": ov_gemms, "verification": ov_check}
+        if {"ort_int8", "ov_int8"} <= set(timings):
+            result["runtime_choice"] = runtime_choice(timings, q_report.verification, ov_check, max(batch_sizes))
         if profile:
             batch = max(batch_sizes)
             x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(batch)).numpy()
@@ -175,6 +220,27 @@ def bench_speed(
             tmp.cleanup()
 
 
+def runtime_choice(timings: Dict[str, Any], ort_check: Dict[str, Any], ov_check: Dict[str, Any], batch: int
+                   ) -> Dict[str, Any]:
+    """The faster int8 runtime at ``batch`` among those whose outputs agree with the simulated model.
+
+    A runtime is "accurate" when its top-1 agreement with the simulated model is at least the
+    other's (both checked on the same images); among accurate ones the faster wins.
+    """
+    ms = {"onnxruntime": timings["ort_int8"][str(batch)]["median_ms"],
+          "openvino": timings["ov_int8"][str(batch)]["median_ms"]}
+    agree = {"onnxruntime": ort_check.get("agreement", 0.0), "openvino": ov_check.get("agreement", 0.0)}
+    best_agree = max(agree.values())
+    accurate = [r for r in ms if agree[r] >= best_agree]
+    choice = min(accurate, key=ms.get)
+    other = "openvino" if choice == "onnxruntime" else "onnxruntime"
+    why = (f"{choice} int8 {ms[choice]:.1f} ms against {other} {ms[other]:.1f} ms at batch {batch}, "
+           f"top-1 agreement with the simulated model {agree[choice]:.1f} % against {agree[other]:.1f} %")
+    if choice not in (r for r in ms if ms[r] == min(ms.values())):
+        why += f" ({other} is faster but agrees less with the simulated model)"
+    return {"runtime": choice, "batch": batch, "ms": ms, "agreement": agree, "reason": why}
+
+
 def speed_table(result: Dict[str, Any]) -> str:
     """A Markdown table of :func:`bench_speed`'s result."""
     batches = [str(b) for b in result["batch_sizes"]]
@@ -183,8 +249,10 @@ def speed_table(result: Dict[str, Any]) -> str:
     for name, per_batch in result["timings"].items():
         cells = [f"{per_batch[b]['median_ms']:.1f} ({per_batch[b]['images_per_s']:.1f})" for b in batches]
         lines.append(f"| {BACKENDS[name]} | " + " | ".join(cells) + " |")
-    for key, label in (("int8_vs_ort_fp32", "int8 speed-up vs ORT FP32"),
-                       ("int8_vs_pytorch_fp32", "int8 speed-up vs PyTorch FP32")):
+    for key, label in (("int8_vs_ort_fp32", "ORT int8 speed-up vs ORT FP32"),
+                       ("int8_vs_pytorch_fp32", "ORT int8 speed-up vs PyTorch FP32"),
+                       ("ov_int8_vs_ov_fp32", "OpenVINO int8 speed-up vs OpenVINO FP32"),
+                       ("ov_int8_vs_ort_fp32", "OpenVINO int8 speed-up vs ORT FP32")):
         if all(key in result["speedups"][b] for b in batches):
             lines.append(f"| {label} | " + " | ".join(f"{result['speedups'][b][key]:.2f}×" for b in batches) + " |")
     return "\n".join(lines)

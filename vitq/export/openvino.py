@@ -1,0 +1,216 @@
+"""OpenVINO as a runtime for vitq's models: the QDQ ONNX export converted to OpenVINO IR.
+
+OpenVINO reads each QuantizeLinear/DequantizeLinear pair of vitq's export as a FakeQuantize and
+its low-precision transformations run the matrix products whose inputs are quantized in integer
+kernels (``runtimePrecision`` u8/i8 in the compiled model). The integer grid is the ONNX file's,
+so the same format rule holds (:mod:`vitq.export.formats`): on a CPU without VNNI, 8-bit weights
+with 8-bit activations in U8S8 can saturate oneDNN's int16 pair sums as they do ONNX Runtime's.
+
+Needs the optional ``openvino`` package: ``pip install 'vitq[openvino]'``.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import VitqError
+from ._deps import require
+from .runtime import read_metadata
+
+Pathish = Union[str, Path]
+RT_KEY = "vitq_meta"
+INSTALL_HINT = "pip install 'vitq[openvino]'"
+GEMM_LAYERS = ("FullyConnected", "MatMul", "Convolution", "Gemm")
+INTEGER_PRECISIONS = ("u8", "i8")
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as err:
+        raise VitqError(f"the OpenVINO runtime needs the 'openvino' package, which is not installed ({err}); "
+                        f"install it with: {INSTALL_HINT}") from None
+    return openvino
+
+
+def is_openvino(path: Pathish) -> bool:
+    """Whether ``path`` names an OpenVINO IR model (``.xml``)."""
+    return Path(path).suffix.lower() == ".xml"
+
+
+def onnx_to_openvino(onnx_path: Pathish, xml_path: Pathish) -> Path:
+    """Convert an ONNX file (vitq's export) to OpenVINO IR (``.xml`` + ``.bin``), keeping vitq's record.
+
+    Weights keep their stored types (no FP16 compression): the integer weights stay integer.
+    """
+    ov = _openvino()
+    onnx_path, xml_path = Path(onnx_path), Path(xml_path).expanduser()
+    if xml_path.suffix.lower() != ".xml":
+        raise VitqError(f"an OpenVINO model is written as an .xml file (with its .bin beside it), got {xml_path}")
+    meta = read_metadata(onnx_path)
+    try:
+        model = ov.convert_model(str(onnx_path))
+    except Exception as err:
+        raise VitqError(f"OpenVINO cannot convert {onnx_path}: {str(err).splitlines()[0][:300]}") from None
+    if meta:
+        model.set_rt_info(json.dumps(meta), [RT_KEY])
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    return xml_path
+
+
+def gemm_precisions(compiled) -> Dict[str, Any]:
+    """The matrix products of a compiled OpenVINO model with the precision each runs in.
+
+    Returns ``{"integer": n, "float": m, "by_layer": {layer type: {precision: count}}}``, read from
+    the runtime model (``layerType`` and ``runtimePrecision`` of each node).
+    """
+    by_layer: Dict[str, Counter] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        if layer not in GEMM_LAYERS:
+            continue
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+        by_layer.setdefault(layer, Counter())[precision.lower()] += 1
+    integer = sum(n for c in by_layer.values() for p, n in c.items() if p in INTEGER_PRECISIONS)
+    total = sum(sum(c.values()) for c in by_layer.values())
+    return {"integer": integer, "float": total - integer, "by_layer": {k: dict(v) for k, v in by_layer.items()}}
+
+
+class OpenVinoModel:
+    """An exported model in OpenVINO (CPU), with the preprocessing recorded at export.
+
+    The same interface as :class:`vitq.export.OnnxModel`: calling it on a float tensor
+    ``[B, 3, H, W]`` returns the logits as a float tensor.
+
+    Args:
+        path: an ``.xml`` file written by :func:`export_openvino` (or ``vitq export --format openvino``),
+            or an ``.onnx`` file, which OpenVINO reads directly.
+        threads: inference threads (default: OpenVINO's own choice, all cores).
+        device: the OpenVINO device (``CPU``; ``GPU`` for an Intel GPU).
+    """
+
+    runtime = "OpenVINO"
+
+    def __init__(self, path: Pathish, *, threads: Optional[int] = None, device: str = "CPU") -> None:
+        ov = _openvino()
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise VitqError(f"OpenVINO model {self.path} does not exist" if not self.path.exists()
+                            else f"{self.path} is a folder, not an OpenVINO .xml file")
+        core = ov.Core()
+        try:
+            model = core.read_model(str(self.path))
+        except Exception as err:
+            raise VitqError(f"OpenVINO cannot read {self.path}: {str(err).splitlines()[0][:300]}") from None
+        self.meta = self._meta(model)
+        if len(model.inputs) != 1:
+            raise VitqError(f"{self.path} has {len(model.inputs)} inputs; vitq runs image models with one input")
+        config: Dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(model, device, config)
+        except Exception as err:
+            raise VitqError(f"OpenVINO cannot compile {self.path} for {device}: "
+                            f"{str(err).splitlines()[0][:300]}") from None
+        self.request = self.compiled.create_infer_request()
+
+    def _meta(self, model) -> Dict[str, Any]:
+        if self.path.suffix.lower() == ".onnx":
+            return read_metadata(self.path)
+        if not model.has_rt_info([RT_KEY]):
+            return {}
+        try:
+            return json.loads(model.get_rt_info([RT_KEY]).astype(str))
+        except json.JSONDecodeError:
+            raise VitqError(f"{self.path} has a corrupt vitq metadata record") from None
+
+    @property
+    def data_config(self) -> Dict[str, Any]:
+        cfg = self.meta.get("data_config")
+        if not cfg:
+            raise VitqError(f"{self.path} has no vitq metadata (preprocessing, classes): export it with "
+                            "`vitq export --format openvino`")
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes") or 0)
+
+    def gemms(self) -> Dict[str, Any]:
+        """See :func:`gemm_precisions`."""
+        return gemm_precisions(self.compiled)
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        result = self.request.infer({0: np.ascontiguousarray(images, dtype=np.float32)})
+        return np.array(result[self.compiled.output(0)])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(images.detach().cpu().float().numpy()))
+
+    def predict(self, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], progress: bool = True
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels over ``(images, labels)`` batches."""
+        logits, labels = [], []
+        for images, target in tqdm(batches, desc="openvino", unit="batch", disable=not progress, leave=False):
+            logits.append(self(images))
+            labels.append(torch.as_tensor(target).cpu())
+        if not labels:
+            raise VitqError("evaluation got no images")
+        return torch.cat(logits), torch.cat(labels)
+
+
+def export_openvino(
+    model: nn.Module,
+    path: Pathish,
+    *,
+    int_format: Optional[str] = "auto",
+    data_config: Optional[Dict[str, Any]] = None,
+    meta: Optional[Dict[str, Any]] = None,
+    sample: Optional[torch.Tensor] = None,
+    verify: bool = True,
+):
+    """Write ``model`` as an OpenVINO IR model (``.xml`` + ``.bin``) through vitq's QDQ ONNX export.
+
+    Arguments as :func:`vitq.export.export_onnx`. The returned :class:`~vitq.export.ExportReport`
+    describes the ONNX graph the IR was converted from; with ``verify`` its ``verification`` is
+    OpenVINO's output against the PyTorch model on the same images, and ``openvino`` (a dict in
+    ``report.extra``) counts the matrix products OpenVINO compiled into integer kernels.
+
+    Example:
+        >>> import tempfile, timm, torch, vitq
+        >>> from vitq.export.openvino import export_openvino
+        >>> q = vitq.quantize(timm.create_model("test_vit", img_size=32, patch_size=8),
+        ...                   "minmax", [torch.randn(2, 3, 32, 32)], progress=False).model
+        >>> report = export_openvino(q, tempfile.mkdtemp() + "/m.xml", int_format="u8u8")
+        >>> report.extra["openvino"]["float"]
+        0
+    """
+    from .onnx_export import _verify_against, export_onnx
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".xml":
+        raise VitqError(f"an OpenVINO model is written as an .xml file (with its .bin beside it), got {path}")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        report = export_onnx(model, onnx_path, int_format=int_format, data_config=data_config, meta=meta,
+                             sample=sample, verify=False)
+        onnx_to_openvino(onnx_path, path)
+    report.path = path
+    report.runtime = "openvino"
+    runtime = OpenVinoModel(path)
+    report.extra["openvino"] = runtime.gemms()
+    report.sizes["openvino_bytes"] = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    if verify:
+        report.verification = _verify_against(model, runtime, sample, report.input_size)
+    return report
