@@ -94,3 +94,16 @@ def assets() -> Path:
     if not (root / "models").is_dir():
         pytest.skip(f"real assets not found at {root} (set VITQ_ASSETS)")
     return root
+
+
+@pytest.fixture
+def export_run(checkpoint, image_folder, tmp_path, capsys) -> Path:
+    """A W4A8 run folder of the tiny checkpoint, calibrated on 4 images (for the export tests)."""
+    from vitq.cli import main
+
+    from test_cli import quantize_args
+
+    out = tmp_path / "run"
+    assert main(quantize_args(checkpoint, image_folder, out, "--num-calib", "4")) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    return out

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,20 +10,12 @@ pytest.importorskip("onnx")
 
 from vitq.cli import main  # noqa: E402
 
-from test_cli import argparse_error, quantize_args, run_error  # noqa: E402
+from test_cli import argparse_error, run_error  # noqa: E402
 
 
-@pytest.fixture
-def run(checkpoint, image_folder, tmp_path, capsys) -> Path:
-    out = tmp_path / "run"
-    assert main(quantize_args(checkpoint, image_folder, out, "--num-calib", "4")) == 0, capsys.readouterr().err
-    capsys.readouterr()
-    return out
-
-
-def test_export_then_eval_onnx(run, image_folder, tmp_path, capsys):
+def test_export_then_eval_onnx(export_run, image_folder, tmp_path, capsys):
     onnx_path = tmp_path / "out" / "model.int8.onnx"
-    rc = main(["export", str(run), "--format", "onnx", "--out", str(onnx_path), "--int-format", "u8s8"])
+    rc = main(["export", str(export_run), "--format", "onnx", "--out", str(onnx_path), "--int-format", "u8s8"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert onnx_path.is_file()
@@ -43,7 +34,7 @@ def test_export_then_eval_onnx(run, image_folder, tmp_path, capsys):
     assert 0 <= metrics["onnx_top1"] <= 100 and metrics["int_format"] == "u8s8"
 
     # with --plan: the simulated PyTorch model on the same images, and the difference
-    rc = main(["eval", str(onnx_path), "--eval", str(image_folder), "--plan", str(run), "--quiet"])
+    rc = main(["eval", str(onnx_path), "--eval", str(image_folder), "--plan", str(export_run), "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0
     metrics = json.loads(out.strip().splitlines()[-1])
@@ -51,17 +42,17 @@ def test_export_then_eval_onnx(run, image_folder, tmp_path, capsys):
     assert metrics["onnx_top1"] == pytest.approx(metrics["reference_top1"] + metrics["top1_diff"])
 
 
-def test_export_from_plan_json_with_explicit_model(run, checkpoint, tmp_path, capsys):
+def test_export_from_plan_json_with_explicit_model(export_run, checkpoint, tmp_path, capsys):
     out = tmp_path / "m.onnx"
-    rc = main(["export", str(run / "plan.json"), "--model", str(checkpoint), "--out", str(out), "--quiet"])
+    rc = main(["export", str(export_run / "plan.json"), "--model", str(checkpoint), "--out", str(out), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     assert out.is_file()
-    err = run_error(capsys, ["export", str(run), "--out", str(out)])
+    err = run_error(capsys, ["export", str(export_run), "--out", str(out)])
     assert "already exists" in err and "--overwrite" in err
-    assert main(["export", str(run), "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert main(["export", str(export_run), "--out", str(out), "--overwrite", "--quiet"]) == 0
 
 
-def test_export_bad_inputs(run, checkpoint, tmp_path, capsys):
+def test_export_bad_inputs(export_run, checkpoint, tmp_path, capsys):
     out = str(tmp_path / "m.onnx")
     err = run_error(capsys, ["export", str(tmp_path / "nowhere"), "--out", out])
     assert "does not exist" in err and "vitq quantize" in err
@@ -69,26 +60,26 @@ def test_export_bad_inputs(run, checkpoint, tmp_path, capsys):
     assert "not a run folder nor a plan.json" in err
     err = run_error(capsys, ["export", str(tmp_path), "--out", out])
     assert "plan.json does not exist" in err
-    err = run_error(capsys, ["export", str(run), "--out", str(tmp_path / "m.pth")])
+    err = run_error(capsys, ["export", str(export_run), "--out", str(tmp_path / "m.pth")])
     assert "--out must end in .onnx" in err
-    err = argparse_error(capsys, ["export", str(run), "--format", "tflite", "--out", out])
+    err = argparse_error(capsys, ["export", str(export_run), "--format", "tflite", "--out", out])
     assert "invalid choice: 'tflite'" in err
-    err = argparse_error(capsys, ["export", str(run), "--int-format", "i4", "--out", out])
+    err = argparse_error(capsys, ["export", str(export_run), "--int-format", "i4", "--out", out])
     assert "invalid choice: 'i4'" in err
-    err = run_error(capsys, ["export", str(run), "--model", "test_vit", "--random-weights",
+    err = run_error(capsys, ["export", str(export_run), "--model", "test_vit", "--random-weights",
                              "--model-kwargs", '{"img_size": 64}', "--out", out])
     assert "does not fit this model" in err or "another architecture" in err
 
 
-def test_export_plan_whose_model_moved(run, tmp_path, capsys):
-    plan = json.loads((run / "plan.json").read_text())
+def test_export_plan_whose_model_moved(export_run, tmp_path, capsys):
+    plan = json.loads((export_run / "plan.json").read_text())
     plan["meta"]["model"]["name"] = str(tmp_path / "moved" / "tiny.pth")
-    (run / "plan.json").write_text(json.dumps(plan))
-    err = run_error(capsys, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
+    (export_run / "plan.json").write_text(json.dumps(plan))
+    err = run_error(capsys, ["export", str(export_run), "--out", str(tmp_path / "m.onnx")])
     assert "is not found from here: pass --model PATH" in err
 
 
-def test_eval_onnx_bad_inputs(run, checkpoint, image_folder, tmp_path, capsys):
+def test_eval_onnx_bad_inputs(export_run, checkpoint, image_folder, tmp_path, capsys):
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"\x00\x01 definitely not protobuf")
     err = run_error(capsys, ["eval", str(fake), "--eval", str(image_folder)])
@@ -96,7 +87,7 @@ def test_eval_onnx_bad_inputs(run, checkpoint, image_folder, tmp_path, capsys):
     err = run_error(capsys, ["eval", str(tmp_path / "missing.onnx"), "--eval", str(image_folder)])
     assert "does not exist" in err
     onnx_path = tmp_path / "m.onnx"
-    assert main(["export", str(run), "--out", str(onnx_path), "--quiet"]) == 0
+    assert main(["export", str(export_run), "--out", str(onnx_path), "--quiet"]) == 0
     capsys.readouterr()
     err = run_error(capsys, ["eval", str(onnx_path)])
     assert "needs --eval DIR" in err
@@ -119,10 +110,10 @@ def test_eval_onnx_without_vitq_metadata(image_folder, tmp_path, capsys):
     assert "has no vitq metadata" in err and "vitq export" in err
 
 
-def test_bench_speed_tiny(checkpoint, run, tmp_path, capsys):
+def test_bench_speed_tiny(checkpoint, export_run, tmp_path, capsys):
     out = tmp_path / "speed.json"
     keep = tmp_path / "onnx"
-    rc = main(["bench-speed", str(checkpoint), "--plan", str(run / "plan.json"), "--batch-sizes", "1", "2",
+    rc = main(["bench-speed", str(checkpoint), "--plan", str(export_run / "plan.json"), "--batch-sizes", "1", "2",
                "--repeats", "2", "--warmup", "1", "--threads", "1", "--profile", "--keep", str(keep),
                "--out", str(out), "--quiet"])
     captured = capsys.readouterr()
@@ -152,10 +143,10 @@ def test_bench_speed_random_weights_without_plan(tmp_path, capsys):
     assert "random images (speed only" in result["plan"]
 
 
-def test_bench_speed_bad_inputs(checkpoint, run, image_folder, tmp_path, capsys):
-    err = run_error(capsys, ["bench-speed", str(checkpoint), "--plan", str(run), "--calib", str(image_folder)])
+def test_bench_speed_bad_inputs(checkpoint, export_run, image_folder, tmp_path, capsys):
+    err = run_error(capsys, ["bench-speed", str(checkpoint), "--plan", str(export_run), "--calib", str(image_folder)])
     assert "pass one of them" in err
-    err = run_error(capsys, ["bench-speed", "test_vit", "--random-weights", "--plan", str(run)])
+    err = run_error(capsys, ["bench-speed", "test_vit", "--random-weights", "--plan", str(export_run)])
     assert "the plan was made for" in err
     err = argparse_error(capsys, ["bench-speed", str(checkpoint), "--backends", "tensorrt"])
     assert "invalid choice" in err

@@ -18,12 +18,11 @@ from vitq.errors import VitqError  # noqa: E402
 from vitq.export.openvino import OpenVinoModel, export_openvino  # noqa: E402
 
 from test_cli import run_error  # noqa: E402
-from test_cli_export import run  # noqa: E402,F401  (the fixture: a W4A8 run of the tiny checkpoint)
 
 
-def test_export_openvino_then_eval(run, image_folder, tmp_path, capsys):  # noqa: F811
+def test_export_openvino_then_eval(export_run, image_folder, tmp_path, capsys):
     xml = tmp_path / "out" / "model.xml"
-    rc = main(["export", str(run), "--format", "openvino", "--out", str(xml)])
+    rc = main(["export", str(export_run), "--format", "openvino", "--out", str(xml)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert xml.is_file() and xml.with_suffix(".bin").is_file()
@@ -38,7 +37,7 @@ def test_export_openvino_then_eval(run, image_folder, tmp_path, capsys):  # noqa
     assert "OpenVINO vs PyTorch" in captured.out
     assert report["verification"]["max_abs_diff"] < 0.2 * report["verification"]["max_abs_logit"] + 1e-3
 
-    rc = main(["eval", str(xml), "--eval", str(image_folder), "--plan", str(run), "--quiet"])
+    rc = main(["eval", str(xml), "--eval", str(image_folder), "--plan", str(export_run), "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0
     metrics = json.loads(out.strip().splitlines()[-1])
@@ -48,8 +47,8 @@ def test_export_openvino_then_eval(run, image_folder, tmp_path, capsys):  # noqa
     assert "OpenVINO top-1" in out
 
 
-def test_export_openvino_bad_inputs(run, tmp_path, capsys):  # noqa: F811
-    err = run_error(capsys, ["export", str(run), "--format", "openvino", "--out", str(tmp_path / "m.onnx")])
+def test_export_openvino_bad_inputs(export_run, tmp_path, capsys):
+    err = run_error(capsys, ["export", str(export_run), "--format", "openvino", "--out", str(tmp_path / "m.onnx")])
     assert "--out must end in .xml" in err
     err = run_error(capsys, ["eval", str(tmp_path / "missing.xml"), "--eval", str(tmp_path)])
     assert "does not exist" in err
@@ -75,9 +74,9 @@ def test_library_export_matches_simulated_model(tmp_path):
         export_openvino(q, tmp_path / "m.onnx")
 
 
-def test_bench_speed_openvino_backends(run, checkpoint, tmp_path, capsys):  # noqa: F811
+def test_bench_speed_openvino_backends(export_run, checkpoint, tmp_path, capsys):
     out = tmp_path / "speed.json"
-    rc = main(["bench-speed", str(checkpoint), "--plan", str(run), "--batch-sizes", "2", "--repeats", "1",
+    rc = main(["bench-speed", str(checkpoint), "--plan", str(export_run), "--batch-sizes", "2", "--repeats", "1",
                "--warmup", "1", "--threads", "1", "--backends", "ort_int8", "ov_fp32", "ov_int8",
                "--out", str(out), "--quiet"])
     captured = capsys.readouterr()

@@ -22,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
-from ._deps import require
 from .runtime import read_metadata
 
 Pathish = Union[str, Path]

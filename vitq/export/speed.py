@@ -2,6 +2,7 @@
 ONNX Runtime integer, on the same inputs, with the files' sizes."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import statistics
@@ -33,9 +34,7 @@ OPENVINO_BACKENDS = ("ov_fp32", "ov_int8")
 
 def available_backends() -> List[str]:
     """Every backend whose runtime is installed (OpenVINO's need the optional ``openvino`` package)."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("openvino") is None:
         return [b for b in BACKENDS if b not in OPENVINO_BACKENDS]
     return list(BACKENDS)
 
