@@ -20,7 +20,7 @@ from .methods.plan import Plan, apply_plan, plan_from_model
 from .methods.stages import Refresher, StageContext
 from .models.adapters import kept_on_its_device
 from .models.loading import data_config_of, weights_digest
-from .quant.protocol import DEFAULT_INPUT_BITS
+from .quant.protocol import DEFAULT_INPUT_BITS, get_protocol
 from .recipes.recipe import Recipe, load_recipe
 
 Batches = Iterable[Any]
@@ -253,7 +253,9 @@ def quantize(
             weight_symmetric=recipe.weights.symmetric,
             act_symmetric=recipe.activations.symmetric,
             input_bits=input_bits,
-            kinds=recipe.kinds,
+            # a recipe's kinds are its choice for the roles it quantizes: a role the protocol leaves in
+            # float (p3's probabilities) has none to choose
+            kinds={role: kind for role, kind in recipe.kinds.items() if role in get_protocol(protocol).quantized},
         )
     ctx = StageContext(
         float_model=model, model=qmodel, data=batches, weights=recipe.weights, activations=recipe.activations,

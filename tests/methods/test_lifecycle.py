@@ -17,10 +17,20 @@ def roles(qmodel):
 
 
 def test_protocols_choose_the_quant_points(vit):
-    p1, p2, p3 = (roles(prepare(vit, protocol=p)) for p in ("p1", "p2", "p3"))
+    p1, p2, p3, p4 = (roles(prepare(vit, protocol=p)) for p in ("p1", "p2", "p3", "p4"))
     assert p1 == {"weight": {"uniform"}, "act": {"uniform"}, "attn_qkv": {"uniform"}, "attn_probs": {"uniform"}}
     assert p2 == {**p1, "attn_scores": {"uniform"}, "attn_probs": {"log2"}, "norm_input": {"ptf"}}
     assert p3 == {k: v for k, v in p1.items() if k != "attn_probs"}
+    assert p4 == {"weight": {"uniform"}, "act": {"uniform"}}
+
+
+@pytest.mark.parametrize("protocol", ["p3", "p4"])
+def test_recipe_kinds_apply_where_the_protocol_quantizes(vit, images, protocol):
+    # the recommended recipe picks log-sqrt2 probabilities; p3 and p4 leave them in float: the recipe still runs
+    result = quantize(vit, "recommended", [images], w_bits=4, a_bits=8, protocol=protocol, progress=False)
+    probs = [q for _, q in iter_quantizers(result.model) if q.role == "attn_probs"]
+    assert probs and not any(q.spec.enabled for q in probs)
+    assert result.plan.meta["protocol"] == protocol
 
 
 def test_bits_reach_the_specs(vit):

@@ -110,6 +110,13 @@ PROTOCOLS: Dict[str, Protocol] = {
         "CLAMP-release protocol: p1 with the post-softmax probabilities left in float",
         {k: v for k, v in _P1.items() if k != ATTN_PROBS},
     ),
+    "p4": Protocol(
+        "p4",
+        "linear layers only: per-channel weights and the inputs of every linear layer and of the "
+        "patch embedding; both attention products (q, k, v, probabilities) in float. The scope of "
+        "ONNX Runtime's quantize_dynamic, torchao's int8 configs and Brevitas's layerwise PTQ",
+        {WEIGHT: "uniform", ACT: "uniform"},
+    ),
 }
 
 
