@@ -266,10 +266,14 @@ def torchao_quantize(bench: Bench, w: int, a: int) -> Deployed:
 # ---------------------------------------------------------------- Brevitas
 
 
-def brevitas_quantize(bench: Bench, w: int, a: int) -> Deployed:
+def brevitas_quantize(bench: Bench, w: int, a: int, first_last_bits: int = 8) -> Deployed:
     from brevitas_examples.imagenet_classification.ptq.ptq_common import (apply_bias_correction, apply_gptq,
                                                                           calibrate, quantize_model)
 
+    if first_last_bits != 8 and w != a:
+        raise Unsupported("Brevitas's layerwise width of the first and last layer applies to their weights and "
+                          "activations alike: it cannot give them 4-bit weights with 8-bit activations")
+    default = " (Brevitas's layerwise default)" if first_last_bits == 8 else ""
     model = copy.deepcopy(bench.loaded.model).eval()
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -277,7 +281,7 @@ def brevitas_quantize(bench: Bench, w: int, a: int) -> Deployed:
         quantized = quantize_model(
             model, backend="layerwise", weight_bit_width=w, act_bit_width=a, bias_bit_width=32,
             weight_quant_granularity="per_channel", act_quant_percentile=99.999, act_quant_type="asym",
-            scale_factor_type="float_scale", quant_format="int", layerwise_first_last_bit_width=8,
+            scale_factor_type="float_scale", quant_format="int", layerwise_first_last_bit_width=first_last_bits,
             weight_quant_type="sym")
         with torch.no_grad():
             quantized(bench.calib[0][0])  # initialises the weight quantizers, as Brevitas asks before GPTQ
@@ -294,8 +298,8 @@ def brevitas_quantize(bench: Bench, w: int, a: int) -> Deployed:
 
     return Deployed(run, "PyTorch (fake-quant)", seconds, _state_bytes(bench.loaded.model),
                     f"{layers} layers (fake-quant)",
-                    note="first and last layer at 8 bits (Brevitas's layerwise default); simulated in float, size "
-                         "is the float checkpoint's")
+                    note=f"first and last layer at {first_last_bits} bits{default}; simulated in float, size is "
+                         "the float checkpoint's")
 
 
 # ---------------------------------------------------------------- vitq
@@ -369,21 +373,45 @@ PEERS: Dict[str, Tuple[str, str, Callable[..., Deployed]]] = {
                 "per-channel int8 weights; reduce_range without VNNI); W4A8: Int8DynamicActivationIntxWeightConfig "
                 "(int4 weights, groups of 32)", torchao_quantize),
     "brevitas": ("Brevitas (layerwise PTQ)", "per-channel symmetric weights, asymmetric per-tensor activations at the "
-                 "99.999th percentile, GPTQ, bias correction (its best ViT configuration)", brevitas_quantize),
+                 "99.999th percentile, GPTQ, bias correction (its best ViT configuration), first and last layer at 8 bits "
+                 "(its layerwise default)", brevitas_quantize),
+    "brevitas-uniform": ("Brevitas (layerwise PTQ)", "as above, with the first and last layer at the same bits as the "
+                         "rest (as every other row)", lambda b, w, a: brevitas_quantize(b, w, a, first_last_bits=w)),
     "vitq-omse": ("vitq `omse`", "p1, the fast baseline recipe; QDQ export", lambda b, w, a: vitq_ort(b, w, a, "omse")),
     "vitq": ("vitq `recommended`", "p1, the default recipe; QDQ export", vitq_ort),
     "vitq-p4": ("vitq `recommended`", "p4 (linear layers only, attention in float: the scope of quantize_dynamic, "
                 "torchao and Brevitas); QDQ export", lambda b, w, a: vitq_ort(b, w, a, protocol="p4")),
+    "vitq-int": ("vitq `recommended-int`", "p1, every quant point with an integer form (uniform probabilities, no "
+                 "OPT-m twins); QDQ export", lambda b, w, a: vitq_ort(b, w, a, "recommended-int")),
+    "vitq-int-p4": ("vitq `recommended-int`", "p4 (linear layers only, attention in float); QDQ export",
+                    lambda b, w, a: vitq_ort(b, w, a, "recommended-int", "p4")),
     "vitq-openvino": ("vitq `recommended`", "the same plan's export, converted to OpenVINO", vitq_openvino),
     "vitq-simulated": ("vitq `recommended`", "the same plan, simulated (fake-quant) in PyTorch", vitq_simulated),
 }
-DEFAULT_PEERS = [p for p in PEERS if p != "vitq-simulated"]
+DEFAULT_PEERS = [p for p in PEERS if p not in ("vitq-simulated", "brevitas-uniform")]
+LABELS = {
+    "ort-static-default": "ORT static (defaults)", "ort-static-minmax": "ORT static MinMax",
+    "ort-static-entropy": "ORT static Entropy", "ort-static-percentile": "ORT static Percentile",
+    "ort-dynamic": "ORT dynamic", "nncf": "NNCF", "torchao": "torchao", "brevitas": "Brevitas",
+    "brevitas-uniform": "Brevitas, first/last at the same bits", "vitq-omse": "vitq omse (p1)",
+    "vitq": "vitq recommended (p1)", "vitq-p4": "vitq recommended (p4)", "vitq-int": "vitq recommended-int (p1)",
+    "vitq-int-p4": "vitq recommended-int (p4)", "vitq-openvino": "vitq recommended (p1) in OpenVINO",
+    "vitq-simulated": "vitq recommended (p1), simulated",
+}
+
+
+SLOW_SECONDS, SLOW_REPEATS = 3.0, 3
 
 
 def speed(run: Callable[[np.ndarray], np.ndarray], input_size, batch: int, repeats: int, warmup: int) -> float:
-    """Median milliseconds per batch on seeded random inputs."""
+    """Median milliseconds per batch on seeded random inputs (a runner slower than ``SLOW_SECONDS``
+    per batch is timed ``SLOW_REPEATS`` times after one warm-up run)."""
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(batch)).numpy()
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    run(x)
+    if time.perf_counter() - t0 > SLOW_SECONDS:
+        repeats, warmup = min(repeats, SLOW_REPEATS), 1
+    for _ in range(warmup - 1):
         run(x)
     seconds = []
     for _ in range(repeats):
@@ -399,12 +427,18 @@ def evaluate(bench: Bench, deployed: Deployed) -> Dict[str, Any]:
     return {"fp_top1": cmp["fp_top1"], "top1": cmp["quant_top1"], "agreement": cmp["agreement"], "kl": cmp["kl"]}
 
 
-def run_model(bench: Bench, peers: List[str], bits: List[str], args) -> List[Dict[str, Any]]:
+def _key(row: Dict[str, Any]) -> Tuple[str, str, str]:
+    return row["peer"], row["bits"], row["tool"] if row["peer"] == "float" else ""
+
+
+def run_model(bench: Bench, peers: List[str], bits: List[str], args, save: Callable[[Dict[str, Any]], None],
+              done: set) -> None:
+    """Measure every (peer, bits) of one model; ``save`` stores each row as soon as it is measured,
+    and rows whose key is in ``done`` (``--resume``) are not measured again."""
     bench.fp_onnx = bench.workdir / f"{bench.key}-fp32.onnx"
     export_onnx(bench.loaded.model, bench.fp_onnx, data_config=bench.loaded.data_config, verify=False)
     if bench.evals is not None:
         (bench.fp_logits,), bench.labels = predict(bench.loaded.model, bench.evals, "cpu", progress=False)
-    rows = []
     fp_run = OnnxModel(bench.fp_onnx, threads=bench.threads).run
     baselines = {"ONNX Runtime FP32": fp_run}
 
@@ -421,25 +455,29 @@ def run_model(bench: Bench, peers: List[str], bits: List[str], args) -> List[Dic
         for name, run in baselines.items():
             row = {"model": bench.key, "peer": "float", "tool": name, "settings": "float32", "bits": "FP32",
                    "runtime": name.rsplit(" ", 1)[0], "size_bytes": _file_bytes(bench.fp_onnx)}
+            if _key(row) in done:
+                continue
             if bench.evals is not None and name == "PyTorch FP32":
                 row.update(top1=float(f"{100 * (bench.fp_logits.argmax(1) == bench.labels).double().mean():.4f}"),
                            agreement=100.0, kl=0.0)
             row.update(b1_ms=speed(run, bench.input_size, 1, args.repeats, args.warmup),
                        b32_ms=speed(run, bench.input_size, 32, args.repeats, args.warmup))
             log(f"[{bench.key}] {name}: b1 {row['b1_ms']:.1f} ms, b32 {row['b32_ms']:.1f} ms")
-            rows.append(row)
+            save(row)
     for bits_name in bits:
         w, a = BITS[bits_name]
         for peer in peers:
             tool, settings, fn = PEERS[peer]
             row: Dict[str, Any] = {"model": bench.key, "peer": peer, "tool": tool, "settings": settings,
                                    "bits": bits_name}
+            if _key(row) in done:
+                continue
             try:
                 deployed = fn(bench, w, a)
             except Unsupported as why:
                 row["unsupported"] = str(why)
                 log(f"[{bench.key}] {bits_name} {peer}: not supported ({why})")
-                rows.append(row)
+                save(row)
                 continue
             except Exception as err:  # a peer that fails is a result too: say how
                 row["failed"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else \
@@ -447,7 +485,7 @@ def run_model(bench: Bench, peers: List[str], bits: List[str], args) -> List[Dic
                 log(f"[{bench.key}] {bits_name} {peer}: FAILED {row['failed']}")
                 if args.debug:
                     traceback.print_exc()
-                rows.append(row)
+                save(row)
                 continue
             row.update(runtime=deployed.runtime, quant_seconds=round(deployed.quant_seconds, 1),
                        size_bytes=deployed.size_bytes, integer_gemms=deployed.integer_gemms, note=deployed.note)
@@ -460,9 +498,8 @@ def run_model(bench: Bench, peers: List[str], bits: List[str], args) -> List[Dic
             log(f"[{bench.key}] {bits_name} {peer}: " + ", ".join(
                 f"{k} {row[k]}" for k in ("top1", "agreement", "kl", "quant_seconds", "size_bytes", "integer_gemms",
                                           "b1_ms", "b32_ms") if k in row))
-            rows.append(row)
+            save(row)
             del deployed
-    return rows
 
 
 def _mb(n: Optional[int]) -> str:
@@ -491,28 +528,75 @@ def write_markdown(results: Dict[str, Any]) -> None:
         "products that run in integer kernels, read back from the runtime's optimized graph (ONNX Runtime) or compiled "
         "model (OpenVINO), or the layers the tool swapped (PyTorch); *b1 ms*: batch-1 latency, *b32 ms*: one batch of "
         "32 (medians over "
-        f"{results['repeats']} runs after {results['warmup']} warm-up runs, seeded random inputs).",
+        f"{results['repeats']} runs after {results['warmup']} warm-up runs, {SLOW_REPEATS} runs after one for a runtime "
+        f"slower than {SLOW_SECONDS:.0f} s per batch; seeded random inputs).",
         "",
     ]
     for model in [m for m in MODELS if m in results["models"]]:
-        rows = results["models"][model]["rows"]
+        order = {name: i for i, name in enumerate(["float", *PEERS])}
+        bits_order = {name: i for i, name in enumerate(["FP32", *BITS])}
+        rows = sorted(results["models"][model]["rows"], key=lambda r: (bits_order.get(r["bits"], 9),
+                                                                       order.get(r["peer"], 99), r["tool"]))
         lines += [f"### {MODELS[model]}", ""]
-        lines += ["| bits | tool | settings | runtime | top-1 | agreement | KL | quant s | MB | integer GEMMs | "
-                  "b1 ms | b32 ms |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+        lines += ["| bits | tool | runtime | top-1 | agreement | KL | quant s | MB | integer GEMMs | b1 ms | b32 ms |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+        missing: Dict[str, List[str]] = {}
         for row in rows:
             if "unsupported" in row or "failed" in row:
-                what = f"not supported: {row['unsupported']}" if "unsupported" in row else f"failed: {row['failed']}"
-                lines.append(f"| {row['bits']} | {row['tool']} | {row['settings']} | {what} | | | | | | | | |")
+                why = f"not supported: {row['unsupported']}" if "unsupported" in row else f"failed: {row['failed']}"
+                missing.setdefault(f"{LABELS.get(row['peer'], row['tool'])} — {why}", []).append(row["bits"])
                 continue
+            label = row["tool"] if row["peer"] == "float" else LABELS.get(row["peer"], row["tool"])
+            note = f" ({row['note']})" if row.get("note") else ""
             lines.append(
-                f"| {row['bits']} | {row['tool']} | {row['settings']}{' (' + row['note'] + ')' if row.get('note') else ''}"
-                f" | {row.get('runtime', '')} | {_fmt(row, 'top1', '.2f')} | {_fmt(row, 'agreement', '.2f')} | "
-                f"{_fmt(row, 'kl', '.4f')} | {_fmt(row, 'quant_seconds', '.1f')} | {_mb(row.get('size_bytes'))} | "
-                f"{row.get('integer_gemms', '')} | {_fmt(row, 'b1_ms', '.1f')} | {_fmt(row, 'b32_ms', '.1f')} |")
+                f"| {row['bits']} | {label}{note} | {row.get('runtime', '')} | {_fmt(row, 'top1', '.2f')} | "
+                f"{_fmt(row, 'agreement', '.2f')} | {_fmt(row, 'kl', '.4f')} | {_fmt(row, 'quant_seconds', '.1f')} | "
+                f"{_mb(row.get('size_bytes'))} | {row.get('integer_gemms', '')} | {_fmt(row, 'b1_ms', '.1f')} | "
+                f"{_fmt(row, 'b32_ms', '.1f')} |")
         lines.append("")
-    lines += results.get("findings", [])
+        if missing:
+            lines += [f"- {', '.join(bits)}: {what}" for what, bits in missing.items()] + [""]
+    used = [p for p in PEERS if any(r["peer"] == p for m in results["models"].values() for r in m["rows"])]
+    lines += ["Settings of each row:", ""]
+    lines += [f"- **{LABELS[p]}**: {PEERS[p][0]}; {PEERS[p][1]}" for p in used] + [""]
+    lines += goal_lines(results)
     write_section("## Peers:", lines)
+
+
+def goal_lines(results: Dict[str, Any]) -> List[str]:
+    """The issue's targets, read from the rows: the most accurate tool per model and bits, and the
+    fastest int8 model at batch 32 against ONNX Runtime FP32."""
+    out = ["Targets (computed from the rows above):", ""]
+    for model in [m for m in MODELS if m in results["models"]]:
+        rows = [r for r in results["models"][model]["rows"] if "agreement" in r and r["peer"] != "float"]
+        for bits in BITS:
+            at = [r for r in rows if r["bits"] == bits]
+            if not at:
+                continue
+            best = max(at, key=lambda r: (r["agreement"], -r["kl"]))
+            ours = [r for r in at if r["peer"].startswith("vitq")]
+            peers = [r for r in at if not r["peer"].startswith("vitq")]
+            if ours and peers:
+                v = max(ours, key=lambda r: (r["agreement"], -r["kl"]))
+                p = max(peers, key=lambda r: (r["agreement"], -r["kl"]))
+                met = "met" if best["peer"].startswith("vitq") else "not met"
+                out.append(f"- {model} {bits}: most accurate vitq row {LABELS[v['peer']]} (agreement {v['agreement']:.2f}, "
+                           f"KL {v['kl']:.4f}); most accurate peer {LABELS[p['peer']]} ({p['agreement']:.2f}, "
+                           f"{p['kl']:.4f}): vitq most accurate: {met}")
+        timed = [r for r in results["models"][model]["rows"] if r.get("b32_ms") and r["bits"] == SPEED_BITS]
+        fp = next((r for r in results["models"][model]["rows"] if r.get("tool") == "ONNX Runtime FP32"
+                   and r.get("b32_ms")), None)
+        ours = [r for r in timed if r["peer"].startswith("vitq")]
+        peers = [r for r in timed if not r["peer"].startswith("vitq")]
+        if ours and peers and fp:
+            v, p = min(ours, key=lambda r: r["b32_ms"]), min(peers, key=lambda r: r["b32_ms"])
+            goal = f" (goal ≥ 1.8×: {'met' if fp['b32_ms'] / v['b32_ms'] >= 1.8 else 'not met'})" \
+                if model == "small" else ""
+            out.append(f"- {model} speed at batch 32: fastest vitq export {LABELS[v['peer']]} {v['b32_ms']:.1f} ms = "
+                       f"{fp['b32_ms'] / v['b32_ms']:.2f}× ONNX Runtime FP32{goal}; fastest peer {LABELS[p['peer']]} "
+                       f"{p['b32_ms']:.1f} ms ({fp['b32_ms'] / p['b32_ms']:.2f}×): vitq fastest: "
+                       f"{'met' if v['b32_ms'] < p['b32_ms'] else 'not met'}")
+    return out + [""]
 
 
 def build(key: str, root: Path, workdir: Path, args) -> Bench:
@@ -559,31 +643,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--num-eval", type=int, default=None, help="CIFAR: evaluate on a subset (quick check)")
     parser.add_argument("--no-speed", action="store_true", help="accuracy only")
-    parser.add_argument("--append", action="store_true", help="keep the other models' rows of the last run")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of the last run (a row measured again replaces its old one)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --append: measure only the rows the last run does not have")
     parser.add_argument("--debug", action="store_true", help="print the traceback of a peer that fails")
     args = parser.parse_args(argv)
+    if args.resume and not args.append:
+        parser.error("--resume continues the last run: pass --append too")
     torch.set_num_threads(args.threads)
     root = assets_dir(args.assets)
-    results: Dict[str, Any] = json.loads(RESULTS_JSON.read_text()) if args.append and RESULTS_JSON.exists() else {}
+    results: Dict[str, Any] = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    if not args.append:
+        results = {"models": {k: v for k, v in results.get("models", {}).items() if k not in args.models}}
     results.setdefault("models", {})
     command = ("python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     results.update(machine=machine(), isa=cpu_info().isa, threads=args.threads, repeats=args.repeats,
                    warmup=args.warmup, versions=versions(), date=time.strftime("%Y-%m-%d"),
                    commands=(results.get("commands", []) if args.append else []) + [command])
+
+    def save(row: Dict[str, Any]) -> None:
+        rows = results["models"].setdefault(row["model"], {"rows": []})["rows"]
+        rows[:] = [r for r in rows if _key(r) != _key(row)] + [row]
+        RESULTS_JSON.parent.mkdir(exist_ok=True)
+        RESULTS_JSON.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        write_markdown(results)
+
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
+            if not args.append:
+                results["models"].pop(key, None)
+            done = {_key(r) for r in results["models"].get(key, {}).get("rows", [])} if args.resume else set()
             bench = build(key, root, Path(tmp), args)
             log(f"[{key}] {bench.num_calib()} calibration images"
                 + (f", {sum(len(y) for _, y in bench.evals)} evaluation images" if bench.evals else ""))
             bits = [SPEED_BITS] if bench.evals is None else args.bits
-            rows = run_model(bench, args.peers, bits, args)
-            previous = results["models"].get(key, {}).get("rows", []) if args.append else []
-            replaced = {(r["peer"], r["bits"]) for r in rows}
-            rows = [r for r in previous if (r["peer"], r["bits"]) not in replaced] + rows
-            results["models"][key] = {"rows": rows}
-            RESULTS_JSON.parent.mkdir(exist_ok=True)
-            RESULTS_JSON.write_text(json.dumps(results, indent=1, default=str) + "\n")
-            write_markdown(results)
+            run_model(bench, args.peers, bits, args, save, done)
     log(f"wrote {RESULTS_JSON} and {HERE / 'RESULTS.md'}")
     return 0
 

@@ -79,6 +79,16 @@ def test_recommended_recipe_exports_its_rewritten_weights(tmp_path, images):
     assert any(p["kind"] == "logsqrt2" and p["form"] == "float_emulated" for p in report.to_dict()["points"])
 
 
+def test_recommended_int_recipe_exports_every_product_as_integer(tmp_path, images):
+    """recommended-int keeps only quant points with an integer form: nothing is emulated in float and
+    every matrix product (both attention products included) runs in an integer kernel."""
+    result = quantize(tiny_vit(), w_bits=8, a_bits=8, recipe="recommended-int")
+    report = export_close_to_simulated(result, tmp_path / "m.onnx", images)
+    summary = report.summary()
+    assert summary["float_emulated_points"] == 0 and summary["float_gemms"] == 0
+    assert summary["integer_gemms"] == len(report.layers) > 0
+
+
 @pytest.mark.parametrize("w_bits, a_bits", [(8, 7), (7, 8)])
 def test_u8s8_is_exact_below_8_bits(tmp_path, images, w_bits, a_bits):
     """With 7-bit weights or 7-bit activations the int16 pair sums of AVX2's U8S8 cannot saturate:
