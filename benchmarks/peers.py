@@ -352,6 +352,13 @@ def vitq_simulated(bench: Bench, w: int, a: int, recipe: str = "recommended") ->
     return Deployed(run, "PyTorch (simulated)", seconds, 0, "—")
 
 
+def vitq_int_w7(bench: Bench, w: int, a: int) -> Deployed:
+    if (w, a) != (8, 8):
+        raise Unsupported("a W8A8 row only: 7-bit weights are the W8A8 setting for the U8S8 kernels of a CPU without "
+                          "VNNI")
+    return vitq_ort(bench, 7, 8, "recommended-int")
+
+
 # name: (tool, settings, function)
 PEERS: Dict[str, Tuple[str, str, Callable[..., Deployed]]] = {
     "ort-static-default": ("ONNX Runtime `quantize_static`",
@@ -385,6 +392,8 @@ PEERS: Dict[str, Tuple[str, str, Callable[..., Deployed]]] = {
                  "OPT-m twins); QDQ export", lambda b, w, a: vitq_ort(b, w, a, "recommended-int")),
     "vitq-int-p4": ("vitq `recommended-int`", "p4 (linear layers only, attention in float); QDQ export",
                     lambda b, w, a: vitq_ort(b, w, a, "recommended-int", "p4")),
+    "vitq-int-w7": ("vitq `recommended-int`", "p1 with 7-bit weights (what ONNX Runtime's reduce_range does on a CPU "
+                    "without VNNI): exact in the faster U8S8 kernels; QDQ export", vitq_int_w7),
     "vitq-openvino": ("vitq `recommended`", "the same plan's export, converted to OpenVINO", vitq_openvino),
     "vitq-simulated": ("vitq `recommended`", "the same plan, simulated (fake-quant) in PyTorch", vitq_simulated),
 }
@@ -395,7 +404,7 @@ LABELS = {
     "ort-dynamic": "ORT dynamic", "nncf": "NNCF", "torchao": "torchao", "brevitas": "Brevitas",
     "brevitas-uniform": "Brevitas, first/last at the same bits", "vitq-omse": "vitq omse (p1)",
     "vitq": "vitq recommended (p1)", "vitq-p4": "vitq recommended (p4)", "vitq-int": "vitq recommended-int (p1)",
-    "vitq-int-p4": "vitq recommended-int (p4)", "vitq-openvino": "vitq recommended (p1) in OpenVINO",
+    "vitq-int-p4": "vitq recommended-int (p4)", "vitq-int-w7": "vitq recommended-int (p1), 7-bit weights", "vitq-openvino": "vitq recommended (p1) in OpenVINO",
     "vitq-simulated": "vitq recommended (p1), simulated",
 }
 

@@ -66,6 +66,11 @@ def _container(signed: bool) -> Tuple[torch.dtype, int, int, str]:
 def _shift_for(spec: QuantSpec, signed: bool) -> int:
     """Offset from vitq codes to container codes: exact re-encodings of one grid (see formats.py)."""
     qmin, qmax = spec.qrange
+    if signed and qmin == 0:
+        # unsigned codes [0, 2^b - 1] in a signed container are centred on [-2^(b-1), 2^(b-1) - 1]: the
+        # same grid, and below 8 bits products small enough that AVX2's int16 pair sums cannot
+        # saturate (asymmetric 7-bit weights left at [0, 127] did, with 8-bit activations)
+        return -((qmax + 1) // 2)
     lo, hi = (-128, 127) if signed else (0, 255)
     if lo <= qmin and qmax <= hi:
         return 0
