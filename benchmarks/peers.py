@@ -538,7 +538,10 @@ def write_markdown(results: Dict[str, Any]) -> None:
         "model (OpenVINO), or the layers the tool swapped (PyTorch); *b1 ms*: batch-1 latency, *b32 ms*: one batch of "
         "32 (medians over "
         f"{results['repeats']} runs after {results['warmup']} warm-up runs, {SLOW_REPEATS} runs after one for a runtime "
-        f"slower than {SLOW_SECONDS:.0f} s per batch; seeded random inputs).",
+        f"slower than {SLOW_SECONDS:.0f} s per batch; seeded random inputs). The rows come from the commands above, run "
+        "one after another on a shared machine whose speed drifts between runs: a float row measured by a later "
+        "command replaces the earlier one, so speed ratios carry that drift (compare the two runs' float rows in "
+        "benchmarks/results/peers.json's history, or rerun one command for a single-run table).",
         "",
     ]
     for model in [m for m in MODELS if m in results["models"]]:

@@ -721,7 +721,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             print(f"integer matrix products: {len(report.integer_layers)} of {len(report.layers)} "
                   f"(float: {', '.join(others) or 'none'})")
-        print(f"size: {s['onnx_bytes'] / 1e6:.2f} MB ({s['onnx_ratio']:.3f}× float); weights packed at "
+        size = s.get("openvino_bytes", s["onnx_bytes"])
+        what = ".xml + .bin" if args.format == "openvino" else ".onnx"
+        print(f"size: {size / 1e6:.2f} MB as {what} ({size / s['fp32_weight_bytes']:.3f}× float); weights packed at "
               f"{'/'.join(map(str, s['weight_bits']))} bits: {s['packed_weight_bytes'] / 1e6:.2f} MB "
               f"({s['packed_ratio']:.3f}×)")
         runtime = "OpenVINO" if args.format == "openvino" else "ONNX Runtime"
