@@ -15,8 +15,10 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, List, Tuple
 
@@ -219,17 +221,33 @@ def main_(argv=None) -> int:
             args[1] = str(headless)
             return run(args)
 
-        print("| case | exit | first line of the message | complete-looking folder left |")
-        print("|---|---:|---|---|")
+        @case("timm name whose weights are not cached, offline (HF_HUB_OFFLINE=1)")
+        def _(out):
+            args = q(out)
+            args[1] = "deit_tiny_patch16_224"
+            old = os.environ.get("HF_HUB_OFFLINE")
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            try:
+                return run(args)
+            finally:
+                if old is None:
+                    del os.environ["HF_HUB_OFFLINE"]
+                else:
+                    os.environ["HF_HUB_OFFLINE"] = old
+
+        print("| case | exit | seconds | first line of the message | complete-looking folder left |")
+        print("|---|---:|---:|---|---|")
         for i, (name, fn) in enumerate(cases):
             out = tmp / f"case{i:02d}" / "run"
             out.parent.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
             rc, err = fn(out)
+            seconds = time.perf_counter() - start
             lines = [line for line in err.splitlines() if line.strip()]
             first = next((line for line in lines if "error:" in line), lines[0] if lines else "")
             left = (out / "metrics.json").exists()
             traceback = " (traceback!)" if "Traceback" in err else ""
-            print(f"| {name} | {rc} | {first[:160]}{traceback} | {'yes' if left else 'no'} |", flush=True)
+            print(f"| {name} | {rc} | {seconds:.1f} | {first[:160]}{traceback} | {'yes' if left else 'no'} |", flush=True)
     return 0
 
 

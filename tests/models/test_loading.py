@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from conftest import tiny_vit
 from vitq.errors import VitqError
 from vitq.models import load_model
+from vitq.models import loading
 
 
 def _card(path, **extra):
@@ -62,8 +63,41 @@ def test_hub_failure_names_the_way_out(monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(loading, "_check_reachable", lambda name: None)  # the host answers, the download fails
     with pytest.raises(VitqError, match="could not fetch pretrained weights.*local checkpoint"):
         load_model("deit_tiny_patch16_224")
+
+
+def test_unreachable_hub_fails_before_the_download_retries(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    calls = []
+
+    def download(*args, **kwargs):  # offline, timm's download retries for about a minute
+        calls.append(args)
+        raise OSError("download failed")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading.socket, "create_connection", no_network)
+    monkeypatch.setattr(loading, "_weights_source", lambda name: ("huggingface.co", False))
+    monkeypatch.setattr(timm, "create_model", download)
+    with pytest.raises(VitqError, match=r"not in the local cache and huggingface.co cannot be reached.*--random-weights"):
+        load_model("deit_tiny_patch16_224")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VitqError, match="HF_HUB_OFFLINE is set"):
+        load_model("deit_tiny_patch16_224")
+    assert not calls
+    monkeypatch.setattr(loading, "_weights_source", lambda name: (None, True))  # cached: timm loads it
+    with pytest.raises(VitqError, match="could not fetch"):
+        load_model("deit_tiny_patch16_224")
+    assert len(calls) == 1
+
+
+def test_weights_source_names_the_hub_host_of_a_timm_name():
+    host, cached = loading._weights_source("deit_tiny_patch16_224")
+    assert cached or host == "huggingface.co"
+    assert loading._weights_source("test_vit")[0] in (None, "huggingface.co")
 
 
 def test_random_weights_and_modules():

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -159,7 +162,60 @@ def _create(arch: str, kwargs: Dict[str, Any], pretrained: bool = False) -> nn.M
                         "(e.g. embed_dim must be divisible by num_heads)") from None
 
 
+def _weights_source(name: str) -> Tuple[Optional[str], bool]:
+    """The host timm would download ``name``'s pretrained weights from, and whether they are cached.
+
+    (None, True) when timm knows no remote source (it will say so itself)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # pragma: no cover - timm's own lookup failing
+        cfg = None
+    if cfg is None:
+        return None, True
+    hub_id, url = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        names = [getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin",
+                 "open_clip_pytorch_model.bin", "open_clip_model.safetensors"]
+        if any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in names if f):
+            return None, True
+        return urlparse(constants.ENDPOINT).hostname, False
+    if url:
+        from timm.models._hub import check_cached_file
+
+        if check_cached_file(url):
+            return None, True
+        return urlparse(url).hostname, False
+    return None, True
+
+
+def _check_reachable(name: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after the hub client's minute of retries, when the weights of ``name`` are
+    neither cached nor reachable."""
+    host, cached = _weights_source(name)
+    if cached or host is None:
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    reason = "HF_HUB_OFFLINE is set" if offline else None
+    if reason is None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError as err:
+            reason = f"{host} cannot be reached: {err}"
+    if reason is not None:
+        raise VitqError(
+            f"the pretrained weights of {name!r} are not in the local cache and {reason}. "
+            "Without a network, pass a local checkpoint (.pth/.safetensors/.npz) with a sidecar "
+            "<stem>.json or --arch, or use --random-weights for a model with random weights."
+        )
+
+
 def _load_timm(name: str, kwargs: Dict[str, Any], pretrained: bool) -> LoadedModel:
+    if pretrained and timm.is_model(name):
+        _check_reachable(name)
     try:
         model = _create(name, kwargs, pretrained)
     except VitqError:
