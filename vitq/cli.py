@@ -729,6 +729,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         runtime = "OpenVINO" if args.format == "openvino" else "ONNX Runtime"
         print(f"{runtime} vs PyTorch ({v['num_images']} {v['inputs']}): max |Δ logit| {v['max_abs_diff']:.3g}, "
               f"top-1 agreement {v['agreement']:.1f} %")
+        if "float64_max_abs_diff" in v:
+            print(f"PyTorch float64 vs float32 (the model's own float-rounding sensitivity): max |Δ logit| "
+                  f"{v['float64_max_abs_diff']:.3g}, top-1 agreement {v['float64_agreement']:.1f} %")
         for warning in report.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {out} and {files['json']}, {files['markdown']}")

@@ -196,3 +196,55 @@ def test_emulated_points_export_and_run(tmp_path, images):
     with torch.no_grad():
         sim = qmodel(images)
     assert (OnnxModel(report.path)(images) - sim).abs().max() <= 0.05 * sim.abs().max()
+
+
+def test_weights_only_products_keep_float_inputs(tmp_path):
+    """ONNX Runtime fuses integer weights on float inputs (DequantizeLinear → MatMul) into MatMulNBits,
+    which by default rounds those inputs to int8 blocks (accuracy level 4): 0.12 of error on this
+    product, values the simulated model never computes. vitq's sessions keep the inputs float32."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from vitq.export.runtime import session_options
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, size=(64, 32)).astype(np.int8)
+    scale = ((rng.random(32) + 0.5) / 100).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=1), helper.make_node("MatMul", ["x", "wf"], ["y"])],
+        "weights_only", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "s")])
+    path = tmp_path / "weights_only.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    options = session_options()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    exact = x.astype(np.float64) @ (w.astype(np.float64) * scale)
+    assert np.abs(session.run(None, {"x": x})[0] - exact).max() < 1e-4
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+
+def test_verification_sets_the_runtime_against_float_rounding(tmp_path, images):
+    """The export check measures how far the model moves from itself in float64, and says whether the
+    runtime's difference is within it; a runtime that is off is called out."""
+    from vitq.export.onnx_export import _verify_against, verdict_line
+
+    result = quantize(tiny_vit(), w_bits=4, a_bits=4)
+    report = export_onnx(result.model, tmp_path / "m.onnx", int_format="u8u8", cpu=AVX2)
+    v = report.verification
+    assert v["float64_max_abs_diff"] >= 0.0 and 0.0 <= v["float64_agreement"] <= 100.0
+    assert "in float64 against itself" in report.to_markdown() and "The runtime's difference is" in report.to_markdown()
+    float_model = tiny_vit()
+    exact = _verify_against(float_model, float_model, images, (3, IMG, IMG))
+    assert exact["float64_max_abs_diff"] < 1e-4 and exact["float64_agreement"] == 100.0
+
+    w8a8 = quantize(tiny_vit()).model
+
+    def off(x):  # a runtime with a wrong output scale
+        with torch.no_grad():
+            return 3.0 * w8a8(x)
+
+    bad = _verify_against(w8a8, off, images, (3, IMG, IMG))
+    assert "look at the export" in verdict_line(bad)

@@ -184,6 +184,8 @@ class ExportReport:
                       f"{runtime} against the PyTorch model on {v['num_images']} {v['inputs']}: max |Δ logit| "
                       f"{v['max_abs_diff']:.3g} (largest |logit| {v['max_abs_logit']:.3g}), top-1 agreement "
                       f"{v['agreement']:.2f} %.", ""]
+            if "float64_max_abs_diff" in v:
+                lines[-1:-1] = [verdict_line(v)]
         if self.warnings:
             lines += ["## Warnings", ""] + [f"- {w}" for w in self.warnings] + [""]
         return "\n".join(lines)
@@ -416,6 +418,16 @@ def _warnings(report: ExportReport) -> List[str]:
     return out
 
 
+def verdict_line(v: Dict[str, Any]) -> str:
+    """The runtime's difference from the simulated model, next to the model's own float-rounding one."""
+    base, diff = v["float64_max_abs_diff"], v["max_abs_diff"]
+    verdict = ("within what float rounding alone moves the model" if diff <= 2.0 * base + 1e-3 else
+               f"{diff / max(base, 1e-6):.1f}× what float rounding alone moves it: look at the export")
+    return (f"The PyTorch model in float64 against itself in float32, on the same inputs: max |Δ logit| "
+            f"{base:.3g}, top-1 agreement {v['float64_agreement']:.2f} % (a quantizer's rounding flips where a value "
+            f"sits on a step boundary). The runtime's difference is {verdict}.")
+
+
 def _verify(model: nn.Module, path: Path, sample: Optional[torch.Tensor], input_size: Sequence[int]) -> Dict[str, Any]:
     return _verify_against(model, OnnxModel(path), sample, input_size)
 
@@ -433,10 +445,34 @@ def _verify_against(model: nn.Module, runtime: Callable[[torch.Tensor], torch.Te
         ref = model(sample.to(device)).float().cpu()
     got = runtime(sample)
     diff = (got - ref).abs()
-    return {
+    out = {
         "inputs": inputs,
         "num_images": int(sample.shape[0]),
         "max_abs_diff": float(diff.max()),
         "max_abs_logit": float(ref.abs().max()),
         "agreement": round(100.0 * (got.argmax(1) == ref.argmax(1)).double().mean().item(), 4),
     }
+    out.update(float_rounding_baseline(model, sample, ref))
+    return out
+
+
+def float_rounding_baseline(model: nn.Module, sample: torch.Tensor, ref: torch.Tensor) -> Dict[str, Any]:
+    """How far the PyTorch model moves from itself when its arithmetic is float64 instead of float32.
+
+    A quantized network is discontinuous: a value within a rounding error of a quantizer's step
+    boundary lands on one code or the next depending on the order of float operations, and at low
+    bits one code is a large step. A runtime computes in another order than PyTorch (and its integer
+    kernels exactly), so it can differ from the simulated model by as much as the model differs from
+    itself in float64; only a difference well beyond this baseline points at the export.
+    Returns ``float64_max_abs_diff`` and ``float64_agreement`` (empty where the model cannot run in
+    float64).
+    """
+    try:
+        twin = copy.deepcopy(model).double()
+        with torch.no_grad():
+            device = next(twin.parameters()).device
+            ref64 = twin(sample.to(device, torch.float64)).float().cpu()
+    except (RuntimeError, TypeError):  # an op without a float64 kernel on this device
+        return {}
+    return {"float64_max_abs_diff": float((ref64 - ref).abs().max()),
+            "float64_agreement": round(100.0 * (ref64.argmax(1) == ref.argmax(1)).double().mean().item(), 4)}

@@ -76,6 +76,10 @@ def session_options(threads: Optional[int] = None, level: str = "all", profile_p
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     options.graph_optimization_level = levels[level]
     options.log_severity_level = 3  # errors only: the optimizer's notes are not for users
+    # Weights-only products (integer weights, float inputs) are fused into MatMulNBits, which by default
+    # rounds its float input to int8 blocks (accuracy level 4): values the simulated model never sees.
+    # Level 1 keeps the input float32, as vitq's plan says.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
