@@ -24,7 +24,7 @@ from foundation import machine, write_section  # noqa: E402
 
 from vitq.api import quantize  # noqa: E402
 from vitq.data import assets_dir, balanced_subset, make_loader, scan_folder  # noqa: E402
-from vitq.methods.search import infonce_loss  # noqa: E402
+from vitq.methods.fitness import infonce_loss  # noqa: E402
 from vitq.models import load_model  # noqa: E402
 
 BATCH = 100  # cpt-v's search batch

@@ -944,7 +944,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         ("generators (data-free)", [(n, cls.__doc__) for n, cls in GENERATORS.items()]),
         ("recipe stages (settings: vitq/recipes/*.yaml; override with --set STAGE.KEY=VALUE)",
          [(n, cls.__doc__) for n, cls in STAGES.items()]),
-        ("search fitness functions", [(n, fn.__doc__) for n, fn in FITNESS.items()]),
+        ("search fitness functions", [(n, f"({entry.scope} scope) {entry.fn.__doc__}") for n, entry in FITNESS.items()]),
     ]
     for title, entries in sections:
         print(f"{title}:")

@@ -9,16 +9,12 @@ import torch
 import vitq
 from vitq.errors import VitqError
 from vitq.methods.plan import Plan
+from vitq.methods.fitness import FITNESS, infonce_loss, kl_loss, local_contrastive_loss, mse_loss, register_fitness
 from vitq.methods.search import (
     Evolution,
-    FITNESS,
     SearchSettings,
     block_units,
-    infonce_loss,
-    kl_loss,
     layer_units,
-    local_contrastive_loss,
-    mse_loss,
     mutate_absolute,
     mutate_relative,
 )
@@ -267,6 +263,42 @@ def test_the_search_repairs_a_planted_bad_scale():
 def test_bad_search_settings(settings, message):
     with pytest.raises(VitqError, match=message):
         load_recipe("cpt-v").with_overrides({"search": settings})
+
+
+@pytest.fixture
+def registered_fitness():
+    """Register a fitness for one test (the registry is global) and take it out afterwards."""
+    added = []
+
+    def register(name, **kwargs):
+        added.append(name)
+        return register_fitness(name, **kwargs)
+
+    yield register
+    for name in added:
+        FITNESS._items.pop(name, None)
+
+
+def test_a_new_fitness_joins_by_registering(registered_fitness):
+    """A unit-scope fitness defined outside vitq runs layer-wise and is judged on held-out images by the
+    model-scope fitness it names: the search reads both from the registry entry, not from the name."""
+    calls = []
+
+    @registered_fitness("local_l1", scope="unit", judge=("kl", 1.0))
+    def local_l1(quant, float_out, temperature=1.0):
+        calls.append(tuple(quant.shape))
+        return (quant.float() - float_out.float()).abs().mean()
+
+    recipe = load_recipe("cpt-v").with_overrides({"search": {
+        "units": "layers", "fitness": "local_l1", "passes": 1, "cycles": 2, "max_units": 2, "holdout": 0.5,
+        "batch_size": 3}})
+    record = quantize(recipe).record["search"]
+    assert calls and all(len(shape) == 3 for shape in calls)  # token outputs of one layer, not logits
+    assert "held-out kl" in record["selected"]
+    with pytest.raises(VitqError, match="local_l1 compares one layer's output: use units: layers"):
+        quantize(cptv(fitness="local_l1"))
+    with pytest.raises(ValueError, match="judges held-out images"):
+        registered_fitness("no_judge", scope="unit")(local_l1)
 
 
 def test_local_fitness_needs_layer_units():

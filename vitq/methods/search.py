@@ -4,9 +4,9 @@ Three parts, each usable alone:
 
 - :class:`Evolution`, a small seeded ask/tell engine: a population of candidate vectors,
   tournament selection, mutation, optional uniform crossover, replacement of the worst member.
-- :data:`FITNESS`, registered losses between quantized and float outputs: ``infonce`` (CPT-V's
-  global loss on logits), ``local_contrastive`` (CLAMP-ViT's layer-local patch loss), ``mse``
-  and ``kl``.
+- :data:`FITNESS` (:mod:`vitq.methods.fitness`), registered losses between quantized and float
+  outputs: ``infonce`` (CPT-V's global loss on logits), ``local_contrastive`` (CLAMP-ViT's
+  layer-local patch loss, a unit-scope fitness), ``mse`` and ``kl``.
 - :class:`SearchStage`, the recipe stage ``search`` that walks the units of a model (its blocks
   or its linear layers), searches each unit's scales with the engine, checkpoints after every
   unit (``resume``), and records the fitness curve.
@@ -20,11 +20,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,6 +33,7 @@ from ..nn import QuantLinear
 from ..quant import protocol as roles
 from ..quant.quantizer import Quantizer
 from ..registry import Registry
+from .fitness import FITNESS, kl_loss
 from .lifecycle import check_bits
 from .mixed import BitUnit, allocatable_units, average_bits, calibrate_widths
 from .stages import STAGES, Stage, StageContext, StageSettings
@@ -137,67 +136,6 @@ class Evolution:
         return self.members[0]
 
 
-# -- fitness functions ------------------------------------------------------------------------------
-FITNESS: Registry[Callable[..., Tensor]] = Registry("fitness")
-
-
-@FITNESS.register("infonce")
-def infonce_loss(quant: Tensor, float_out: Tensor, temperature: float = 3.0) -> Tensor:
-    """CPT-V's global loss: ``2T · CE(norm(q) · norm(k)ᵀ / T, arange(N))`` over a batch.
-
-    Each image's float output is its positive; the other images' float outputs are negatives.
-
-    Example:
-        >>> q = torch.eye(3)
-        >>> round(float(infonce_loss(q, q, temperature=1.0)), 4)  # 2 · (−log(e / (e + 2)))
-        1.1029
-    """
-    q = F.normalize(quant.flatten(1).float(), dim=1)
-    k = F.normalize(float_out.flatten(1).float(), dim=1)
-    logits = q @ k.t() / temperature
-    return 2 * temperature * F.cross_entropy(logits, torch.arange(len(q), device=q.device))
-
-
-@FITNESS.register("local_contrastive")
-def local_contrastive_loss(quant: Tensor, float_out: Tensor, temperature: float = 0.1) -> Tensor:
-    """CLAMP-ViT's layer-local loss on ``[B, N, C]`` token outputs: for each token, its own float
-    output is the positive and the float outputs of the image's other tokens are negatives.
-
-    Example:
-        >>> x = torch.eye(2).unsqueeze(0)   # one image, two orthogonal tokens
-        >>> round(float(local_contrastive_loss(x, x, temperature=1.0)), 4)  # −log(e / (e + 1))
-        0.3133
-    """
-    if quant.ndim < 3:
-        raise VitqError(f"local_contrastive needs token outputs [B, N, C], got shape {tuple(quant.shape)}")
-    q = F.normalize(quant.flatten(1, -2).float(), dim=-1)
-    k = F.normalize(float_out.flatten(1, -2).float(), dim=-1)
-    logits = q @ k.transpose(1, 2) / temperature  # [B, N, N]
-    b, n, _ = logits.shape
-    target = torch.arange(n, device=q.device).repeat(b)
-    return F.cross_entropy(logits.reshape(b * n, n), target)
-
-
-@FITNESS.register("mse")
-def mse_loss(quant: Tensor, float_out: Tensor, temperature: float = 1.0) -> Tensor:
-    """Mean squared error (``temperature`` is ignored)."""
-    return F.mse_loss(quant.float(), float_out.float())
-
-
-@FITNESS.register("kl")
-def kl_loss(quant: Tensor, float_out: Tensor, temperature: float = 1.0) -> Tensor:
-    """KL(softmax(float / T) ‖ softmax(quant / T)) over the last dimension, mean over rows.
-
-    Example:
-        >>> x = torch.randn(4, 10)
-        >>> float(kl_loss(x, x)) < 1e-6
-        True
-    """
-    log_q = F.log_softmax(quant.float().flatten(0, -2) / temperature, dim=-1)
-    log_p = F.log_softmax(float_out.float().flatten(0, -2) / temperature, dim=-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-
-
 # -- units: what one search step changes ------------------------------------------------------------
 @dataclass
 class Unit:
@@ -285,9 +223,9 @@ class SearchSettings(StageSettings):
         units: ``blocks`` (CPT-V) or ``layers`` (CLAMP-ViT).
         targets: for ``blocks``: which scales (``attn_weights``, ``mlp_weights``, ``activations``);
             for ``layers``: ``activations`` in the list adds each layer's input scale.
-        fitness: ``infonce``, ``local_contrastive``, ``mse`` or ``kl``.
+        fitness: a name in :data:`FITNESS`: ``infonce``, ``local_contrastive`` (unit scope), ``mse`` or ``kl``.
         temperature: of the fitness (T = 3 for CPT-V's InfoNCE; τ ≈ 0.1 for the local loss).
-        output_weight: layer-local fitness only: weight of a KL on the logits added as tie-breaker.
+        output_weight: unit-scope fitness only: weight of a KL on the logits added as tie-breaker.
         population, tournament, cycles, passes: the evolution (cycles = children per unit and pass).
         mutation: ``absolute`` (Evol-Q) or ``relative``.
         radius: mutation radius; ``null`` = 1e-3 below 8 bits and 1e-4 at 8 bits (Evol-Q).
@@ -472,9 +410,10 @@ class _Objective:
         self.unit = unit
         with torch.no_grad():
             self.block_inputs = [self._block_input(unit.block, b) for b in self.batches] if unit.block else []
-        if not self.adapter.can_forward_from and self.settings.fitness != "local_contrastive":
+        local = self.loss.scope == "unit"
+        if not self.adapter.can_forward_from and not local:
             self.block_inputs = []  # a backbone inside a dense model: the output needs the whole model
-        if self.settings.fitness != "local_contrastive":
+        if not local:
             return
         with torch.no_grad():
             self.float_outputs = [self._capture(self.float_model, unit.output_name, b, stop=True)[0]
@@ -512,9 +451,9 @@ class _Objective:
         total = 0.0
         with torch.no_grad():
             for i in range(len(self.batches)):
-                if s.fitness == "local_contrastive":
+                if self.loss.scope == "unit":
                     if self.unit is None or not self.block_inputs:
-                        raise VitqError("the layer-local fitness needs a unit: call focus(unit) first")
+                        raise VitqError(f"the unit-scope fitness {s.fitness} needs a unit: call focus(unit) first")
                     out, logits = self._local(i, with_logits=s.output_weight > 0)
                     loss = self.loss(out, self.float_outputs[i], s.temperature)
                     if logits is not None:
@@ -670,11 +609,12 @@ class SearchStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         s: SearchSettings = self.settings
-        if s.units == "layers" and s.fitness != "local_contrastive":
-            ctx.log("search: layer units with a global fitness (%s) — the paper's CLAMP uses local_contrastive",
-                    s.fitness)
-        if s.units == "blocks" and s.fitness == "local_contrastive":
-            raise VitqError("search.fitness local_contrastive compares one layer's output: use units: layers")
+        fitness = FITNESS.get(s.fitness)
+        if s.units == "layers" and fitness.scope != "unit":
+            ctx.log("search: layer units with a model-scope fitness (%s) — the paper's CLAMP uses a layer-local one "
+                    "(local_contrastive)", s.fitness)
+        if s.units == "blocks" and fitness.scope == "unit":
+            raise VitqError(f"search.fitness {s.fitness} compares one layer's output: use units: layers")
         if s.holdout and s.refresh_every and ctx.refresh is not None:
             raise VitqError("search.holdout and search.refresh_every cannot be combined: refreshed images have no "
                             "held-out counterpart; set one of them to 0")
@@ -706,8 +646,8 @@ class SearchStage(Stage):
             holdout = list(images[perm[:n_hold]].split(s.batch_size))
             batches = list(images[perm[n_hold:]].split(s.batch_size))
         objective = _Objective(s, float_model, model, batches, device)
-        judge = _Objective(s.replace(fitness="infonce" if s.fitness == "local_contrastive" else s.fitness,
-                                     temperature=3.0 if s.fitness == "local_contrastive" else s.temperature),
+        judge_fitness, judge_temperature = fitness.judge or (s.fitness, s.temperature)
+        judge = _Objective(s.replace(fitness=judge_fitness, temperature=judge_temperature),
                            float_model, model, holdout, device) if holdout else None
 
         state_path = ctx.workdir / STATE_FILE if ctx.workdir is not None else None

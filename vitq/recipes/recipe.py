@@ -9,7 +9,7 @@ import yaml
 
 from ..errors import VitqError, reject_unknown_keys
 from ..data.synthetic.generators import GENERATORS, GeneratorSettings
-from ..methods.stages import STAGES, StageConfig, StageSettings
+from ..methods.stages import STAGES, StageConfig
 from ..quant.observers import ObserverConfig
 from ..quant.protocol import KIND_CHOICES
 from ..registry import Registry
