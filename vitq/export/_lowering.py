@@ -13,7 +13,6 @@ same numbers, in float.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -23,10 +22,7 @@ from torch import nn
 from ..errors import VitqError
 from ..nn import QuantAttention, QuantConv2d, QuantLayerNorm, QuantLinear, QuantWindowAttention
 from ..quant import protocol as roles
-from ..quant.primitives import (
-    broadcast_shape, choose_qparams_affine, fake_quantize_affine, fake_quantize_twin, fake_quantize_twin_range,
-    quantize_affine,
-)
+from ..quant.primitives import broadcast_shape, choose_qparams_affine, fake_quantize_affine, quantize_affine
 from ..quant.quantizer import Quantizer
 from ..quant.spec import QuantSpec
 from .formats import IntFormat
@@ -127,11 +123,11 @@ class ExportQuantizer(nn.Module):
         self.per_channel = scale is not None and scale.numel() > 1
         if not (quantizer.enabled and spec.enabled):
             self.form = OFF
-        elif spec.kind in ("log2", "logsqrt2", "twin", "twin_range") or spec.granularity == "per_token" \
-                or self.per_channel:
-            # twins (OPT-m): two scales 2^m apart have no common 8-bit code, so the consumer runs in float
-            # per-channel activation scales (PTF LayerNorm inputs) feed float LayerNorms: QDQ would
-            # gain nothing, and ONNX Runtime wrongly fuses a per-channel Q into QLinearConv
+        elif not spec.kind_entry.integer or spec.granularity == "per_token" or self.per_channel:
+            # a kind without an integer form (log grids; twins, whose two scales 2^m apart have no common
+            # 8-bit code) is emulated and its consumer runs in float; per-channel activation scales (PTF
+            # LayerNorm inputs) feed float LayerNorms: QDQ would gain nothing, and ONNX Runtime wrongly
+            # fuses a per-channel Q into QLinearConv
             self.form = EMULATED
         else:
             self.form = QDQ
@@ -170,34 +166,13 @@ class ExportQuantizer(nn.Module):
         if self.form == QDQ:
             return _QuantDequant.apply(x, self.scale, self.zero_point, self.c_zero_point, self.clip_lo,
                                        self.clip_hi, qmin, qmax)
-        if spec.kind == "log2":
-            return _log2(x, spec.bits)
-        if spec.kind == "logsqrt2":
-            return _logsqrt2(x, self.scale.to(x.dtype), spec.bits)
-        if spec.kind == "twin":
-            return fake_quantize_twin(x, self.scale.to(x.dtype), spec.ratio_log2, spec.bits)  # plain ops: exports
-        if spec.kind == "twin_range":
-            return fake_quantize_twin_range(x, self.scale.to(x.dtype), spec.ratio_log2, spec.bits)
-        if self.per_channel:
-            shape = broadcast_shape(x.ndim, spec.axis % x.ndim)
-            scale, zp = self.scale.reshape(shape).to(x.dtype), self.zero_point.reshape(shape).to(x.dtype)
-            return torch.clamp(torch.round(x / scale) + zp, qmin, qmax).sub(zp).mul(scale)
+        if spec.granularity != "per_token":
+            scale = None if self.scale is None else self.scale.to(x.dtype)
+            zero_point = None if self.zero_point is None else self.zero_point.to(x.dtype)
+            return spec.kind_entry.export_forward(x, scale, zero_point, spec)
         lo_v, hi_v = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)  # per-token, at run time
         scale, zp = choose_qparams_affine(lo_v, hi_v, qmin, qmax, spec.symmetric)
         return torch.clamp(torch.round(x / scale) + zp, qmin, qmax).sub(zp).mul(scale)
-
-
-def _log2(p: Tensor, bits: int) -> Tensor:
-    """:func:`vitq.quant.primitives.fake_quantize_log2` with operations every exporter knows."""
-    q = torch.clamp(torch.round(-torch.log(torch.clamp(p, min=1e-30)) / math.log(2.0)), min=0.0)
-    out = torch.pow(2.0, -q)
-    return torch.where((q > 2**bits - 1) | (p <= 0), torch.zeros_like(out), out)
-
-
-def _logsqrt2(p: Tensor, delta: Tensor, bits: int) -> Tensor:
-    q = torch.clamp(torch.round(-2.0 * torch.log(torch.clamp(p / delta, min=1e-30)) / math.log(2.0)), min=0.0)
-    out = delta * torch.pow(2.0, -q / 2)
-    return torch.where((q > 2**bits - 1) | (p <= 0), torch.zeros_like(out), out)
 
 
 class _IntWeight:
@@ -209,7 +184,7 @@ class _IntWeight:
         self.int_weight = quantizer.enabled and spec.enabled
         if not self.int_weight:
             return None
-        if spec.kind != "uniform" or spec.granularity == "per_token":
+        if not spec.kind_entry.integer or spec.granularity == "per_token":
             raise VitqError(f"weights quantized as {spec.kind}/{spec.granularity} cannot be exported")
         signed = fmt.signed_weights
         dtype, _, _, container = _container(signed)

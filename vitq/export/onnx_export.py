@@ -362,7 +362,7 @@ def _gemm_bits(model: nn.Module) -> Tuple[int, int]:
     weights, acts = [0], [0]
     for _, q in iter_quantizers(model):
         spec = q.spec
-        if not (spec.enabled and spec.kind == "uniform"):
+        if not (spec.enabled and spec.kind_entry.integer):
             continue
         if q.role == roles.WEIGHT:
             weights.append(spec.bits)

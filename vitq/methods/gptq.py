@@ -98,7 +98,7 @@ def gptq_round(weight: Tensor, hessian: Tensor, quantize, block_size: int = 128,
 def _column_quantizer(quantizer: Quantizer):
     """``quantize(column, index)`` on the per-output-channel grid of a weight quantizer."""
     spec = quantizer.spec
-    if spec.kind != "uniform" or spec.granularity not in ("per_channel", "per_tensor") or \
+    if not spec.kind_entry.plain_grid or spec.granularity not in ("per_channel", "per_tensor") or \
             (spec.granularity == "per_channel" and spec.axis % 2 != 0):
         raise VitqError(f"gptq rounds uniform per-output-channel or per-tensor weight quantizers, not {spec}")
     qmin, qmax = spec.qrange

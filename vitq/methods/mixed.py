@@ -136,7 +136,7 @@ def allocatable_units(model: nn.Module) -> List[BitUnit]:
                 continue
             for kind, q in (("weight", module.weight_quantizer), ("act", module.input_quantizer)):
                 spec = q.spec
-                if spec.enabled and spec.kind == "uniform" and spec.granularity != "per_token":
+                if spec.enabled and spec.kind_entry.plain_grid and spec.granularity != "per_token":
                     units.append(BitUnit(names[id(q)], kind, q))
     return units
 

@@ -152,9 +152,9 @@ class ReconstructStage(Stage):
     def _train(block: nn.Module, inputs: Tensor, target: Tensor, kwargs, s: ReconstructSettings, generator):
         """Train one block; returns its output MSE against the float block before and after."""
         layers = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled
-                  and m.weight_quantizer.spec.kind == "uniform"]
+                  and m.weight_quantizer.spec.kind_entry.plain_grid]
         acts = [q for q in block.modules() if isinstance(q, Quantizer) and q.role != roles.WEIGHT and q.enabled
-                and q.spec.kind == "uniform" and q.spec.granularity == "per_tensor" and q.scale is not None]
+                and q.spec.kind_entry.plain_grid and q.spec.granularity == "per_tensor" and q.scale is not None]
         with torch.no_grad():
             before = float(F.mse_loss(block(inputs, **kwargs), target))
         rounders = []

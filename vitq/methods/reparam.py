@@ -151,4 +151,4 @@ def _input_spec(model: nn.Module, pair: NormLinearPair):
     if not isinstance(linear, QuantLinear):
         return None
     spec = linear.input_quantizer.spec
-    return spec if spec.enabled and spec.kind == "uniform" else None
+    return spec if spec.enabled and spec.kind_entry.plain_grid else None

@@ -163,7 +163,7 @@ class Unit:
 
 
 def _searchable(q: Quantizer) -> bool:
-    return q.enabled and q.scale is not None and q.spec.kind in ("uniform", "logsqrt2")
+    return q.enabled and q.scale is not None and q.spec.kind_entry.searchable
 
 
 TARGETS = ("attn_weights", "mlp_weights", "activations")

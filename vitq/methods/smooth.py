@@ -318,7 +318,7 @@ class SmoothStage(Stage):
             for pair in pairs:
                 linear = model.get_submodule(pair.linear)
                 quantizer = linear.input_quantizer if isinstance(linear, QuantLinear) else None
-                if quantizer is not None and quantizer.spec.enabled and quantizer.spec.kind == "uniform":
+                if quantizer is not None and quantizer.spec.enabled and quantizer.spec.kind_entry.plain_grid:
                     quantizer.set_spec(quantizer.spec.with_(symmetric=True))
         factors = []
         unshifted = []

@@ -14,15 +14,7 @@ import torch
 
 from ..errors import VitqError, reject_unknown_keys
 from ..registry import Registry
-from .primitives import (
-    channel_view,
-    choose_ptf_factors,
-    choose_qparams_affine,
-    fake_quantize_affine,
-    fake_quantize_logsqrt2,
-    fake_quantize_twin,
-    fake_quantize_twin_range,
-)
+from .primitives import channel_view, fake_quantize_logsqrt2
 from .spec import QuantSpec
 
 Tensor = torch.Tensor
@@ -55,14 +47,14 @@ class Observer:
             raise VitqError("a calibration tensor holds NaN or inf: check the model and the input images")
         lo, hi = self._reduce(x)
         self._accumulate(lo, hi, x)
-        if self.keeps_last_batch or self.spec.kind == "ptf":
+        if self.keeps_last_batch or self.spec.kind_entry.needs_tensor:
             self.last = x
         self.num_batches += 1
 
     @property
     def per_channel(self) -> bool:
         """Statistics per channel (PTF quantizers share one base range across channels)."""
-        return self.spec.granularity == "per_channel" and self.spec.kind != "ptf"
+        return self.spec.granularity == "per_channel" and self.spec.kind_entry.channel_stats
 
     def _reduce(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if self.per_channel:
@@ -89,30 +81,7 @@ class Observer:
         """``(scale, zero_point)``: per-tensor scalars or ``[C]`` vectors."""
         if self.num_batches == 0:
             raise VitqError("the observer saw no data: calibrate with at least one batch")
-        spec = self.spec
-        qmin, qmax = spec.qrange
-        if spec.kind == "log2":
-            one = torch.ones((), device=self.max_val.device)
-            return one, torch.zeros_like(one)
-        if spec.kind == "logsqrt2":
-            delta = torch.clamp(self._logsqrt2_delta(), min=1e-8)
-            return delta, torch.zeros_like(delta)
-        lo, hi = self._clip_range()
-        if spec.kind in ("twin", "twin_range"):
-            return twin_qparams(hi, spec)
-        scale, zero_point = choose_qparams_affine(lo, hi, qmin, qmax, spec.symmetric)
-        if spec.kind == "ptf":
-            # FQ-ViT PTF: channel scales s1·2^α, α ∈ {0..3}, s1 = s8 / 8, one shared zero point
-            scale = choose_ptf_factors(self.last, scale / 8, zero_point, qmin, qmax)
-            zero_point = zero_point.expand_as(scale).clone()
-        return scale, zero_point
-
-
-def twin_qparams(max_val: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
-    """A ``twin`` (``twin_range``) quantizer's parameters: the positive (coarse) scale
-    ``max / (2^(b-1) - 1)`` and zero point 0 (the other scale follows from the spec's ``ratio_log2``)."""
-    scale = torch.clamp(torch.clamp(max_val, min=0.0) / spec.qrange[1], min=1e-8)
-    return scale, torch.zeros_like(scale)
+        return self.spec.kind_entry.qparams(self)
 
 
 def _strided(x: Tensor, per_channel: bool, axis: int, max_samples: int) -> Tensor:
@@ -126,16 +95,10 @@ def _strided(x: Tensor, per_channel: bool, axis: int, max_samples: int) -> Tenso
 def best_range(spec: QuantSpec, data: Tensor, candidates) -> Tuple[Tensor, Tensor]:
     """Among candidate clipping ranges ``(lo, hi)`` (each ``[C, 1]`` for ``[C, n]`` data), the one
     whose quantization of ``data`` has the least squared error, row by row."""
-    qmin, qmax = spec.qrange
+    kind = spec.kind_entry
     best_err = best_lo = best_hi = None
     for cand_lo, cand_hi in candidates:
-        if spec.kind in ("twin", "twin_range"):
-            scale, _ = twin_qparams(cand_hi, spec)
-            fake = fake_quantize_twin if spec.kind == "twin" else fake_quantize_twin_range
-            err = (fake(data, scale, spec.ratio_log2, spec.bits) - data).pow(2)
-        else:
-            scale, zp = choose_qparams_affine(cand_lo, cand_hi, qmin, qmax, spec.symmetric)
-            err = (fake_quantize_affine(data, scale, zp, qmin, qmax) - data).pow(2)
+        err = kind.range_error(spec, data, cand_lo, cand_hi)
         err = err.sum(dim=1, keepdim=True)
         if best_err is None:
             best_err, best_lo, best_hi = err, cand_lo, cand_hi

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
 from ..errors import VitqError
+from .kinds import kind_of
 from .spec import QuantSpec
 
 # Roles: what a quantized tensor is. Modules declare the role of each of their quantizers.
@@ -55,12 +56,13 @@ class Protocol:
             kind = kinds[role]
         if role == WEIGHT:
             return QuantSpec("uniform", w_bits, "per_channel", axis=0, symmetric=weight_symmetric)
-        if kind == "ptf":
-            return QuantSpec("ptf", a_bits, "per_channel", axis=-1, symmetric=False)
-        if kind in ("log2", "logsqrt2") or role == ATTN_PROBS:
-            # probabilities are non-negative: an unsigned range wastes no code on negatives
-            return QuantSpec(kind, a_bits, "per_tensor", symmetric=False)
-        return QuantSpec(kind, a_bits, "per_tensor", symmetric=act_symmetric)
+        entry = kind_of(kind)  # the kind's own constraints decide where it has any
+        granularity = "per_tensor" if "per_tensor" in entry.granularities else entry.granularities[0]
+        # probabilities are non-negative: an unsigned range wastes no code on negatives
+        symmetric = False if role == ATTN_PROBS else act_symmetric
+        if entry.symmetric is not None:
+            symmetric = entry.symmetric
+        return QuantSpec(kind, a_bits, granularity, axis=-1, symmetric=symmetric)
 
 
     def check_kinds(self, kinds: Optional[Mapping[str, str]]) -> Dict[str, str]:

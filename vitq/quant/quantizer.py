@@ -7,15 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import VitqError
-from .primitives import (
-    broadcast_shape,
-    choose_qparams_affine,
-    fake_quantize_affine,
-    fake_quantize_log2,
-    fake_quantize_logsqrt2,
-    fake_quantize_twin,
-    fake_quantize_twin_range,
-)
+from .primitives import choose_qparams_affine, fake_quantize_affine
 from .spec import QuantSpec
 
 Tensor = torch.Tensor
@@ -55,7 +47,7 @@ class Quantizer(nn.Module):
     @property
     def needs_calibration(self) -> bool:
         """Whether the point needs ``scale``/``zero_point`` from calibration before use."""
-        return self.spec.enabled and self.spec.kind != "log2" and self.spec.granularity != "per_token"
+        return self.spec.enabled and self.spec.kind_entry.calibrated and self.spec.granularity != "per_token"
 
     @property
     def is_calibrated(self) -> bool:
@@ -66,10 +58,11 @@ class Quantizer(nn.Module):
         if not self.enabled:
             return x
         spec = self.spec
-        if spec.kind == "log2":
-            return fake_quantize_log2(x, spec.bits)
-        qmin, qmax = spec.qrange
+        kind = spec.kind_entry
+        if not kind.calibrated:
+            return kind.fake_quantize(x, None, None, spec)
         if spec.granularity == "per_token":
+            qmin, qmax = spec.qrange
             lo = x.amin(dim=-1, keepdim=True)
             hi = x.amax(dim=-1, keepdim=True)
             scale, zp = choose_qparams_affine(lo, hi, qmin, qmax, spec.symmetric)
@@ -79,17 +72,7 @@ class Quantizer(nn.Module):
                 f"{self.role} quantizer used before calibration: run vitq.calibrate(model, data) "
                 "(or apply a plan) before evaluating the quantized model"
             )
-        scale, zp = self.scale.to(x.dtype), self.zero_point.to(x.dtype)
-        if spec.kind == "logsqrt2":
-            return fake_quantize_logsqrt2(x, scale, spec.bits)
-        if spec.kind == "twin":
-            return fake_quantize_twin(x, scale, spec.ratio_log2, spec.bits)
-        if spec.kind == "twin_range":
-            return fake_quantize_twin_range(x, scale, spec.ratio_log2, spec.bits)
-        if scale.numel() > 1:
-            shape = broadcast_shape(x.ndim, spec.axis)
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
-        return fake_quantize_affine(x, scale, zp, qmin, qmax)
+        return kind.fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), spec)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -97,5 +80,5 @@ class Quantizer(nn.Module):
             return f"role={self.role}, disabled"
         sym = "sym" if s.symmetric else "asym"
         state = "calibrated" if self.is_calibrated else "uncalibrated"
-        kind = f"{s.kind}(m={s.ratio_log2})" if s.kind in ("twin", "twin_range") else s.kind
+        kind = s.kind_entry.label(s)
         return f"role={self.role}, {kind}, {s.bits}b, {s.granularity}, {sym}, {state}"

@@ -5,11 +5,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Tuple
 
 from ..errors import VitqError
+from .kinds import GRANULARITIES, KINDS, QuantKind, kind_of
 
-KINDS = ("uniform", "log2", "logsqrt2", "ptf", "twin", "twin_range")
-TWINS = ("twin", "twin_range")
 MAX_RATIO_LOG2 = 16
-GRANULARITIES = ("per_tensor", "per_channel", "per_token")
 
 
 @dataclass(frozen=True)
@@ -50,44 +48,37 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise VitqError(f"unknown quantizer kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+            raise VitqError(f"unknown quantizer kind {self.kind!r}; choose one of {', '.join(KINDS.names())}")
         if self.granularity not in GRANULARITIES:
             raise VitqError(
                 f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}"
             )
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise VitqError(f"bits must be an integer from 2 to 16, got {self.bits!r}")
-        if self.kind == "ptf" and self.granularity != "per_channel":
-            raise VitqError("a 'ptf' quantizer is per_channel (one power-of-two factor per channel)")
-        if self.kind in ("log2", "logsqrt2") and (self.granularity != "per_tensor" or self.symmetric):
-            raise VitqError(f"a {self.kind!r} quantizer is per_tensor and unsigned")
-        if self.kind == "twin" and (self.granularity != "per_tensor" or not self.symmetric):
-            raise VitqError("a 'twin' quantizer is per_tensor and symmetric (sign-magnitude codes, zero point 0)")
-        if self.kind == "twin_range" and (self.granularity != "per_tensor" or self.symmetric):
-            raise VitqError("a 'twin_range' quantizer is per_tensor and unsigned (region bit + magnitude, zero point 0)")
+        self.kind_entry.validate(self)
         m = self.ratio_log2
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_RATIO_LOG2:
             raise VitqError(f"ratio_log2 must be an integer from 0 to {MAX_RATIO_LOG2}, got {m!r}")
-        if m and self.kind not in TWINS:
-            raise VitqError(f"ratio_log2 is a setting of 'twin' and 'twin_range' quantizers, not of {self.kind!r}")
+        if m and not self.kind_entry.ratio:
+            with_ratio = ", ".join(repr(n) for n, k in KINDS.items() if k.ratio)
+            raise VitqError(f"ratio_log2 is a setting of {with_ratio} quantizers, not of {self.kind!r}")
+
+    @property
+    def kind_entry(self) -> QuantKind:
+        """The registered :class:`~vitq.quant.kinds.QuantKind` of this spec."""
+        return kind_of(self.kind)
 
     @property
     def qrange(self) -> Tuple[int, int]:
         """The integer range [q_min, q_max] (``twin``: of the signed magnitude, one bit being the sign)."""
-        if self.kind == "twin":
-            return -(2 ** (self.bits - 1) - 1), 2 ** (self.bits - 1) - 1
-        if self.kind == "twin_range":
-            return 0, 2 ** (self.bits - 1) - 1
-        if self.symmetric:
-            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        return 0, 2**self.bits - 1
+        return self.kind_entry.qrange(self)
 
     def with_(self, **changes: Any) -> "QuantSpec":
         return replace(self, **changes)
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
-        if self.kind not in TWINS:
+        if not self.kind_entry.ratio:
             del data["ratio_log2"]  # plans of other kinds read as before
         return data
 
