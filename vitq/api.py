@@ -144,19 +144,37 @@ def _remembering(refresh: Optional[Refresher], made: Synthesized) -> Optional[Re
     return remembered
 
 
+def start_plan_settings(plan: Plan, w_bits: Optional[int] = None, a_bits: Optional[int] = None,
+                        protocol: Optional[str] = None) -> Tuple[int, int, str]:
+    """The bit-widths and protocol of a run that starts from ``plan``: the plan's own. A value given
+    that differs from the plan's is refused by name (its quantizers are kept as they are).
+
+    Example:
+        >>> start_plan_settings(Plan({"w_bits": 4, "a_bits": 8, "protocol": "p1"}, {}, {}), w_bits=4)
+        (4, 8, 'p1')
+    """
+    flags = {"w_bits": "--w-bits", "a_bits": "--a-bits", "protocol": "--protocol"}
+    for key, given in (("w_bits", w_bits), ("a_bits", a_bits), ("protocol", protocol)):
+        if given is not None and given != plan.meta.get(key):
+            raise VitqError(f"{key} {given} ({flags[key]}) differs from the start plan's {plan.meta.get(key)}: leave "
+                            "it out (the plan's bit-widths and protocol are kept)")
+    return plan.meta.get("w_bits", 8), plan.meta.get("a_bits", 8), plan.meta.get("protocol", "p1")
+
+
 def quantize(
     model: nn.Module,
     recipe: Union[str, Recipe] = "recommended",
     data: Optional[Batches] = (),
     *,
-    w_bits: int = 8,
-    a_bits: int = 8,
-    protocol: str = "p1",
+    w_bits: Optional[int] = None,
+    a_bits: Optional[int] = None,
+    protocol: Optional[str] = None,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
     meta: Optional[Dict[str, Any]] = None,
     seed: int = 0,
     start_plan: Optional[Union[Plan, str, Path]] = None,
+    budget: Optional[str] = None,
     workdir: Optional[Union[str, Path]] = None,
     resume: bool = False,
     refresh: Optional[Refresher] = None,
@@ -180,14 +198,19 @@ def quantize(
             preprocessed for the model. ``None``: data-free, the images are synthesised from the
             model (:func:`synthesize` with ``data_free``, ``num_images``, ``gen_settings``) and,
             when the recipe's search asks for it, refreshed during the search (CLAMP-ViT's cycle).
-        w_bits, a_bits: bit-widths, 2 to 8 (ignored with ``start_plan``: the plan's).
-        protocol: ``p1``, ``p2`` or ``p3`` (which tensors are quantized).
+        w_bits, a_bits: bit-widths, 2 to 8 (default 8; with ``start_plan``: the plan's, and a
+            different value is refused).
+        protocol: ``p1`` (default), ``p2``, ``p3`` or ``p4`` (which tensors are quantized; with
+            ``start_plan``: the plan's).
         device: ``cpu``, ``cuda`` or None (CUDA when present).
         progress: show progress bars.
         meta: extra facts recorded in the plan.
         seed: seeds the random choices of the stages (same seed, same plan).
         start_plan: start from this plan (or ``plan.json`` path) instead of calibrating: the
             stages that calibrate are skipped, the refiners improve the plan.
+        budget: mixed precision: the average weight/activation bits of the blocks' linear layers,
+            e.g. ``"w4a6"``, for the recipe's width-allocating stage (``mptq-vit-mp``'s Greedy MP,
+            ``clamp-vit-mp``'s search); other points keep ``w_bits``/``a_bits``.
         workdir: folder for stage checkpoints (e.g. the search state); needed for ``resume``.
         resume: continue a stage from its checkpoint in ``workdir``.
         refresh: data-free runs: ``refresh(qmodel, batches, step)`` returns new images made
@@ -216,7 +239,16 @@ def quantize(
         4
     """
     recipe = load_recipe(recipe)
+    if budget is not None:
+        recipe = recipe.with_budget(budget)
     device = resolve_device(device)
+    if start_plan is not None and not isinstance(start_plan, Plan):
+        start_plan = Plan.load(start_plan)
+    if start_plan is not None:
+        w_bits, a_bits, protocol = start_plan_settings(start_plan, w_bits, a_bits, protocol)
+    w_bits = 8 if w_bits is None else w_bits
+    a_bits = 8 if a_bits is None else a_bits
+    protocol = protocol or "p1"
     if backbone is not None:
         sub = backbone_module(model, backbone)
         inputs = None if data is None else backbone_inputs(model, backbone, data, device)
@@ -240,10 +272,8 @@ def quantize(
         raise VitqError("data_free, num_images and gen_settings are for data-free runs: pass data=None")
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
     if start_plan is not None:
-        plan = start_plan if isinstance(start_plan, Plan) else Plan.load(start_plan)
+        plan = start_plan
         qmodel = apply_plan(model, plan)
-        protocol = plan.meta.get("protocol", protocol)
-        w_bits, a_bits = plan.meta.get("w_bits", w_bits), plan.meta.get("a_bits", a_bits)
     else:
         qmodel = prepare(
             model,

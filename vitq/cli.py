@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from . import __version__
-from .api import data_free_refresher, evaluate, evaluate_segmentation, quantize, resolve_device, synthesize
+from .api import (data_free_refresher, evaluate, evaluate_segmentation, quantize, resolve_device, start_plan_settings,
+                  synthesize)
 from .data.segmentation import SegmentationSet, scan_segmentation, segmentation_loader
 from .data.folder import (ImageList, balanced_subset, check_images, check_labels, find_bad_images, load_images, make_loader,
                           scan_folder)
@@ -32,13 +33,12 @@ from .export._deps import require
 from .export.onnx_export import DEFAULT_OPSET
 from .export.speed import BACKENDS, profile_table, size_table, speed_table
 from .methods.lifecycle import check_bits
-from .methods.mixed import parse_budget
 from .methods.plan import Plan, apply_plan, check_plan_weights
 from .models.adapters import ADAPTERS, BackboneAdapter, find_adapter
 from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .quant.observers import OBSERVERS
 from .quant.protocol import DEFAULT_INPUT_BITS, PROTOCOLS, get_protocol
-from .recipes.recipe import RECIPES, Recipe, load_recipe
+from .recipes.recipe import RECIPES, load_recipe
 from .report import RunFolder, bits_per_layer, pareto, run_report, search_curve, segmentation_examples
 
 DEFAULT_NUM_CALIB = 256
@@ -418,18 +418,6 @@ def _classification_row(metrics: Dict[str, Any]) -> list:
     ]
 
 
-def _apply_budget(args: argparse.Namespace, recipe: Recipe) -> Recipe:
-    """Put ``--budget`` into the recipe's allocator: a ``greedy_mp`` stage or a mixed-precision
-    ``search`` (CLAMP-ViT)."""
-    budget_w, budget_a = parse_budget(args.budget)
-    if "greedy_mp" in recipe.stage_names:
-        return recipe.with_overrides({"greedy_mp": {"budget_w": budget_w, "budget_a": budget_a}})
-    if "search" in recipe.stage_names and recipe.stage("search").settings.bits:
-        return recipe.with_overrides({"search": {"budget_w": budget_w, "budget_a": budget_a}})
-    raise VitqError(f"--budget needs a recipe that allocates widths: a greedy_mp stage (mptq-vit-mp) or a search "
-                    f"with bits (clamp-vit-mp); recipe {recipe.name!r} has {', '.join(recipe.stage_names)}")
-
-
 def _write_bits(run: RunFolder, result: Any, loaded: LoadedModel, title: str) -> Dict[str, Any]:
     """``bits.json`` and ``bits_per_layer.png``; for Greedy MP, ``greedy_mp.json`` and ``pareto.png``.
     Returns the summary that goes into ``metrics.json``."""
@@ -465,15 +453,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     start_plan = None
     if args.start_plan:
         start_plan = Plan.load(args.start_plan)
-        for flag, key in (("--w-bits", "w_bits"), ("--a-bits", "a_bits"), ("--protocol", "protocol")):
-            given = getattr(args, key)
-            if given is not None and given != start_plan.meta.get(key):
-                raise VitqError(f"{flag} {given} differs from the start plan's {start_plan.meta.get(key)}: "
-                                f"drop {flag} (the plan's bit-widths and protocol are kept)")
-        args.w_bits, args.a_bits = start_plan.meta.get("w_bits"), start_plan.meta.get("a_bits")
-        args.protocol = start_plan.meta.get("protocol")
+        args.w_bits, args.a_bits, args.protocol = start_plan_settings(start_plan, args.w_bits, args.a_bits,
+                                                                      args.protocol)
     if args.budget is not None:
-        recipe = _apply_budget(args, recipe)
+        recipe = recipe.with_budget(args.budget)
     args.w_bits = 8 if args.w_bits is None else args.w_bits
     args.a_bits = 8 if args.a_bits is None else args.a_bits
     protocol = get_protocol(args.protocol or "p1")

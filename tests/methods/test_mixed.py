@@ -63,6 +63,26 @@ def test_a_lower_budget_gives_fewer_bits():
     assert len(tight["trajectory"]) > len(loose["trajectory"])
 
 
+def test_budget_from_the_library_as_from_the_cli():
+    """``vitq.quantize(..., budget=)`` sets the recipe's allocator like ``--budget`` (here tighter than the
+    recipe's own), and a recipe that allocates nothing refuses a budget."""
+    via_api = quantize(tiny_vit(), MP, batches(), budget="w4a5", progress=False).record["greedy_mp"]
+    by_hand = quantize(tiny_vit(), load_recipe(MP).with_overrides({"greedy_mp": {"budget_w": 4, "budget_a": 5}}),
+                       batches(), progress=False).record["greedy_mp"]
+    assert (via_api["budget_w"], via_api["budget_a"]) == (4.0, 5.0)
+    assert via_api["bits"] == by_hand["bits"]
+    with pytest.raises(VitqError, match="greedy_mp stage"):
+        quantize(tiny_vit(), "minmax", batches(), budget="w4a4", progress=False)
+
+
+def test_start_plan_keeps_its_bits_and_refuses_others():
+    start = quantize(tiny_vit(), "minmax", batches(), w_bits=6, progress=False).plan
+    again = quantize(tiny_vit(), "minmax", batches(), start_plan=start, progress=False)
+    assert (again.plan.meta["w_bits"], again.plan.meta["a_bits"], again.plan.meta["protocol"]) == (6, 8, "p1")
+    with pytest.raises(VitqError, match=r"w_bits 4 \(--w-bits\) differs from the start plan's 6"):
+        quantize(tiny_vit(), "minmax", batches(), w_bits=4, start_plan=start, progress=False)
+
+
 @pytest.mark.parametrize(
     "settings, match",
     [

@@ -76,6 +76,9 @@ class GreedyMPSettings(StageSettings):
     mode: str = "oneshot"
     checkpoints: int = 12
 
+    def allocates_widths(self) -> bool:
+        return True
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", tuple(self.bits) if isinstance(self.bits, (list, tuple)) else self.bits)
         if not isinstance(self.bits, tuple) or not self.bits:

@@ -277,6 +277,9 @@ class SearchSettings(StageSettings):
     penalty: float = 1.0
     bit_rate: float = 0.2
 
+    def allocates_widths(self) -> bool:
+        return bool(self.bits)  # mixed precision: the genome carries widths
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
         if not isinstance(self.bits, (list, tuple)):

@@ -41,6 +41,10 @@ class StageSettings:
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
+    def allocates_widths(self) -> bool:
+        """Whether the stage chooses bit-widths under an average-bits budget (``budget_w``/``budget_a``)."""
+        return False
+
     def replace(self, **changes: Any) -> "StageSettings":
         return type(self).from_dict({**self.to_dict(), **changes}, type(self).__name__)
 

@@ -1,24 +1,22 @@
 """Model adapters: which float modules of a model family become which quantized modules.
 
-Chosen by module type through a registry, never by module names.
+Chosen by module type through a registry, never by module names. Each family is one file of
+:mod:`vitq.models.families` that registers its :class:`ModelAdapter` subclass in :data:`ADAPTERS`.
 """
 from __future__ import annotations
 
-import math
+import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import timm.layers
 from timm.layers import Mlp, PatchEmbed
-from timm.layers.attention import Attention
 import torch
-from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import VitqError
-from ..nn import QuantAttention, QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule, QuantWindowAttention
+from ..nn import QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule
 from ..quant.quantizer import Quantizer
 from ..registry import Registry
 
@@ -126,6 +124,10 @@ class ModelAdapter:
                 out.append(names[id(mlp.fc2)])
         return out
 
+    def feature_channels(self, model: nn.Module, indices: Sequence[int]) -> List[int]:
+        """The channels of the feature maps ``forward_intermediates(indices=...)`` returns (dense heads)."""
+        raise VitqError(f"{type(model).__name__}: this model family gives no feature maps for a dense head")
+
     def quantize_modules(self, model: nn.Module) -> nn.Module:
         """Replace, in place, every mapped float module of ``model`` by its quantized module."""
         self.check(model)
@@ -141,113 +143,6 @@ class ModelAdapter:
                 child = qcls.from_float(child)
                 setattr(module, name, child)
             self._swap(child)
-
-
-@ADAPTERS.register("vit")
-class ViTAdapter(ModelAdapter):
-    family = "ViT, DeiT and distilled DeiT (timm VisionTransformer)"
-    model_types = (VisionTransformer,)
-    module_map = {**_COMMON, Attention: QuantAttention}
-
-    def check(self, model: nn.Module) -> None:
-        for i, block in enumerate(model.blocks):
-            attn = getattr(block, "attn", None)
-            if type(attn) is not Attention:
-                raise VitqError(
-                    f"blocks.{i}.attn is {type(attn).__name__}, not timm's Attention: this ViT variant "
-                    "is not supported yet (supported: " + ", ".join(ADAPTERS.names()) + ")"
-                )
-
-    def token_grids(self, model: nn.Module) -> List[Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
-        """Each block's attention output (after the projection), on the patch grid."""
-        self.check(model)
-        prefix = int(getattr(model, "num_prefix_tokens", 1))
-        grid = tuple(model.patch_embed.grid_size)
-
-        def to_grid(out: torch.Tensor) -> torch.Tensor:
-            patches = out[:, prefix:]
-            n = patches.shape[1]
-            h, w = grid if grid[0] * grid[1] == n else (math.isqrt(n), n // math.isqrt(n))
-            return patches.reshape(out.shape[0], h, w, out.shape[-1])
-
-        return [(block.attn, to_grid) for block in model.blocks]
-
-    def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
-        return [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
-
-    def forward_from(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
-        start = [name for name, _ in self.blocks(model)].index(block)
-        for blk in model.blocks[start:]:
-            x = blk(x)
-        return model.forward_head(model.norm(x))
-
-    def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
-        """Pre-norm blocks (timm ``Block``): norm1 → attn.qkv and norm2 → mlp.fc1. Blocks of other
-        types (post-norm, parallel) and attention with a gate (which also reads norm1's output)
-        have no such pair."""
-        pairs = []
-        for name, block in self.blocks(model):
-            if type(block) is not Block:
-                continue
-            attn = block.attn
-            if _is_norm(block.norm1) and getattr(attn, "gate", None) is None and isinstance(attn.qkv, nn.Linear):
-                pairs.append(NormLinearPair("qkv", f"{name}.norm1", f"{name}.attn.qkv"))
-            if _is_norm(block.norm2) and type(block.mlp) is Mlp:
-                pairs.append(NormLinearPair("fc1", f"{name}.norm2", f"{name}.mlp.fc1"))
-        return pairs
-
-
-@ADAPTERS.register("swin")
-class SwinAdapter(ModelAdapter):
-    family = "Swin Transformer v1 (timm SwinTransformer)"
-    model_types = (SwinTransformer,)
-    module_map = {**_COMMON, WindowAttention: QuantWindowAttention}
-
-    def check(self, model: nn.Module) -> None:
-        found = sum(isinstance(m, WindowAttention) for m in model.modules())
-        if found == 0:
-            raise VitqError("this SwinTransformer has no WindowAttention modules: it is not a Swin v1 model")
-
-    def token_grids(self, model: nn.Module) -> List[Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
-        """Each Swin block's output, already a ``[B, H, W, C]`` grid (windowed attention outputs are
-        scattered over shifted windows; the block output holds them in place)."""
-        self.check(model)
-        return [(m, lambda out: out) for m in model.modules() if isinstance(m, SwinTransformerBlock)]
-
-    def blocks(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, SwinTransformerBlock)]
-
-    def forward_from(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
-        target = model.get_submodule(block)
-        started = False
-        for stage in model.layers:
-            if not started:
-                blocks = list(stage.blocks)
-                if not any(b is target for b in blocks):
-                    continue
-                started = True
-                for blk in blocks[next(i for i, b in enumerate(blocks) if b is target):]:
-                    x = blk(x)
-            else:
-                x = stage(x)
-        return model.forward_head(model.norm(x))
-
-    def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
-        """Each block's norm1 → attn.qkv (windows are partitioned in between: a per-channel map
-        commutes with that) and norm2 → mlp.fc1, and each patch merging's norm → reduction."""
-        pairs = []
-        for name, module in model.named_modules():
-            if type(module) is SwinTransformerBlock:
-                h, w = module.input_resolution
-                wh, ww = module.window_size
-                padded = bool(h % wh or w % ww)
-                if _is_norm(module.norm1) and isinstance(module.attn.qkv, nn.Linear):
-                    pairs.append(NormLinearPair("qkv", f"{name}.norm1", f"{name}.attn.qkv", shift_exact=not padded))
-                if _is_norm(module.norm2) and type(module.mlp) is Mlp:
-                    pairs.append(NormLinearPair("fc1", f"{name}.norm2", f"{name}.mlp.fc1"))
-            elif type(module) is PatchMerging and _is_norm(module.norm):
-                pairs.append(NormLinearPair("reduction", f"{name}.norm", f"{name}.reduction"))
-        return pairs
 
 
 class BackboneAdapter(ModelAdapter):
@@ -382,3 +277,6 @@ def kept_on_its_device(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         if home is not None:
             model.to(home)
+
+
+importlib.import_module(f"{__package__}.families")  # each family registers its adapter

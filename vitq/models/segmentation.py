@@ -8,26 +8,27 @@ the backbone); this one is simply the model vitq can build from a model card.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import VitqError
 
 
 def _feature_channels(backbone: nn.Module, indices: Sequence[int]) -> List[int]:
-    if isinstance(backbone, VisionTransformer):
-        return [backbone.embed_dim] * len(indices)
-    if isinstance(backbone, SwinTransformer):
-        dims = [info["num_chs"] for info in backbone.feature_info]
-        return [dims[i] for i in indices]
-    raise VitqError(f"a segmentation backbone must be a timm VisionTransformer or SwinTransformer, "
-                    f"got {type(backbone).__name__}")
+    from .adapters import ModelAdapter, find_adapter
+
+    try:
+        adapter: Optional[ModelAdapter] = find_adapter(backbone)
+    except VitqError:
+        adapter = None
+    if adapter is None or not type(adapter).matches(backbone):
+        raise VitqError(f"a segmentation backbone must be a timm VisionTransformer or SwinTransformer, "
+                        f"got {type(backbone).__name__}")
+    return adapter.feature_channels(backbone, indices)
 
 
 class ViTSegmenter(nn.Module):

@@ -107,6 +107,24 @@ class Recipe:
         stages = tuple(s.with_overrides(overrides[s.name]) if s.name in overrides else s for s in self.stages)
         return replace(self, stages=stages)
 
+    def with_budget(self, budget: str) -> "Recipe":
+        """A copy whose width-allocating stage (Greedy MP, or a mixed-precision search) aims at the
+        average bits ``budget``, e.g. ``"w4a6"``.
+
+        Example:
+            >>> from vitq.recipes import load_recipe
+            >>> load_recipe("mptq-vit-mp").with_budget("w5a6").stage("greedy_mp").settings.budget_w
+            5.0
+        """
+        from ..methods.mixed import parse_budget
+
+        budget_w, budget_a = parse_budget(budget)
+        for config in self.stages:
+            if config.settings.allocates_widths():
+                return self.with_overrides({config.name: {"budget_w": budget_w, "budget_a": budget_a}})
+        raise VitqError(f"a bit budget needs a recipe that allocates widths: a greedy_mp stage (mptq-vit-mp) or a "
+                        f"search with bits (clamp-vit-mp); recipe {self.name!r} has {', '.join(self.stage_names)}")
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "recipe") -> "Recipe":
         if not isinstance(data, Mapping):
