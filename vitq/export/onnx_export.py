@@ -443,7 +443,8 @@ def _verify_against(model: nn.Module, runtime: Callable[[torch.Tensor], torch.Te
     with torch.no_grad():
         device = next(model.parameters()).device
         ref = model(sample.to(device)).float().cpu()
-    got = runtime(sample)
+    with torch.no_grad():
+        got = runtime(sample).detach().float().cpu()
     diff = (got - ref).abs()
     out = {
         "inputs": inputs,
