@@ -274,7 +274,9 @@ def test_cli_data_free_segmentation_says_the_output_loss_was_dropped(seg_checkpo
     assert stats["output_loss"] is False and stats["target_hit_rate"] is None
 
 
-def test_cli_export_of_a_segmentation_run_and_onnx_eval_refused_clearly(seg_checkpoint, seg_set, tmp_path, capsys):
+def test_cli_export_of_a_segmentation_run_and_its_miou_in_onnx_runtime(seg_checkpoint, seg_set, tmp_path, capsys):
+    """``vitq eval FILE.onnx --eval SET`` scores a segmentation export in ONNX Runtime; with ``--plan``
+    the simulated model's mIoU is beside it and equals what ``vitq eval CHECKPOINT --plan`` reports."""
     pytest.importorskip("onnxruntime")
     run = tmp_path / "run"
     assert main(["quantize", str(seg_checkpoint), "--recipe", "minmax", "--calib", str(seg_set), "--out", str(run),
@@ -283,10 +285,20 @@ def test_cli_export_of_a_segmentation_run_and_onnx_eval_refused_clearly(seg_chec
     assert main(["export", str(run), "--out", str(onnx_path), "--quiet"]) == 0
     report = json.loads(onnx_path.with_suffix(".export.json").read_text())
     assert report["verification"]["max_abs_diff"] < 1e-3  # ONNX Runtime's logits against the simulated model
-    capsys.readouterr()
-    assert main(["eval", str(onnx_path), "--eval", str(seg_set)]) == 2
-    err = capsys.readouterr().err
-    assert "segmentation model" in err and "vitq eval CHECKPOINT --plan" in err and "Traceback" not in err
+    out = tmp_path / "onnx_eval.json"
+    assert main(["eval", str(onnx_path), "--eval", str(seg_set), "--plan", str(run), "--out", str(out), "--quiet"]) == 0
+    got = json.loads(out.read_text())
+    assert got["task"] == "segmentation" and got["runtime"] == "onnxruntime" and got["num_eval"] > 0
+    assert got["pixel_agreement"] > 99.0 and abs(got["miou_diff"]) < 1.0
+    assert set(got["per_class_iou"]) == {"c0", "c1", "c2"}  # the model card's names, recorded at export
+    plan_eval = tmp_path / "plan_eval.json"
+    assert main(["eval", str(seg_checkpoint), "--plan", str(run), "--eval", str(seg_set), "--out", str(plan_eval),
+                 "--quiet"]) == 0
+    assert got["reference_miou"] == pytest.approx(json.loads(plan_eval.read_text())["quant_miou"], abs=1e-3)
+    alone = tmp_path / "alone.json"
+    assert main(["eval", str(onnx_path), "--eval", str(seg_set), "--out", str(alone), "--quiet"]) == 0
+    assert json.loads(alone.read_text())["onnx_miou"] == got["onnx_miou"] and "reference_miou" not in \
+        json.loads(alone.read_text())
 
 
 def test_cli_unreadable_label_map_is_named_before_any_work_or_skipped(seg_checkpoint, seg_set, tmp_path, capsys):

@@ -28,7 +28,7 @@ from .errors import VitqError
 from .files import atomic_torch_save, load_state
 from .eval.bits import bit_stats
 from .eval.metrics import count_quant_points, float_layers, model_size
-from .export import FORMATS, OnnxModel, bench_speed, evaluate_onnx, export_onnx
+from .export import FORMATS, OnnxModel, bench_speed, evaluate_onnx, evaluate_onnx_segmentation, export_onnx
 from .export._deps import require
 from .export.onnx_export import DEFAULT_OPSET
 from .export.speed import BACKENDS, profile_table, size_table, speed_table
@@ -255,7 +255,7 @@ def _calib_folder(args: argparse.Namespace, task: str) -> ImageList:
     return scan_folder(root, labelled=False)
 
 
-def _segmentation_eval(args: argparse.Namespace, loaded: LoadedModel,
+def _segmentation_eval(args: argparse.Namespace, num_classes: int, ignore_index: Optional[int],
                        seed: int) -> Tuple[Optional[SegmentationSet], int]:
     """The scored split of a segmentation set (``--num-eval``: a seeded subset), its files checked and
     its void label known, and how many unreadable pairs were left out (``--skip-bad-images``)."""
@@ -263,10 +263,10 @@ def _segmentation_eval(args: argparse.Namespace, loaded: LoadedModel,
         return None, 0
     drawn = scan_segmentation(args.eval_dir, EVAL_SPLIT).sample(args.num_eval, seed)
     data = _readable_pairs(drawn, getattr(args, "skip_bad_images", False))
-    if data.ignore_index is None and loaded.ignore_index is not None:
-        data = dataclasses.replace(data, ignore_index=loaded.ignore_index)
-    if data.classes is not None and len(data.classes) != _num_classes(loaded):
-        raise VitqError(f"{data.root} has {len(data.classes)} classes but the model segments {_num_classes(loaded)}: "
+    if data.ignore_index is None and ignore_index is not None:
+        data = dataclasses.replace(data, ignore_index=ignore_index)
+    if data.classes is not None and len(data.classes) != num_classes:
+        raise VitqError(f"{data.root} has {len(data.classes)} classes but the model segments {num_classes}: "
                         "is this the set the model was trained on?")
     return data, len(drawn) - len(data)
 
@@ -488,7 +488,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if _num_classes(loaded) and task == "classification":
             check_labels(calib, _num_classes(loaded))
     if task == "segmentation":
-        (seg_eval, skipped_eval), eval_images = _segmentation_eval(args, loaded, args.seed), None
+        (seg_eval, skipped_eval), eval_images = _segmentation_eval(args, _num_classes(loaded), loaded.ignore_index, args.seed), None
     elif args.eval_dir and getattr(loaded.model, "num_classes", None) == 0:
         raise VitqError("the model has no classifier (num_classes=0): it outputs features, so top-1 and agreement "
                         "would mean nothing; drop --eval (the plan and report are still written)")
@@ -684,7 +684,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("note: --random-weights: the exported model has random weights, not the ones the plan was "
               "calibrated on (for speed measurements only)", file=sys.stderr)
     qmodel = apply_plan(loaded.model, plan, check_weights=not (args.random_weights and not made_random))
-    meta = {**plan.meta, "model": loaded.identity, "classes": loaded.classes}
+    meta = {**plan.meta, "model": loaded.identity, "classes": loaded.classes, "ignore_index": loaded.ignore_index}
     if args.format == "openvino":
         from .export.openvino import export_openvino
         report = export_openvino(qmodel, out, int_format=args.int_format, data_config=loaded.data_config, meta=meta)
@@ -737,11 +737,14 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     if not onnx_model.meta:
         raise VitqError(f"{args.model} has no vitq metadata (preprocessing, classes): export it with `vitq export`")
     meta = onnx_model.meta.get("meta") or {}
-    if onnx_model.meta.get("task", "classification") != "classification":
-        raise VitqError(f"{args.model} is a {onnx_model.meta['task']} model: scoring it in {runtime} is not built yet; "
-                        "score its plan in PyTorch with `vitq eval CHECKPOINT --plan RUN --eval SET` (the export "
-                        "itself already checks ONNX Runtime's outputs against the simulated model)")
+    task = onnx_model.meta.get("task", "classification")
     seed = args.seed if args.seed is not None else meta.get("seed", 0)
+    if task == "segmentation":
+        return _eval_runtime_segmentation(args, onnx_model, runtime, meta, seed)
+    if task != "classification":
+        raise VitqError(f"{args.model} is a {task} model: scoring it in {runtime} is not built yet; score its plan "
+                        "in PyTorch with `vitq eval CHECKPOINT --plan RUN --eval SET` (the export itself already "
+                        "checks the runtime's outputs against the simulated model)")
     calib = _calib_images_of_plan(meta, args.eval_dir)
     images, skipped = _eval_images(args, calib, seed)
     if onnx_model.num_classes:
@@ -766,6 +769,40 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     if reference is not None:
         row += [("PyTorch simulated top-1", metrics["reference_top1"]), ("Δ top-1", metrics["top1_diff"]),
                 ("agreement", metrics["agreement"])]
+    print("| " + " | ".join(k for k, _ in row) + " |\n|" + "---|" * len(row) + "\n| "
+          + " | ".join(f"{v:.2f}" for _, v in row) + " |")
+    print(json.dumps(metrics))
+    return 0
+
+
+def _eval_runtime_segmentation(args: argparse.Namespace, runtime_model: Any, runtime: str, meta: Dict[str, Any],
+                               seed: int) -> int:
+    """``vitq eval FILE.onnx|.xml --eval SET`` of a segmentation model: mIoU in the runtime, and with
+    ``--plan`` the simulated PyTorch model on the same images (pixel agreement, KL)."""
+    num_classes = int(runtime_model.num_classes or 0)
+    data, skipped = _segmentation_eval(args, num_classes, meta.get("ignore_index"), seed)
+    reference = None
+    if args.plan:
+        plan = Plan.load(args.plan)
+        exported = meta.get("model") or {}
+        loaded = _load_plan_model(plan, exported.get("name"), exported.get("arch"), exported.get("kwargs")) \
+            if exported.get("name") else _load_plan_model(plan)
+        reference = apply_plan(loaded.model, plan)
+    batch = args.batch_size or DEFAULT_BATCH_DENSE
+    loader = segmentation_loader(data, runtime_model.data_config, batch, args.workers)
+    key = "openvino" if runtime == "OpenVINO" else "onnx"
+    metrics = {"model": str(args.model), "task": "segmentation",
+               **{k: meta.get(k) for k in ("recipe", "protocol", "w_bits", "a_bits")}, "seed": seed,
+               **evaluate_onnx_segmentation(runtime_model, loader, reference=reference, ignore_index=data.ignore_index,
+                                            classes=data.classes or meta.get("classes"), progress=not args.quiet),
+               **_skipped_images(eval=skipped)}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=1) + "\n")
+    row = [(f"{runtime} mIoU", metrics[f"{key}_miou"]), (f"{runtime} pixel acc", metrics[f"{key}_pixel_acc"])]
+    if reference is not None:
+        row += [("PyTorch simulated mIoU", metrics["reference_miou"]), ("Δ mIoU", metrics["miou_diff"]),
+                ("pixel agreement", metrics["pixel_agreement"])]
     print("| " + " | ".join(k for k, _ in row) + " |\n|" + "---|" * len(row) + "\n| "
           + " | ".join(f"{v:.2f}" for _, v in row) + " |")
     print(json.dumps(metrics))
@@ -860,7 +897,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.batch_size = args.batch_size or (DEFAULT_BATCH if task == "classification" else DEFAULT_BATCH_DENSE)
     skipped = 0
     if task == "segmentation":
-        data, skipped = _segmentation_eval(args, loaded, seed)
+        data, skipped = _segmentation_eval(args, _num_classes(loaded), loaded.ignore_index, seed)
         qmodel = apply_plan(loaded.model, plan, check_weights=False)
         loader = segmentation_loader(data, loaded.data_config, args.batch_size, args.workers)
         metrics, _ = evaluate_segmentation(loaded.model, qmodel, loader, num_classes=_num_classes(loaded),

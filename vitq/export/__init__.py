@@ -6,7 +6,7 @@ when they are missing.
 """
 from .formats import FORMATS, CpuInfo, IntFormat, choose_format, cpu_info
 from .onnx_export import ExportReport, export_onnx
-from .runtime import OnnxModel, analyse_graph, evaluate_onnx, profile_ops, read_metadata
+from .runtime import OnnxModel, analyse_graph, evaluate_onnx, evaluate_onnx_segmentation, profile_ops, read_metadata
 from .speed import bench_speed
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "choose_format",
     "cpu_info",
     "evaluate_onnx",
+    "evaluate_onnx_segmentation",
     "export_onnx",
     "profile_ops",
     "read_metadata",

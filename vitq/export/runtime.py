@@ -6,7 +6,7 @@ import os
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -183,6 +183,59 @@ def evaluate_onnx(
             agreement=cmp["agreement"], kl=cmp["kl"],
             max_abs_diff=float((logits - ref_logits).abs().max()),
         )
+    return metrics
+
+
+class _AsModule(nn.Module):
+    """An exported model (ONNX Runtime or OpenVINO, on CPU) called like a module."""
+
+    def __init__(self, runtime: Any) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runtime(x.cpu())
+
+
+def evaluate_onnx_segmentation(
+    model: Union[Pathish, "OnnxModel"],
+    data: Iterable,
+    *,
+    reference: Optional[nn.Module] = None,
+    num_classes: Optional[int] = None,
+    ignore_index: Optional[int] = None,
+    classes: Optional[Sequence[str]] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """mIoU (dataset-level, void ignored), pixel accuracy and per-class IoU of an exported
+    segmentation model in its runtime, on ``(images, label maps)`` batches.
+
+    With ``reference`` (the simulated PyTorch model) the same images go through it too, and the
+    result adds its mIoU, the difference, the pixel agreement and the per-pixel KL(reference ‖ exported).
+    Keys are ``onnx_*`` for ONNX Runtime and ``openvino_*`` for OpenVINO.
+    """
+    from ..eval.segmentation import compare_segmentation, iou_per_class, mean_iou, pixel_accuracy
+
+    model = model if hasattr(model, "predict") else OnnxModel(model)
+    key = "openvino" if getattr(model, "runtime", "") == "OpenVINO" else "onnx"
+    num_classes = int(num_classes or model.num_classes or 0)
+    if num_classes <= 0:
+        raise VitqError("pass num_classes: the exported model does not record how many classes it segments")
+    models = [reference, _AsModule(model)] if reference is not None else [_AsModule(model)]
+    out = compare_segmentation(models, data, num_classes, ignore_index, "cpu", progress)
+    mine = out["confusion"][-1]
+    names = list(classes) if classes and len(classes) == num_classes else [str(i) for i in range(num_classes)]
+    metrics: Dict[str, Any] = {
+        f"{key}_miou": round(mean_iou(mine), 4),
+        f"{key}_pixel_acc": round(pixel_accuracy(mine), 4),
+        "per_class_iou": {n: (None if v is None else round(v, 4)) for n, v in zip(names, iou_per_class(mine))},
+        "runtime": "openvino" if key == "openvino" else "onnxruntime",
+        "num_eval": int(out["num_images"]),
+    }
+    if reference is not None:
+        ref = mean_iou(out["confusion"][0])
+        metrics.update(reference_miou=round(ref, 4), miou_diff=round(metrics[f"{key}_miou"] - ref, 4),
+                       pixel_agreement=round(out["agreement"][1], 4), kl=float(f"{out['kl'][1]:.6g}"))
     return metrics
 
 
