@@ -549,7 +549,11 @@ def write_markdown(results: Dict[str, Any]) -> None:
         bits_order = {name: i for i, name in enumerate(["FP32", *BITS])}
         rows = sorted(results["models"][model]["rows"], key=lambda r: (bits_order.get(r["bits"], 9),
                                                                        order.get(r["peer"], 99), r["tool"]))
-        lines += [f"### {MODELS[model]}", ""]
+        title = MODELS[model]
+        if model == "cifar" and results["models"][model].get("num_eval"):
+            title = title.replace("test-set evaluation images",
+                                  f"{results['models'][model]['num_eval']} seeded `cifar10/test` evaluation images")
+        lines += [f"### {title}", ""]
         lines += ["| bits | tool | runtime | top-1 | agreement | KL | quant s | MB | integer GEMMs | b1 ms | b32 ms |",
                   "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         missing: Dict[str, List[str]] = {}
@@ -690,6 +694,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(f"[{key}] {bench.num_calib()} calibration images"
                 + (f", {sum(len(y) for _, y in bench.evals)} evaluation images" if bench.evals else ""))
             bits = [SPEED_BITS] if bench.evals is None else args.bits
+            if bench.evals:
+                entry = results["models"].setdefault(key, {"rows": []})
+                n = sum(len(y) for _, y in bench.evals)
+                if entry.get("num_eval", n) != n:
+                    raise SystemExit(f"[{key}] the rows already there were scored on {entry['num_eval']} images, "
+                                     f"this run on {n}: use the same --num-eval, or drop --append")
+                entry["num_eval"] = n
             run_model(bench, args.peers, bits, args, save, done)
     log(f"wrote {RESULTS_JSON} and {HERE / 'RESULTS.md'}")
     return 0
