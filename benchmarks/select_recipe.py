@@ -1,0 +1,124 @@
+"""Which parts of the recommended recipe help at a given bit-width? Decided on calibration images only
+(issue 12).
+
+    python benchmarks/select_recipe.py [--assets DIR] [--bits w8a8] [--variants recommended -opt_m uniform-probs ...]
+
+DeiT-Tiny's 100 calibration images (the accuracy benchmark's split) in two halves of 50: each variant
+of the recommended recipe is calibrated on one half and scored (KL to the float model, top-1
+agreement) on the half it never saw, then the halves swap. None of the 900 evaluation images is
+used. Variants: ``recommended`` (as shipped), ``-opt_m`` (without MPTQ-ViT's two-region post-GELU
+quantizers), ``uniform-probs`` (uniform post-softmax probabilities instead of log-sqrt2), and
+``-opt_m,uniform-probs`` (both). Results: benchmarks/results/recipe_selection.json and a section of
+benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import deit_tiny_split, parse_bits  # noqa: E402
+from foundation import machine, write_section  # noqa: E402
+
+import vitq.recipes  # noqa: E402
+from vitq.api import evaluate, quantize  # noqa: E402
+from vitq.data import assets_dir, make_loader  # noqa: E402
+from vitq.eval.metrics import predict  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS_JSON = HERE / "results" / "recipe_selection.json"
+CHANGES = ("-opt_m", "uniform-probs")
+
+
+def variant(name: str) -> Dict[str, Any]:
+    """The recommended recipe's YAML with the named changes (comma-separated) applied."""
+    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
+    spec["name"] = name
+    for change in [c for c in name.split(",") if c and c != "recommended"]:
+        if change == "-opt_m":
+            spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "opt_m" in st)]
+        elif change == "uniform-probs":
+            spec.pop("kinds", None)
+        else:
+            raise SystemExit(f"unknown change {change!r}; choose from {', '.join(CHANGES)}")
+    return spec
+
+
+def render(results) -> None:
+    rows = results["rows"]
+    lines = ["## Recipe parts by bit-width: chosen on calibration images (issue 12)", "",
+             f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ", f"Date: {results['date']}", "",
+             "DeiT-Tiny, the 100 calibration images in two halves of 50: each variant of the recommended recipe "
+             "calibrated on one half and scored on the *other* (held-out); then the halves swap. "
+             "KL(float ‖ quantized), lower is better; agreement in %; seconds: `vitq.quantize` on 50 images.",
+             "", "| bits | variant | held-out KL fold 0 | fold 1 | mean | held-out agreement (mean) | seconds (mean) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for bits in dict.fromkeys(r["bits"] for r in rows):
+        for name in dict.fromkeys(r["variant"] for r in rows if r["bits"] == bits):
+            rs = sorted([r for r in rows if r["bits"] == bits and r["variant"] == name], key=lambda r: r["fold"])
+            if len(rs) != 2:
+                continue
+            kl = [r["held_kl"] for r in rs]
+            lines.append(f"| {bits} | {name} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
+                         f"{sum(r['held_agreement'] for r in rs) / 2:.1f} | {sum(r['seconds'] for r in rs) / 2:.0f} |")
+    lines += ["", results.get("conclusion", ""), ""]
+    write_section("## Recipe parts by bit-width: chosen on calibration images", lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", default=None)
+    parser.add_argument("--bits", nargs="+", default=["w8a8"])
+    parser.add_argument("--variants", nargs="+",
+                        default=["recommended", "-opt_m", "uniform-probs", "-opt_m,uniform-probs"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--append", action="store_true", help="keep the rows already in the JSON")
+    parser.add_argument("--render", action="store_true", help="rewrite the RESULTS.md section from the JSON")
+    args = parser.parse_args(argv)
+    if args.render:
+        render(json.loads(RESULTS_JSON.read_text()))
+        return 0
+    torch.set_num_threads(args.threads)
+    loaded, calib, _, _ = deit_tiny_split(assets_dir(args.assets), 0)
+    halves = [(x, y) for x, y in make_loader(calib, loaded.data_config, 50)]
+    model = loaded.model
+    given = argv if argv is not None else sys.argv[1:]
+    previous = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    command = ("python benchmarks/select_recipe.py " + shlex.join(given)).strip()
+    results = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+               "rows": list(previous.get("rows", [])) if args.append else [],
+               "conclusion": previous.get("conclusion", "")}
+    if args.append and previous.get("command"):
+        results["command"] = f"{previous['command']}; {command}"
+    fp = {}
+    for i, half in enumerate(halves):
+        (fp[i],), _ = predict(model, [half], "cpu", progress=False)
+    for w, a in parse_bits(args.bits):
+        for name in args.variants:
+            recipe = variant(name)
+            for fold in (0, 1):
+                fit, held = halves[fold], halves[1 - fold]
+                t0 = time.perf_counter()
+                qmodel = quantize(model, recipe, [fit[0]], w_bits=w, a_bits=a, progress=False).model
+                seconds = time.perf_counter() - t0
+                h = evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=fp[1 - fold])
+                row = {"bits": f"W{w}A{a}", "fold": fold, "variant": name, "held_kl": round(h["kl"], 4),
+                       "held_agreement": h["agreement"], "seconds": round(seconds, 1)}
+                print(row, flush=True)
+                results["rows"].append(row)
+                RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
+    render(results)
+    print(f"wrote {RESULTS_JSON} and {HERE / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
