@@ -74,18 +74,15 @@ class QuantKind:
     def fake_quantize(self, x: Tensor, scale: Optional[Tensor], zero_point: Optional[Tensor],
                       spec: "QuantSpec") -> Tensor:
         """Quantize and dequantize ``x`` with calibrated (static) parameters."""
-        if scale.numel() > 1:
-            shape = broadcast_shape(x.ndim, spec.axis % x.ndim)
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        scale, zero_point = _along_axis(x, scale, zero_point, spec)
         return fake_quantize_affine(x, scale, zero_point, *self.qrange(spec))
 
     def export_forward(self, x: Tensor, scale: Optional[Tensor], zero_point: Optional[Tensor],
                        spec: "QuantSpec") -> Tensor:
-        """The float emulation written into an exported graph (operations every exporter knows)."""
+        """The float emulation written into an exported graph (out-of-place operations every exporter
+        knows; the same values as :meth:`fake_quantize`)."""
         qmin, qmax = self.qrange(spec)
-        if scale.numel() > 1:
-            shape = broadcast_shape(x.ndim, spec.axis % x.ndim)
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        scale, zero_point = _along_axis(x, scale, zero_point, spec)
         return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).sub(zero_point).mul(scale)
 
     def range_qparams(self, spec: "QuantSpec", lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
@@ -104,6 +101,14 @@ class QuantKind:
 
     def label(self, spec: "QuantSpec") -> str:
         return self.name
+
+
+def _along_axis(x: Tensor, scale: Tensor, zero_point: Tensor, spec: "QuantSpec") -> Tuple[Tensor, Tensor]:
+    """Per-channel parameters shaped to broadcast along the spec's axis of ``x`` (scalars as they are)."""
+    if scale.numel() > 1:
+        shape = broadcast_shape(x.ndim, spec.axis % x.ndim)
+        return scale.reshape(shape), zero_point.reshape(shape)
+    return scale, zero_point
 
 
 KINDS: Registry[QuantKind] = Registry("quantizer kind")

@@ -32,7 +32,7 @@ class Twin(QuantKind):
         return fake_quantize_twin(x, scale, spec.ratio_log2, spec.bits)
 
     def export_forward(self, x, scale, zero_point, spec):
-        return fake_quantize_twin(x, scale, spec.ratio_log2, spec.bits)  # plain ops: it exports as is
+        return self.fake_quantize(x, scale, zero_point, spec)  # plain out-of-place ops: it exports as is
 
     def range_qparams(self, spec, lo, hi):
         return twin_qparams(hi, self.qrange(spec)[1])

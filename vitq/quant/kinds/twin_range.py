@@ -18,6 +18,3 @@ class TwinRange(Twin):
 
     def fake_quantize(self, x, scale, zero_point, spec):
         return fake_quantize_twin_range(x, scale, spec.ratio_log2, spec.bits)
-
-    def export_forward(self, x, scale, zero_point, spec):
-        return fake_quantize_twin_range(x, scale, spec.ratio_log2, spec.bits)
