@@ -6,7 +6,7 @@ when they are missing.
 """
 from .formats import FORMATS, CpuInfo, IntFormat, choose_format, cpu_info
 from .onnx_export import ExportReport, export_onnx
-from .runtime import OnnxModel, analyse_graph, evaluate_onnx, evaluate_onnx_segmentation, profile_ops, read_metadata
+from .runtime import ExportedModel, OnnxModel, analyse_graph, evaluate_onnx, evaluate_onnx_segmentation, profile_ops, read_metadata
 from .speed import bench_speed
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "CpuInfo",
     "ExportReport",
     "IntFormat",
+    "ExportedModel",
     "OnnxModel",
     "analyse_graph",
     "bench_speed",

@@ -14,15 +14,14 @@ import json
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import VitqError
-from .runtime import read_metadata
+from .runtime import ExportedModel, read_metadata
 
 Pathish = Union[str, Path]
 RT_KEY = "vitq_meta"
@@ -85,7 +84,7 @@ def gemm_precisions(compiled) -> Dict[str, Any]:
     return {"integer": integer, "float": total - integer, "by_layer": {k: dict(v) for k, v in by_layer.items()}}
 
 
-class OpenVinoModel:
+class OpenVinoModel(ExportedModel):
     """An exported model in OpenVINO (CPU), with the preprocessing recorded at export.
 
     The same interface as :class:`vitq.export.OnnxModel`: calling it on a float tensor
@@ -99,6 +98,7 @@ class OpenVinoModel:
     """
 
     runtime = "OpenVINO"
+    export_command = "vitq export --format openvino"
 
     def __init__(self, path: Pathish, *, threads: Optional[int] = None, device: str = "CPU") -> None:
         ov = _openvino()
@@ -134,18 +134,6 @@ class OpenVinoModel:
         except json.JSONDecodeError:
             raise VitqError(f"{self.path} has a corrupt vitq metadata record") from None
 
-    @property
-    def data_config(self) -> Dict[str, Any]:
-        cfg = self.meta.get("data_config")
-        if not cfg:
-            raise VitqError(f"{self.path} has no vitq metadata (preprocessing, classes): export it with "
-                            "`vitq export --format openvino`")
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta.get("num_classes") or 0)
-
     def gemms(self) -> Dict[str, Any]:
         """See :func:`gemm_precisions`."""
         return gemm_precisions(self.compiled)
@@ -153,20 +141,6 @@ class OpenVinoModel:
     def run(self, images: np.ndarray) -> np.ndarray:
         result = self.request.infer({0: np.ascontiguousarray(images, dtype=np.float32)})
         return np.array(result[self.compiled.output(0)])
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run(images.detach().cpu().float().numpy()))
-
-    def predict(self, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], progress: bool = True
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits and labels over ``(images, labels)`` batches."""
-        logits, labels = [], []
-        for images, target in tqdm(batches, desc="openvino", unit="batch", disable=not progress, leave=False):
-            logits.append(self(images))
-            labels.append(torch.as_tensor(target).cpu())
-        if not labels:
-            raise VitqError("evaluation got no images")
-        return torch.cat(logits), torch.cat(labels)
 
 
 def export_openvino(

@@ -86,7 +86,49 @@ def session_options(threads: Optional[int] = None, level: str = "all", profile_p
     return options
 
 
-class OnnxModel:
+class ExportedModel:
+    """What every exported model has, whatever runs it: the preprocessing and classes recorded at
+    export (``meta``), a call on a float tensor that returns logits, and :meth:`predict` over batches.
+    Subclasses load the file and define :meth:`run` (``numpy`` images in, ``numpy`` outputs out)."""
+
+    runtime = ""
+    #: the command that writes this kind of file, for the message when metadata is missing
+    export_command = "vitq export"
+    path: Path
+    meta: Dict[str, Any]
+
+    @property
+    def data_config(self) -> Dict[str, Any]:
+        cfg = self.meta.get("data_config")
+        if not cfg:
+            raise VitqError(f"{self.path} has no vitq metadata (preprocessing, classes): export it with "
+                            f"`{self.export_command}`")
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes") or 0)
+
+    def run(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - every runtime defines it
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(images.detach().cpu().float().numpy()))
+
+    def predict(self, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], progress: bool = True
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels over ``(images, labels)`` batches."""
+        logits, labels = [], []
+        desc = self.runtime.lower().replace(" ", "")
+        for images, target in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            logits.append(self(images))
+            labels.append(torch.as_tensor(target).cpu())
+        if not labels:
+            raise VitqError("evaluation got no images")
+        return torch.cat(logits), torch.cat(labels)
+
+
+class OnnxModel(ExportedModel):
     """An exported model in ONNX Runtime (CPU), with the preprocessing recorded at export.
 
     Calling it on a float tensor ``[B, 3, H, W]`` returns the logits as a float tensor, like the
@@ -121,33 +163,10 @@ class OnnxModel:
             raise VitqError(f"{self.path} has {len(inputs)} inputs; vitq runs image classifiers with one input")
         self.input_name = inputs[0].name
 
-    @property
-    def data_config(self) -> Dict[str, Any]:
-        cfg = self.meta.get("data_config")
-        if not cfg:
-            raise VitqError(f"{self.path} has no vitq metadata (preprocessing, classes): export it with `vitq export`")
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta.get("num_classes") or 0)
+    runtime = "ONNX Runtime"
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run(images.detach().cpu().float().numpy()))
-
-    def predict(self, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], progress: bool = True
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits and labels over ``(images, labels)`` batches."""
-        logits, labels = [], []
-        for images, target in tqdm(batches, desc="onnxruntime", unit="batch", disable=not progress, leave=False):
-            logits.append(self(images))
-            labels.append(torch.as_tensor(target).cpu())
-        if not labels:
-            raise VitqError("evaluation got no images")
-        return torch.cat(logits), torch.cat(labels)
 
 
 def evaluate_onnx(
