@@ -144,6 +144,31 @@ def test_segmenter_quantizes_at_a_non_square_grid_and_its_plan_reloads(recipe, b
     assert torch.equal(again(x), out)
 
 
+def test_the_head_is_quantized_on_request_and_its_plan_reloads(batches, tmp_path):
+    """``head=True`` gives the decode head's convolutions quantizers (inputs and weights, calibrated
+    like the backbone's); the plan records it and rebuilds the same model. By default the head is float."""
+    seg = tiny_segmenter()
+    heads = [n for n, m in seg.named_modules() if isinstance(m, nn.Conv2d) and not n.startswith("backbone.")]
+    assert heads  # the segmenter's head has convolutions
+    plain = vitq.quantize(seg, "omse", batches, w_bits=4, a_bits=8, progress=False)
+    assert not any(name.startswith(tuple(heads)) for name in plain.plan.rules)
+    result = vitq.quantize(seg, "omse", batches, w_bits=4, a_bits=8, head=True, progress=False)
+    assert result.plan.meta["quantize_head"] is True
+    for name in heads:
+        assert result.plan.rules[f"{name}.weight_quantizer"].bits == 4
+        assert result.plan.rules[f"{name}.input_quantizer"].bits == 8
+        assert f"{name}.weight_quantizer.scale" in result.plan.tensors
+    x = batches[0]
+    out = result.model(x)
+    assert not torch.equal(out, plain.model(x))  # the head's quantizers act
+    result.plan.save(tmp_path)
+    assert torch.equal(apply_plan(seg, Plan.load(tmp_path / "plan.json"))(x), out)
+    with pytest.raises(VitqError, match="the transformer itself"):
+        prepare(timm.create_model("test_vit", img_size=(H, W), patch_size=8), head=True)
+    with pytest.raises(VitqError, match="made with the head in float"):
+        vitq.quantize(seg, "omse", batches, head=True, start_plan=plain.plan, progress=False)
+
+
 def test_swin_segmenter_quantizes_and_reloads(batches, tmp_path):
     seg = tiny_swin_segmenter()
     result = vitq.quantize(seg, "recommended", batches, w_bits=4, a_bits=8, progress=False)
@@ -252,6 +277,23 @@ def test_cli_segmentation_run_scores_miou_and_eval_reproduces_it(seg_checkpoint,
     assert rc == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["quant_miou"] == metrics["quant_miou"] and again["fp_miou"] == metrics["fp_miou"]
+
+
+def test_cli_quantize_head_is_recorded_reported_and_reproduced(seg_checkpoint, seg_set, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["quantize", str(seg_checkpoint), "--recipe", "omse", "--quantize-head", "--calib", str(seg_set),
+               "--eval", str(seg_set), "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    plan = Plan.load(out)
+    assert plan.meta["quantize_head"] is True and any(".weight_quantizer" in n and not n.startswith("backbone.")
+                                                      for n in plan.rules)
+    float_note = [line for line in (out / "report.md").read_text().splitlines() if "left in float" in line]
+    assert not any("head" in line for line in float_note)  # the head is no longer among the float layers
+    capsys.readouterr()
+    assert main(["eval", str(seg_checkpoint), "--plan", str(out), "--eval", str(seg_set), "--quiet"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["quant_miou"] == metrics["quant_miou"]
 
 
 def test_cli_task_mismatch_is_refused(checkpoint, seg_set, tmp_path, capsys):

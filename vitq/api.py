@@ -185,6 +185,7 @@ def quantize(
     gen_settings: Optional[Mapping[str, Any]] = None,
     batch_size: int = 32,
     backbone: Optional[str] = None,
+    head: bool = False,
 ) -> QuantizedModel:
     """Quantize a float ViT/DeiT/Swin with a recipe, calibrating on ``data``.
 
@@ -230,6 +231,9 @@ def quantize(
             quantized backbone in place (the plan records the path; :func:`apply_plan` follows
             it). Without it, a model that holds one ViT/Swin (a segmentation model taking image
             tensors) is quantized whole, its backbone found by type.
+        head: with a model around a backbone (a segmentation model), also quantize the linear layers
+            and convolutions outside the backbone (the decode head); by default they stay float.
+            The plan records it (``quantize_head``) and :func:`apply_plan` follows.
 
     Example:
         >>> import timm, torch
@@ -246,6 +250,11 @@ def quantize(
         start_plan = Plan.load(start_plan)
     if start_plan is not None:
         w_bits, a_bits, protocol = start_plan_settings(start_plan, w_bits, a_bits, protocol)
+        if head and not start_plan.meta.get("quantize_head"):
+            raise VitqError("head=True: the start plan was made with the head in float; its quant points are kept, "
+                            "so quantize afresh (without start_plan) to quantize the head")
+    if head and backbone is not None:
+        raise VitqError("head=True does not apply with backbone=: only that sub-module is quantized")
     w_bits = 8 if w_bits is None else w_bits
     a_bits = 8 if a_bits is None else a_bits
     protocol = protocol or "p1"
@@ -286,6 +295,7 @@ def quantize(
             # a recipe's kinds are its choice for the roles it quantizes: a role the protocol leaves in
             # float (p3's probabilities) has none to choose
             kinds={role: kind for role, kind in recipe.kinds.items() if role in get_protocol(protocol).quantized},
+            head=head,
         )
     ctx = StageContext(
         float_model=model, model=qmodel, data=batches, weights=recipe.weights, activations=recipe.activations,
@@ -314,6 +324,8 @@ def quantize(
     convert(qmodel)
     plan_meta = {"recipe": recipe.name, "protocol": protocol, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
                  **(meta or {})}
+    if head or (start_plan is not None and plan.meta.get("quantize_head")):
+        plan_meta["quantize_head"] = True
     plan_meta["model"] = {**(plan_meta.get("model") or {})}
     if "weights_sha256" not in plan_meta["model"]:  # the CLI's meta has it already
         plan_meta["model"]["weights_sha256"] = weights_digest(model)

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--budget", default=None,
                    help="mixed precision: average weight/activation bits of the blocks' linear layers, e.g. w4a4 "
                         "(recipes mptq-vit-mp or clamp-vit-mp; other points keep --w-bits/--a-bits)")
+    q.add_argument("--quantize-head", action="store_true",
+                   help="a model around a backbone (--task segmentation): also quantize the decode head's linear "
+                        "layers and convolutions (default: the head stays float)")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--calib", help="calibration images (ImageFolder or flat synset folder)")
     source.add_argument("--data-free", choices=GENERATORS.names(),
@@ -524,6 +527,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "calib": {"folder": str(calib.root), "num": len(calib), "layout": calib.layout} if calib else
             {"data_free": args.data_free},
             "task": task,
+            "quantize_head": bool(args.quantize_head),
             "eval": eval_config,
             "versions": {"vitq": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
@@ -548,6 +552,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             loaded.model, recipe, calib_batches, w_bits=args.w_bits, a_bits=args.a_bits, protocol=protocol.name,
             device=device, progress=not args.quiet, meta=meta, seed=args.seed, start_plan=start_plan,
             workdir=run.path, resume=args.resume, refresh=refresh, log=run.log.info, input_bits=input_bits,
+            head=args.quantize_head,
         )
         run.log.info("stages %s done in %.1f s (%d quant points)", ", ".join(recipe.stage_names),
                      time.perf_counter() - t0, len(result.plan.rules))

@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
-from ..models.adapters import find_adapter, iter_quantizers, quantizers_off
+from ..models.adapters import BackboneAdapter, find_adapter, iter_quantizers, quantizers_off
 from ..quant import protocol as roles
 from ..quant.observers import ObserverConfig
 from ..quant.protocol import DEFAULT_INPUT_BITS, get_protocol
@@ -44,6 +44,7 @@ def prepare(
     specs: Optional[Mapping[str, QuantSpec]] = None,
     input_bits: Optional[int] = DEFAULT_INPUT_BITS,
     kinds: Optional[Mapping[str, str]] = None,
+    head: bool = False,
 ) -> nn.Module:
     """A quantized copy of ``model`` with uncalibrated quantizers in place; ``model`` is untouched.
 
@@ -56,6 +57,8 @@ def prepare(
         input_bits: bits of the image input (the patch embedding's input) where the protocol quantizes
             it: 8 by default at every activation width (RepQ-ViT's setting); None: ``a_bits``.
         kinds: quantizer kind per role, e.g. ``{"attn_probs": "logsqrt2"}`` (a recipe's ``kinds``).
+        head: a model around a backbone (segmentation, ...): also quantize the linear layers and
+            convolutions outside the backbone (the decode head), which otherwise stay float.
 
     Example:
         >>> import timm
@@ -73,6 +76,13 @@ def prepare(
     kinds = proto.check_kinds(kinds)
     adapter = find_adapter(model)
     qmodel = adapter.quantize_modules(copy.deepcopy(model)).eval()
+    if head:
+        if not isinstance(adapter, BackboneAdapter):
+            raise VitqError(f"head=True quantizes the layers around a backbone, but {type(model).__name__} is the "
+                            "transformer itself (its classifier head is quantized already)")
+        if not adapter.quantize_rest(qmodel):
+            raise VitqError(f"head=True: {type(model).__name__} has no linear layer or convolution outside its "
+                            f"backbone {adapter.path!r} to quantize")
     image_point = adapter.image_input(qmodel)
     for name, quantizer in iter_quantizers(qmodel):
         spec = proto.spec_for(quantizer.role, w_bits, a_bits, weight_symmetric, act_symmetric, kinds)

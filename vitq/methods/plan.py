@@ -151,7 +151,7 @@ def apply_plan(model: nn.Module, plan: Plan, check_weights: bool = True) -> nn.M
         inner = Plan({k: v for k, v in plan.meta.items() if k != "backbone"}, plan.rules, plan.tensors)
         return splice(model, path, apply_plan(backbone_module(model, path), inner, check_weights))
     protocol = plan.meta.get("protocol", "p1")
-    qmodel = prepare(model, protocol=protocol)
+    qmodel = prepare(model, protocol=protocol, head=bool(plan.meta.get("quantize_head")))
     if plan.meta.get("smooth"):
         fold_smoothing(qmodel, smoothing_from_plan(plan.meta["smooth"], plan.tensors))
     if plan.meta.get("params"):

@@ -198,6 +198,28 @@ class BackboneAdapter(ModelAdapter):
         self.inner._swap(sub)
         return model
 
+    def quantize_rest(self, model: nn.Module) -> List[str]:
+        """Quantize, in place, the linear layers and convolutions outside the backbone (a dense
+        model's decode head: ``vitq.quantize(..., head=True)``); returns their names. Their inputs and
+        weights get the protocol's activation and weight quantizers; normalisations stay float."""
+        swapped = []
+        rest = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+        def visit(module: nn.Module, prefix: str) -> None:
+            for name, child in list(module.named_children()):
+                full = f"{prefix}{name}"
+                if full == self.path or isinstance(child, (QuantModule, Quantizer)):
+                    continue
+                qcls = rest.get(type(child))
+                if qcls is not None:
+                    setattr(module, name, qcls.from_float(child))
+                    swapped.append(full)
+                else:
+                    visit(child, f"{full}.")
+
+        visit(model, "")
+        return swapped
+
 
 def find_backbones(model: nn.Module) -> List[Tuple[str, type]]:
     """The outermost sub-modules of ``model`` (not ``model`` itself) that a registered adapter
