@@ -2,6 +2,7 @@
 whole models, non-square grids, Swin, data-free without a head, and the CLI's segmentation runs."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -294,6 +295,13 @@ def test_cli_quantize_head_is_recorded_reported_and_reproduced(seg_checkpoint, s
     assert main(["eval", str(seg_checkpoint), "--plan", str(out), "--eval", str(seg_set), "--quiet"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["quant_miou"] == metrics["quant_miou"]
+    if importlib.util.find_spec("onnxruntime") is not None:  # the export carries the head's quant points
+        onnx_path = tmp_path / "seg.onnx"
+        assert main(["export", str(out), "--out", str(onnx_path), "--quiet"]) == 0
+        report = json.loads(onnx_path.with_suffix(".export.json").read_text())
+        v = report["verification"]  # within what float rounding alone moves the simulated model
+        assert v["max_abs_diff"] <= 2 * v["float64_max_abs_diff"] + 1e-3, v
+        assert any(p["name"].startswith("head.") for p in report["points"])
 
 
 def test_cli_task_mismatch_is_refused(checkpoint, seg_set, tmp_path, capsys):
