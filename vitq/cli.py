@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 import yaml
 
 from . import __version__
@@ -754,13 +755,7 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     images, skipped = _eval_images(args, calib, seed)
     if onnx_model.num_classes:
         check_labels(images, onnx_model.num_classes)
-    reference = None
-    if args.plan:
-        plan = Plan.load(args.plan)
-        exported = meta.get("model") or {}  # the float model the file was exported from
-        loaded = _load_plan_model(plan, exported.get("name"), exported.get("arch"), exported.get("kwargs")) \
-            if exported.get("name") else _load_plan_model(plan)
-        reference = apply_plan(loaded.model, plan)
+    reference = _simulated_reference(args, meta)
     loader = make_loader(images, onnx_model.data_config, args.batch_size or DEFAULT_BATCH, args.workers)
     metrics = evaluate_onnx(onnx_model, loader, reference=reference, progress=not args.quiet)
     metrics = {"model": str(args.model), "int_format": onnx_model.meta.get("int_format"),
@@ -780,19 +775,25 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulated_reference(args: argparse.Namespace, meta: Dict[str, Any]) -> Optional[nn.Module]:
+    """With ``--plan``: the simulated PyTorch model of that plan, on the float model the file was
+    exported from (as recorded in it); None without ``--plan``."""
+    if not args.plan:
+        return None
+    plan = Plan.load(args.plan)
+    exported = meta.get("model") or {}
+    loaded = _load_plan_model(plan, exported.get("name"), exported.get("arch"), exported.get("kwargs")) \
+        if exported.get("name") else _load_plan_model(plan)
+    return apply_plan(loaded.model, plan)
+
+
 def _eval_runtime_segmentation(args: argparse.Namespace, runtime_model: Any, runtime: str, meta: Dict[str, Any],
                                seed: int) -> int:
     """``vitq eval FILE.onnx|.xml --eval SET`` of a segmentation model: mIoU in the runtime, and with
     ``--plan`` the simulated PyTorch model on the same images (pixel agreement, KL)."""
     num_classes = int(runtime_model.num_classes or 0)
     data, skipped = _segmentation_eval(args, num_classes, meta.get("ignore_index"), seed)
-    reference = None
-    if args.plan:
-        plan = Plan.load(args.plan)
-        exported = meta.get("model") or {}
-        loaded = _load_plan_model(plan, exported.get("name"), exported.get("arch"), exported.get("kwargs")) \
-            if exported.get("name") else _load_plan_model(plan)
-        reference = apply_plan(loaded.model, plan)
+    reference = _simulated_reference(args, meta)
     batch = args.batch_size or DEFAULT_BATCH_DENSE
     loader = segmentation_loader(data, runtime_model.data_config, batch, args.workers)
     key = "openvino" if runtime == "OpenVINO" else "onnx"
