@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,12 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import _recommended, deit_tiny_split, parse_bits  # noqa: E402
-from foundation import machine, write_section  # noqa: E402
+from accuracy import _recommended, parse_bits  # noqa: E402
+from selection import calibration_halves, new_results  # noqa: E402
+from foundation import write_section  # noqa: E402
 
 from vitq.api import evaluate, quantize  # noqa: E402
-from vitq.data import assets_dir, make_loader  # noqa: E402
-from vitq.eval.metrics import predict  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "bias_correct_selection.json"
@@ -67,17 +65,8 @@ def main(argv=None) -> int:
         render(json.loads(RESULTS_JSON.read_text()))
         return 0
     torch.set_num_threads(args.threads)
-    loaded, calib, _, _ = deit_tiny_split(assets_dir(args.assets), 0)
-    halves = [(x, y) for x, y in make_loader(calib, loaded.data_config, 50)]
-    model = loaded.model
-    given = argv if argv is not None else sys.argv[1:]
-    results = {"command": ("python benchmarks/select_bias_correct.py " + shlex.join(given)).strip(),
-               "machine": machine(), "date": time.strftime("%Y-%m-%d"), "rows": []}
-    previous = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-    results["conclusion"] = previous.get("conclusion", "")
-    fp = {}
-    for i, half in enumerate(halves):
-        (fp[i],), _ = predict(model, [half], "cpu", progress=False)
+    model, halves, fp = calibration_halves(args.assets)
+    results = new_results('select_bias_correct.py', argv, RESULTS_JSON, False)
     for w, a in parse_bits(args.bits):
         for fold in (0, 1):
             fit, held = halves[fold], halves[1 - fold]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,12 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import deit_tiny_split, parse_bits  # noqa: E402
-from foundation import machine, write_section  # noqa: E402
+from accuracy import parse_bits  # noqa: E402
+from selection import calibration_halves, new_results  # noqa: E402
+from foundation import write_section  # noqa: E402
 
 import vitq.recipes  # noqa: E402
 from vitq.api import evaluate, quantize  # noqa: E402
-from vitq.data import assets_dir, make_loader  # noqa: E402
-from vitq.eval.metrics import predict  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
@@ -87,20 +85,8 @@ def main(argv=None) -> int:
         render(json.loads(RESULTS_JSON.read_text()))
         return 0
     torch.set_num_threads(args.threads)
-    loaded, calib, _, _ = deit_tiny_split(assets_dir(args.assets), 0)
-    halves = [(x, y) for x, y in make_loader(calib, loaded.data_config, 50)]
-    model = loaded.model
-    given = argv if argv is not None else sys.argv[1:]
-    previous = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-    command = ("python benchmarks/select_recipe.py " + shlex.join(given)).strip()
-    results = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-               "rows": list(previous.get("rows", [])) if args.append else [],
-               "conclusion": previous.get("conclusion", "")}
-    if args.append and previous.get("command"):
-        results["command"] = f"{previous['command']}; {command}"
-    fp = {}
-    for i, half in enumerate(halves):
-        (fp[i],), _ = predict(model, [half], "cpu", progress=False)
+    model, halves, fp = calibration_halves(args.assets)
+    results = new_results('select_recipe.py', argv, RESULTS_JSON, args.append)
     for w, a in parse_bits(args.bits):
         for name in args.variants:
             recipe = variant(name)

@@ -761,14 +761,19 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     metrics = {"model": str(args.model), "int_format": onnx_model.meta.get("int_format"),
                **{k: meta.get(k) for k in ("recipe", "protocol", "w_bits", "a_bits")}, "seed": seed, **metrics,
                **_skipped_images(eval=skipped)}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=1) + "\n")
     key = "openvino" if runtime == "OpenVINO" else "onnx"
     row = [(f"{runtime} top-1", metrics[f"{key}_top1"]), (f"{runtime} top-5", metrics[f"{key}_top5"])]
     if reference is not None:
         row += [("PyTorch simulated top-1", metrics["reference_top1"]), ("Δ top-1", metrics["top1_diff"]),
                 ("agreement", metrics["agreement"])]
+    return _report_runtime_eval(args, metrics, row)
+
+
+def _report_runtime_eval(args: argparse.Namespace, metrics: Dict[str, Any], row: List[Tuple[str, float]]) -> int:
+    """``vitq eval FILE``'s output: the metrics to ``--out``, a one-row table and the JSON on the console."""
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=1) + "\n")
     print("| " + " | ".join(k for k, _ in row) + " |\n|" + "---|" * len(row) + "\n| "
           + " | ".join(f"{v:.2f}" for _, v in row) + " |")
     print(json.dumps(metrics))
@@ -802,17 +807,11 @@ def _eval_runtime_segmentation(args: argparse.Namespace, runtime_model: Any, run
                **evaluate_onnx_segmentation(runtime_model, loader, reference=reference, ignore_index=data.ignore_index,
                                             classes=data.classes or meta.get("classes"), progress=not args.quiet),
                **_skipped_images(eval=skipped)}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=1) + "\n")
     row = [(f"{runtime} mIoU", metrics[f"{key}_miou"]), (f"{runtime} pixel acc", metrics[f"{key}_pixel_acc"])]
     if reference is not None:
         row += [("PyTorch simulated mIoU", metrics["reference_miou"]), ("Δ mIoU", metrics["miou_diff"]),
                 ("pixel agreement", metrics["pixel_agreement"])]
-    print("| " + " | ".join(k for k, _ in row) + " |\n|" + "---|" * len(row) + "\n| "
-          + " | ".join(f"{v:.2f}" for _, v in row) + " |")
-    print(json.dumps(metrics))
-    return 0
+    return _report_runtime_eval(args, metrics, row)
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:

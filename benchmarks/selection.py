@@ -1,0 +1,46 @@
+"""What the selection benchmarks share (select_bias_correct.py, select_recipe.py): DeiT-Tiny's 100
+calibration images of the accuracy benchmark's split in two halves of 50, the float model's logits on
+each, and the results record. None of the 900 evaluation images is touched."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import deit_tiny_split  # noqa: E402
+from foundation import machine  # noqa: E402
+
+from vitq.data import assets_dir, make_loader  # noqa: E402
+from vitq.eval.metrics import predict  # noqa: E402
+
+
+def calibration_halves(assets: Optional[str]) -> Tuple[torch.nn.Module, List[Tuple[torch.Tensor, torch.Tensor]],
+                                                       Dict[int, torch.Tensor]]:
+    """The float DeiT-Tiny, its calibration images as two ``(images, labels)`` halves of 50, and the
+    float logits of each half (keyed 0 and 1)."""
+    loaded, calib, _, _ = deit_tiny_split(assets_dir(assets), 0)
+    halves = [(x, y) for x, y in make_loader(calib, loaded.data_config, 50)]
+    fp = {}
+    for i, half in enumerate(halves):
+        (fp[i],), _ = predict(loaded.model, [half], "cpu", progress=False)
+    return loaded.model, halves, fp
+
+
+def new_results(script: str, argv: Optional[List[str]], path: Path, append: bool = False) -> Dict[str, Any]:
+    """The results record of a run of ``script``: its command, machine and date, the rows kept from
+    ``path`` with ``append`` (the commands then joined), and the conclusion written there before."""
+    given = argv if argv is not None else sys.argv[1:]
+    command = (f"python benchmarks/{script} " + shlex.join(given)).strip()
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    results = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+               "rows": list(previous.get("rows", [])) if append else [],
+               "conclusion": previous.get("conclusion", "")}
+    if append and previous.get("command"):
+        results["command"] = f"{previous['command']}; {command}"
+    return results
