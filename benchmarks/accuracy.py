@@ -44,16 +44,23 @@ _LOG = {"kinds": {"attn_probs": "logsqrt2"}}
 SEQ = {"calibrate": {"sequential": True}}
 
 
-def _recommended(name: str, stages=None, gptq=None, extra_stages=()) -> Dict[str, Any]:
+def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_reparam=True,
+                 bias_correct=False) -> Dict[str, Any]:
     """The recommended recipe's YAML without its bias correction, its stages changed (selection
-    candidates)."""
+    candidates). ``full_reparam``: RepQ-ViT's full reparameterisation at every bit-width, as the
+    recommended recipe had it when these candidates were measured (before the partial move at
+    W4A8/W3A8)."""
     import yaml
 
     import vitq.recipes
 
     spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
     spec["name"] = name
-    spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "bias_correct" in st)]
+    if not bias_correct:
+        spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "bias_correct" in st)]
+    if full_reparam:
+        spec["stages"] = [{"reparam": {"target": "mean"}} if isinstance(st, dict) and "reparam" in st else st
+                          for st in spec["stages"]]
     if gptq is not None:
         spec["stages"] = [{"gptq": {**st["gptq"], **gptq}} if isinstance(st, dict) and "gptq" in st else st
                           for st in spec["stages"]]
@@ -74,7 +81,13 @@ METHODS: Dict[str, Tuple[Any, str]] = {
     "+reparam+gptq": ({"name": "+reparam+gptq", **_PMSE, **_LOG, "stages": ["reparam", "calibrate", "gptq"]},
                       "+reparam, then GPTQ (no sequential calibration)"),
     "recommended": ("recommended", "the recommended (default) recipe, chosen by the selections below: "
-                    "+reparam+opt-m+gptq with the OMSE weight grid, then bias correction at 8-bit activations"),
+                    "+reparam+opt-m+gptq with the OMSE weight grid, then bias correction at 8-bit activations; "
+                    "where the weights have fewer bits than the activations (W4A8, W3A8) the reparameterisation "
+                    "moves half of the channel spread (strength 0.5, benchmarks/select_recipe.py)"),
+    "recommended, full reparam": (_recommended("recommended, full reparam", bias_correct=True),
+                                  "the recommended recipe with RepQ-ViT's full reparameterisation at every "
+                                  "bit-width (the default until 2026-12-02; differs from recommended only at "
+                                  "W4A8 and W3A8)"),
     "+reparam+seq+gptq": ({"name": "+reparam+seq+gptq", **_PMSE, **_LOG, "stages": ["reparam", SEQ, "gptq"]},
                           "repq-vit + GPTQ (sequential calibration)"),
     "+reparam+seq+gptq-ao": ({"name": "+reparam+seq+gptq-ao", **_PMSE, **_LOG,
@@ -87,7 +100,7 @@ METHODS: Dict[str, Tuple[Any, str]] = {
                              "stages": ["reparam", "calibrate", {"opt_m": {"max_m": 8, "keep_uniform": True}}, "gptq"]},
                             "+reparam, OPT-m's twin post-GELU quantizers (MPTQ-ViT), then GPTQ"),
     "+reparam+gptq+reconstruct": ({"name": "+reparam+gptq+reconstruct", **_PMSE, **_LOG,
-                                   "stages": ["reparam", "calibrate", "gptq", "reconstruct"]},
+                                   "stages": ["reparam", "calibrate", "gptq", {"reconstruct": {"from_float": False}}]},
                                   "+reparam+gptq, then block reconstruction (BRECQ/QDrop, 200 iterations per block)"),
     "+reparam+gptq, omse weights": ({"name": "+reparam+gptq, omse weights",
                                      "weights": {"observer": "omse", "symmetric": False},
@@ -103,7 +116,7 @@ METHODS: Dict[str, Tuple[Any, str]] = {
                                                       "gptq"]},
                                           "+reparam+opt-m+gptq with the OMSE weight grid"),
     "recommended − bias_correct": (_recommended("recommended − bias_correct"),
-                                   "the recommended recipe without its bias correction (the default before it)"),
+                                   "the recommended recipe without its bias correction (the default before it), full reparameterisation"),
     "recommended+bc": (_recommended("recommended+bc", extra_stages=["bias_correct"]),
                        "recommended − bias_correct, then empirical bias correction at every bit-width (every "
                        "layer's channel means matched to the float model's, in forward order)"),

@@ -8,7 +8,10 @@ of the recommended recipe is calibrated on one half and scored (KL to the float 
 agreement) on the half it never saw, then the halves swap. None of the 900 evaluation images is
 used. Variants: ``recommended`` (as shipped), ``-opt_m`` (without MPTQ-ViT's two-region post-GELU
 quantizers), ``uniform-probs`` (uniform post-softmax probabilities instead of log-sqrt2), and
-``-opt_m,uniform-probs`` (both). Results: benchmarks/results/recipe_selection.json and a section of
+``-opt_m,uniform-probs`` (both), ``no-reparam`` (no post-LayerNorm reparameterisation), ``reparam=0.5`` (the post-LayerNorm reparameterisation moving only
+part of the per-channel spread into the weights, at every bit-width: its ``strength``; ``reparam=1`` is RepQ-ViT's full move), ``gptq-float`` (GPTQ fitting the float
+model's layer outputs from the quantized inputs: ``gptq.float_target``), ``+reconstruct[=ITERATIONS][-cur]`` (block
+reconstruction after GPTQ; ``-cur``: rounding GPTQ's weights instead of the float ones). Results: benchmarks/results/recipe_selection.json and a section of
 benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ from vitq.api import evaluate, quantize  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
-CHANGES = ("-opt_m", "uniform-probs")
+CHANGES = ("-opt_m", "-reparam", "uniform-probs", "gptq-float", "+reconstruct")
 
 
 def variant(name: str) -> Dict[str, Any]:
@@ -41,12 +44,28 @@ def variant(name: str) -> Dict[str, Any]:
     spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
     spec["name"] = name
     for change in [c for c in name.split(",") if c and c != "recommended"]:
-        if change == "-opt_m":
-            spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "opt_m" in st)]
+        change = "-" + change[3:] if change.startswith("no-") else change  # no-X: -X, which argparse would take as an option
+        if change in ("-opt_m", "-reparam"):
+            spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and change[1:] in st)]
         elif change == "uniform-probs":
             spec.pop("kinds", None)
+        elif change == "gptq-float":
+            for st in spec["stages"]:
+                if isinstance(st, dict) and "gptq" in st:
+                    st["gptq"]["float_target"] = True
+        elif change.startswith("+reconstruct"):  # +reconstruct[=ITERATIONS][-cur]: after GPTQ, before bias correction
+            settings = {"from_float": not change.endswith("-cur")}
+            iterations = change[len("+reconstruct"):].removesuffix("-cur").lstrip("=")
+            if iterations:
+                settings["iterations"] = int(iterations)
+            at = next(i for i, st in enumerate(spec["stages"]) if isinstance(st, dict) and "gptq" in st)
+            spec["stages"].insert(at + 1, {"reconstruct": settings})
+        elif change.startswith("reparam="):
+            for st in spec["stages"]:
+                if isinstance(st, dict) and "reparam" in st:
+                    st["reparam"].update(strength=float(change.split("=", 1)[1]), strength_where="all")
         else:
-            raise SystemExit(f"unknown change {change!r}; choose from {', '.join(CHANGES)}")
+            raise SystemExit(f"unknown change {change!r}; choose from {', '.join(CHANGES)} or reparam=STRENGTH")
     return spec
 
 

@@ -11,11 +11,14 @@ from conftest import IMG, tiny_swin, tiny_vit
 from vitq.api import quantize
 from vitq.errors import VitqError
 from vitq.methods import Plan, apply_plan, calibrate, prepare, smoothing_of
-from vitq.methods.gptq import gptq_round
+from vitq.methods.gptq import _Hessian, gptq_round
 from vitq.methods.reparam import reparam_factors
 from vitq.models import iter_quantizers
+from vitq.nn import QuantLinear
 from vitq.quant.observers import ObserverConfig, create_observer
 from vitq.quant.primitives import fake_quantize_affine
+from vitq.quant import protocol as roles
+from vitq.quant.quantizer import Quantizer
 from vitq.quant.spec import QuantSpec
 from vitq.recipes import load_recipe
 
@@ -87,6 +90,58 @@ def test_reparam_factors_known_values():
     assert torch.allclose(r, torch.tensor([0.5, 1.0, 4.5]))
 
 
+def test_partial_reparam_centres_each_channel_and_moves_part_of_the_spread():
+    """strength α: r = (Δ_c/Δ̄)^α and channel c's mid-point lands on the shared mid-point; α = 1
+    is RepQ-ViT's full move (the same factors as the default)."""
+    scale, zp = torch.tensor([0.5, 1.0, 4.0]), torch.tensor([0.0, 2.0, 100.0])
+    levels = 15
+    r, shift = reparam_factors(scale, zp, strength=0.5, levels=levels)
+    t_scale, t_zero = scale.mean(), torch.round(zp.mean())
+    assert torch.allclose(r, (scale / t_scale) ** 0.5)
+    mid_c = (levels / 2 - zp) * scale
+    mid = (levels / 2 - t_zero) * t_scale
+    assert torch.allclose((mid_c - shift) / r, mid.expand(3), atol=1e-4)
+    # the spread left to the activation: channel widths now differ by the square root of before
+    width = levels * scale / r
+    assert torch.isclose(width.max() / width.min(), torch.tensor(8.0 ** 0.5), rtol=1e-4)
+    full, full_shift = reparam_factors(scale, zp, levels=levels)
+    near, near_shift = reparam_factors(scale, zp, strength=1 - 1e-9, levels=levels)
+    assert torch.allclose(full, near) and torch.allclose(full_shift, near_shift, atol=1e-3)
+    with pytest.raises(VitqError, match="strength"):
+        reparam_factors(scale, zp, strength=0.0)
+
+
+def test_partial_reparam_is_exact_in_float_and_recorded():
+    model = tiny_vit()
+    data = batches()
+    result = quantize(model, recipe({"reparam": {"strength": 0.5}}, "calibrate"), data, w_bits=4, a_bits=8,
+                      progress=False)
+    assert result.plan.meta["reparam"]["strength"] == 0.5
+    for _, q in iter_quantizers(result.model):
+        q.enabled = False
+    x = torch.cat(data)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), model(x), atol=1e-5, rtol=0)
+    assert result.plan.meta["reparam"]["partial"] == result.plan.meta["reparam"]["pairs"] > 0
+    with pytest.raises(VitqError, match="strength"):
+        quantize(tiny_vit(), recipe({"reparam": {"strength": 1.5}}, "calibrate"), data, progress=False)
+    with pytest.raises(VitqError, match="strength_where"):
+        quantize(tiny_vit(), recipe({"reparam": {"strength_where": "some"}}, "calibrate"), data, progress=False)
+
+
+def test_partial_reparam_only_where_weights_have_fewer_bits():
+    model, data = tiny_vit(), batches()
+    x = torch.cat(data)
+    where = recipe({"reparam": {"strength": 0.5, "strength_where": "fewer_weight_bits"}}, "calibrate")
+    at_w4a8 = quantize(model, where, data, w_bits=4, a_bits=8, progress=False)
+    assert at_w4a8.plan.meta["reparam"]["partial"] == at_w4a8.plan.meta["reparam"]["pairs"] > 0
+    at_w8a8 = quantize(model, where, data, w_bits=8, a_bits=8, progress=False)
+    full = quantize(model, recipe("reparam", "calibrate"), data, w_bits=8, a_bits=8, progress=False)
+    assert at_w8a8.plan.meta["reparam"]["partial"] == 0
+    with torch.no_grad():
+        assert torch.equal(at_w8a8.model(x), full.model(x))
+
+
 def test_reparam_refuses_to_fold_twice_and_after_calibration():
     with pytest.raises(VitqError, match="folds once"):
         quantize(tiny_vit(), recipe("smooth", "reparam", "calibrate"), batches(), progress=False)
@@ -148,6 +203,46 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest(act_order):
     err_rtn = (F.linear(x, rtn) - F.linear(x, w)).pow(2).mean()
     err_gptq = (F.linear(x, out) - F.linear(x, w)).pow(2).mean()
     assert err_gptq < 0.7 * err_rtn
+
+
+def test_gptq_float_target_solves_the_asymmetric_least_squares():
+    """Quantized inputs x̂ = x_f·M (a known distortion of the float inputs): the weight that maps
+    them onto the float outputs is W·M⁻ᵀ; with x̂ = x_f it is W itself."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.nn.Linear(6, 4))  # its input quantizer is off
+    w = layer.weight.detach()
+    xf = torch.randn(200, 6)
+    m = torch.eye(6) + 0.2 * torch.randn(6, 6)
+    for xq, expected in ((xf, w), (xf @ m, w @ torch.linalg.inv(m).T)):
+        acc = _Hessian(layer, cross=True)
+        for part in (slice(0, 120), slice(120, 200)):  # two batches: the running means weigh them by size
+            acc(layer, (xq[part],))
+            acc.pair(layer, (xf[part],))
+        assert torch.allclose(acc.H, 2 * xq.T.double() @ xq.double() / 200)
+        assert torch.allclose(acc.float_target(w, damp=1e-9), expected, atol=1e-4)
+    with pytest.raises(VitqError, match="without its quantized"):
+        _Hessian(layer, cross=True).pair(layer, (xf,))
+
+
+def test_gptq_float_target_fits_the_float_model_better_and_reloads(tmp_path):
+    model = tiny_vit()
+    data = batches()
+    x = torch.cat(data)
+    errors = {}
+    for float_target in (False, True):
+        r = recipe("calibrate", {"gptq": {"float_target": float_target}})
+        result = quantize(model, r, data, w_bits=4, a_bits=8, progress=False, seed=0)
+        with torch.no_grad():
+            errors[float_target] = float((result.model(x) - model(x)).pow(2).mean())
+    assert result.plan.meta["gptq"]["float_target"] is True
+    # on the calibration images the fitted target wins clearly (it absorbs the quantized upstream)
+    assert errors[True] < 0.5 * errors[False]
+    result.plan.save(tmp_path)
+    again = apply_plan(model, Plan.load(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(again(x), result.model(x))
+    with pytest.raises(VitqError, match="float_target"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"gptq": {"float_target": "yes"}}]})
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
@@ -242,6 +337,52 @@ def test_reconstruction_lowers_every_block_error_and_its_plan_reproduces(tmp_pat
                      progress=False, seed=0)
     with torch.no_grad():
         assert torch.equal(again.model(x), result.model(x))  # seeded
+
+
+def test_soft_round_starts_from_a_given_rounding_between_the_float_neighbours():
+    """After GPTQ the weights are on the grid: rounding the float weights from GPTQ's choice keeps
+    both neighbours of each float weight reachable, rounding GPTQ's weights only the step up."""
+    from vitq.methods.reconstruct import _SoftRound
+
+    quantizer = Quantizer(roles.WEIGHT, QuantSpec("uniform", 4, "per_tensor", symmetric=True))
+    quantizer.set_qparams(torch.tensor(1.0), torch.tensor(0.0))
+    w_float = torch.tensor([0.2, 0.7, 1.4, -0.6])
+    chosen = torch.tensor([1.0, 0.0, 1.0, 0.0])  # GPTQ's (not round-to-nearest's) integers
+    rounder = _SoftRound(w_float, quantizer, start=chosen)
+    assert torch.equal(rounder.floor, torch.tensor([0.0, 0.0, 1.0, -1.0]))
+    assert torch.allclose(rounder(w_float), chosen, atol=1e-3)  # training starts at GPTQ's rounding
+    rounder.hard = True
+    assert torch.equal(rounder(w_float), chosen)
+    with torch.no_grad():
+        rounder.V.neg_()  # each weight flipped to its other float neighbour
+    assert torch.equal(rounder(w_float), torch.tensor([0.0, 1.0, 2.0, -1.0]))
+    stuck = _SoftRound(chosen, quantizer)  # from GPTQ's weights: floor = the weight itself
+    assert torch.equal(stuck.floor, chosen)
+
+
+def test_reconstruction_after_gptq_rounds_the_float_weights(tmp_path):
+    model, data = tiny_vit(), batches()
+    x = torch.cat(data)
+    results = {}
+    for from_float in (True, False):
+        stages = ["reparam", "calibrate", "gptq", {"reconstruct": {"iterations": 30, "batch_size": 4,
+                                                                   "from_float": from_float}}]
+        results[from_float] = quantize(model, recipe(*stages), data, w_bits=3, a_bits=8, progress=False, seed=0)
+    gptq = quantize(model, recipe("reparam", "calibrate", "gptq"), data, w_bits=3, a_bits=8, progress=False, seed=0)
+    base = gptq.model.blocks[0].mlp.fc1
+    for from_float, result in results.items():
+        layer = result.model.blocks[0].mlp.fc1
+        steps = torch.round((layer.weight - base.weight) / layer.weight_quantizer.scale.reshape(-1, 1))
+        assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
+        if not from_float:
+            assert steps.min() >= 0  # rounding GPTQ's weights: stay or one step up, never down
+    assert results[True].plan.meta["reconstruct"]["from_float"] is True
+    with torch.no_grad():  # the whole model ends closer to the float one than GPTQ alone left it
+        ref = model(x)
+        assert (results[True].model(x) - ref).pow(2).mean() < (gptq.model(x) - ref).pow(2).mean()
+    results[True].plan.save(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(apply_plan(model, Plan.load(tmp_path))(x), results[True].model(x))
 
 
 def test_reconstruct_settings_are_validated():

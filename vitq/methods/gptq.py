@@ -13,11 +13,20 @@ X is what the layer receives in the quantized model: its input after its own inp
 with every layer before it already quantized and already rounded by GPTQ (layers in forward
 order). Costs about two forward passes per transformer block plus one ``d×d`` Cholesky
 factorisation per layer.
+
+With ``float_target`` the target is the *float* model's output instead of the layer's own float
+weights applied to the quantized input (asymmetric calibration, as in GPTAQ, Li et al., 2025):
+``min ‖W·X_f − Ŵ·X̂‖²`` with X_f the layer's input in the float model and X̂ the quantized one.
+Its least-squares solution ``W* = W·X_f·X̂ᵀ·(X̂·X̂ᵀ)⁻¹`` (damped towards W) absorbs the error the
+quantized upstream brings, and GPTQ then rounds W* against the same Hessian: the residual of the
+objective is ``‖(W* − Ŵ)·X̂‖²`` plus a constant. It costs the float passes beside the quantized
+ones (about twice the time).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +36,7 @@ from ..errors import VitqError
 from ..nn import QuantLinear
 from ..quant.primitives import fake_quantize_affine
 from ..quant.quantizer import Quantizer
+from ..models import iter_quantizers
 from .lifecycle import forward_order, staged_passes
 from .stages import STAGES, Stage, StageContext, StageSettings
 
@@ -111,19 +121,47 @@ def _column_quantizer(quantizer: Quantizer):
 
 
 class _Hessian:
-    """Accumulates ``2/n · Σ x̂ᵀx̂`` of a linear layer's quantized inputs x̂."""
+    """Accumulates ``2/n · Σ x̂ᵀx̂`` of a linear layer's quantized inputs x̂ and, with ``cross``, the
+    cross term ``2/n · Σ x̂ᵀx_f`` with its float inputs x_f (fed by :meth:`pair`, batch by batch
+    after the quantized one)."""
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, cross: bool = False) -> None:
         self.layer = layer
-        self.H = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=layer.weight.device)
+        d = layer.in_features
+        self.H = torch.zeros(d, d, dtype=torch.float64, device=layer.weight.device)
+        self.G = torch.zeros_like(self.H) if cross else None
         self.n = 0
+        self._last: Optional[Tensor] = None
 
     def __call__(self, module: nn.Module, args: Tuple[Tensor, ...]) -> None:
         x = self.layer.input_quantizer(args[0].detach()).reshape(-1, self.layer.in_features).double()
         total = self.n + x.shape[0]
         self.H *= self.n / total
         self.H += (2.0 / total) * x.T @ x
+        if self.G is not None:
+            self.G *= self.n / total
+            self._last = x
         self.n = total
+
+    def pair(self, module: nn.Module, args: Tuple[Tensor, ...]) -> None:
+        """Hook on the float layer: its input for the batch whose quantized input came last."""
+        if self._last is None:
+            raise VitqError("gptq.float_target: a float pass came without its quantized one")
+        xf = args[0].detach().reshape(-1, self.layer.in_features).double()
+        if xf.shape != self._last.shape:
+            raise VitqError(f"gptq.float_target: the float input {tuple(xf.shape)} and the quantized one "
+                            f"{tuple(self._last.shape)} of a batch differ")
+        self.G += (2.0 / self.n) * self._last.T @ xf
+        self._last = None
+
+    def float_target(self, weight: Tensor, damp: float) -> Tensor:
+        """``W* = (W·Gᵀ + λW)·(H + λI)⁻¹``: the weight that best maps the quantized inputs onto the
+        float outputs, damped towards ``weight`` (λ = damp · mean diag H)."""
+        W = weight.double()
+        lam = damp * torch.mean(torch.diag(self.H))
+        eye = torch.eye(self.H.shape[0], dtype=self.H.dtype, device=self.H.device)
+        rhs = self.G @ W.T + lam * W.T  # (H + λI)·W*ᵀ = G·Wᵀ + λ·Wᵀ   (H symmetric)
+        return torch.linalg.solve(self.H + lam * eye, rhs).T.to(weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -134,11 +172,17 @@ class GPTQSettings(StageSettings):
         block_size: columns per lazy-batch update.
         damp: diagonal dampening as a fraction of the Hessian's mean diagonal.
         act_order: round the columns with the largest inputs first.
+        float_target: fit the float model's layer output from the quantized input (asymmetric
+            calibration, GPTAQ) instead of the layer's own output on that input.
+        target_damp: with ``float_target``, how strongly the fitted weight is held towards the
+            layer's own (λ as a fraction of the Hessian's mean diagonal); more for few images.
     """
 
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
+    float_target: bool = False
+    target_damp: float = 0.01
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
@@ -147,6 +191,11 @@ class GPTQSettings(StageSettings):
             raise VitqError(f"gptq.damp must be a number in (0, 1), got {self.damp!r}")
         if not isinstance(self.act_order, bool):
             raise VitqError(f"gptq.act_order must be true or false, got {self.act_order!r}")
+        if not isinstance(self.float_target, bool):
+            raise VitqError(f"gptq.float_target must be true or false, got {self.float_target!r}")
+        if isinstance(self.target_damp, bool) or not isinstance(self.target_damp, (int, float)) or \
+                self.target_damp <= 0:
+            raise VitqError(f"gptq.target_damp must be a positive number, got {self.target_damp!r}")
 
 
 @STAGES.register("gptq")
@@ -169,17 +218,36 @@ class GPTQStage(Stage):
         order = forward_order(model, images[0], layers)
         changed = []
         passes = staged_passes(model, images, [[m] for m in order], ctx.device)
-        for (layer,), feed in tqdm(passes, total=len(order), desc="gptq", unit="layer", disable=not ctx.progress,
-                                   leave=False):
-            hessian = _Hessian(layer)
-            hook = layer.register_forward_pre_hook(hessian)
+        if s.float_target:
+            # the model as it is now with every quantizer off: the float model in this model's
+            # coordinates (folds included), whose layers give X_f
+            reference = copy.deepcopy(model)
+            for _, q in iter_quantizers(reference):
+                q.enabled = False
+            float_passes = staged_passes(reference, images, [[reference.get_submodule(names[m])] for m in order],
+                                         ctx.device)
+        else:
+            float_passes = iter(lambda: (None, None), object())
+        for ((layer,), feed), (float_layer, float_feed) in tqdm(
+                zip(passes, float_passes), total=len(order), desc="gptq", unit="layer", disable=not ctx.progress,
+                leave=False):
+            hessian = _Hessian(layer, cross=s.float_target)
+            hooks = [layer.register_forward_pre_hook(hessian)]
             try:
-                feed()
+                if s.float_target:
+                    hooks.append(float_layer[0].register_forward_pre_hook(hessian.pair))
+                    for i in range(len(images)):
+                        feed(only=i)
+                        float_feed(only=i)
+                else:
+                    feed()
             finally:
-                hook.remove()
+                for hook in hooks:
+                    hook.remove()
             with torch.no_grad():
                 weight = layer.weight.detach()
-                new = gptq_round(weight, hessian.H, _column_quantizer(layer.weight_quantizer), s.block_size, s.damp,
+                target = hessian.float_target(weight, s.target_damp) if s.float_target else weight
+                new = gptq_round(target, hessian.H, _column_quantizer(layer.weight_quantizer), s.block_size, s.damp,
                                  s.act_order)
                 changed.append(float((new != layer.weight_quantizer(weight)).float().mean()))
                 layer.weight.copy_(new)

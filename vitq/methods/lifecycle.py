@@ -229,7 +229,7 @@ def staged_passes(model: nn.Module, images, groups, device):
     module is called (so the caller's hooks on the group see their inputs, computed with every
     earlier group finished). Inside a transformer block a pass starts from the block's input,
     cached when the block's first group comes (everything before the block is final by then):
-    about two forward passes per block in all."""
+    about two forward passes per block in all. ``feed(only=i)`` runs the ``i``-th batch alone."""
     names = {m: n for n, m in model.named_modules()}
     try:
         blocks = find_adapter(model).blocks(model)
@@ -248,11 +248,11 @@ def staged_passes(model: nn.Module, images, groups, device):
             cache = next_block_inputs(model, block, cached, cache, follows, images, device)
             cached_block, cached = block_name, block
 
-        def feed(group=group, block=block, block_name=block_name, cache=cache) -> None:
+        def feed(only: Optional[int] = None, group=group, block=block, block_name=block_name, cache=cache) -> None:
             if block_name is None:
-                _run_until(lambda x: model(x.to(device)), images, group[-1])
+                _run_until(lambda x: model(x.to(device)), images if only is None else [images[only]], group[-1])
             else:
-                _run_until(lambda a: block(*a[0], **a[1]), cache, group[-1])
+                _run_until(lambda a: block(*a[0], **a[1]), cache if only is None else [cache[only]], group[-1])
 
         yield group, feed
 

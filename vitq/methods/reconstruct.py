@@ -22,9 +22,10 @@ on a GPU.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ from ..quant import protocol as roles
 from ..quant.quantizer import Quantizer
 from .gptq import mark_changed
 from .lifecycle import next_block_inputs, sequence_successors
+from .smooth import fold_smoothing, smoothing_of
 from .stages import STAGES, Stage, StageContext, StageSettings
 
 Tensor = torch.Tensor
@@ -46,9 +48,14 @@ ZETA, GAMMA = 1.1, -0.1
 
 
 class _SoftRound(nn.Module):
-    """A parametrisation of a weight: ``s · (clamp(floor(W/s) + h(V) + z, qmin, qmax) − z)``."""
+    """A parametrisation of a weight: ``s · (clamp(floor(W/s) + h(V) + z, qmin, qmax) − z)``.
 
-    def __init__(self, weight: Tensor, quantizer: Quantizer) -> None:
+    ``W`` is the weight to round (the float one); ``start``, when given, is a rounding already
+    chosen (GPTQ's): h starts at 0 or 1 where it lies on ``floor(W/s)`` or the step above, so that
+    training begins from it and may still move each weight to the other side of its float value.
+    """
+
+    def __init__(self, weight: Tensor, quantizer: Quantizer, start: Optional[Tensor] = None) -> None:
         super().__init__()
         spec = quantizer.spec
         shape = (-1,) + (1,) * (weight.ndim - 1) if quantizer.scale.numel() > 1 else ()
@@ -57,6 +64,8 @@ class _SoftRound(nn.Module):
         self.qmin, self.qmax = spec.qrange
         base = weight.detach() / self.scale
         self.register_buffer("floor", torch.floor(base))
+        if start is not None:
+            base = torch.round(start.detach().to(weight) / self.scale)
         rest = (base - self.floor).clamp(1e-4, 1 - 1e-4)
         # V such that h(V) equals the fractional part: training starts at the float weight
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
@@ -87,6 +96,10 @@ class ReconstructSettings(StageSettings):
         warmup: fraction of the iterations without the regulariser.
         drop_prob: QDrop: probability that an activation element keeps its float value during
             training (0: BRECQ without dropping).
+        from_float: round the float weights (AdaRound's choice between the grid points below and
+            above each float weight), starting from the rounding the model has (GPTQ's, when it
+            ran before); false: round the model's current weights, which after GPTQ already lie
+            on the grid, so that each can only stay or move one step up.
     """
 
     iterations: int = 200
@@ -96,6 +109,7 @@ class ReconstructSettings(StageSettings):
     weight: float = 0.01
     warmup: float = 0.2
     drop_prob: float = 0.5
+    from_float: bool = True
 
     def __post_init__(self) -> None:
         for key in ("iterations", "batch_size"):
@@ -109,6 +123,8 @@ class ReconstructSettings(StageSettings):
                 raise VitqError(f"reconstruct.{key} must be a number from {lo} to {hi}, got {value!r}")
         if self.lr <= 0:
             raise VitqError("reconstruct.lr must be positive")
+        if not isinstance(self.from_float, bool):
+            raise VitqError(f"reconstruct.from_float must be true or false, got {self.from_float!r}")
 
 
 @STAGES.register("reconstruct")
@@ -133,6 +149,9 @@ class ReconstructStage(Stage):
         losses: Dict[str, List[float]] = {}
         changed: List[str] = []
         prev_q = prev_f = xq = xf = None
+        reference = None
+        if s.from_float:  # the float weights in this model's coordinates (its folds applied)
+            reference = fold_smoothing(copy.deepcopy(ctx.float_model), smoothing_of(model)).to(ctx.device)
         for name, block in tqdm(blocks, desc="reconstruct", unit="block", disable=not ctx.progress, leave=False):
             fblock = float_blocks[name]
             with torch.no_grad():
@@ -140,7 +159,11 @@ class ReconstructStage(Stage):
                 xf = next_block_inputs(float_model, fblock, prev_f, xf, follows_f, images, ctx.device)
                 target = torch.cat([fblock(*a, **k) for a, k in xf])
             inputs = torch.cat([a[0] for a, _ in xq])
-            before, after = self._train(block, inputs, target, xq[0][1], s, generator)
+            floats = None
+            if reference is not None:
+                floats = {m: reference.get_submodule(names[m]).weight.detach() for m in block.modules()
+                          if isinstance(m, QuantLinear)}
+            before, after = self._train(block, inputs, target, xq[0][1], s, generator, floats)
             losses[name] = [round(before, 6), round(after, 6)]
             changed += [f"{names[m]}.weight" for m in block.modules()
                         if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled]
@@ -149,8 +172,10 @@ class ReconstructStage(Stage):
         ctx.record["reconstruct"] = {**s.to_dict(), "blocks": len(blocks), "block_mse": losses}
 
     @staticmethod
-    def _train(block: nn.Module, inputs: Tensor, target: Tensor, kwargs, s: ReconstructSettings, generator):
-        """Train one block; returns its output MSE against the float block before and after."""
+    def _train(block: nn.Module, inputs: Tensor, target: Tensor, kwargs, s: ReconstructSettings, generator,
+               floats: Optional[Dict[nn.Module, Tensor]] = None):
+        """Train one block; returns its output MSE against the float block before and after.
+        ``floats``: each layer's float weight, rounded from the layer's current one (:class:`_SoftRound`)."""
         layers = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled
                   and m.weight_quantizer.spec.kind_entry.plain_grid]
         acts = [q for q in block.modules() if isinstance(q, Quantizer) and q.role != roles.WEIGHT and q.enabled
@@ -159,7 +184,11 @@ class ReconstructStage(Stage):
             before = float(F.mse_loss(block(inputs, **kwargs), target))
         rounders = []
         for layer in layers:
-            rounder = _SoftRound(layer.weight, layer.weight_quantizer)
+            if floats is not None and floats[layer].shape == layer.weight.shape and \
+                    not torch.equal(floats[layer], layer.weight):  # a stage (GPTQ) rounded it: start there
+                rounder = _SoftRound(floats[layer], layer.weight_quantizer, start=layer.weight)
+            else:
+                rounder = _SoftRound(layer.weight, layer.weight_quantizer)
             parametrize.register_parametrization(layer, "weight", rounder, unsafe=True)
             layer.weight_quantizer.enabled = False  # the parametrisation quantizes
             rounders.append(rounder)

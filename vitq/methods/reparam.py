@@ -34,13 +34,23 @@ from .stages import STAGES, Stage, StageContext, StageSettings
 
 Tensor = torch.Tensor
 TARGETS = ("mean", "median")
+#: where a partial ``strength`` applies: every pair, or the pairs whose weights have fewer bits than their input
+STRENGTH_WHERE = ("all", "fewer_weight_bits")
 
 
-def reparam_factors(scale: Tensor, zero_point: Tensor, target: str = "mean") -> Tuple[Tensor, Tensor]:
+def reparam_factors(scale: Tensor, zero_point: Tensor, target: str = "mean", strength: float = 1.0,
+                    levels: int = 255) -> Tuple[Tensor, Tensor]:
     """``(r, shift)`` of one pair from its per-channel ``scale`` Δ_c and ``zero_point`` z_c.
 
     ``r = Δ_c / Δ̄`` and ``shift = b·r = min_c − r_c·min̄``, so that ``(Y − shift) / r`` maps channel
     c's range onto the shared one.
+
+    ``strength`` α < 1 moves only part of the per-channel spread into the linear layer:
+    ``r = (Δ_c / Δ̄)^α`` and each channel's range is centred on the shared one
+    (``shift = mid_c − r_c·mid̄``, the mid-points of ``levels`` steps). Channel c's weights are
+    multiplied by ``r_c``, so a full move (α = 1, RepQ-ViT) makes the weight columns of outlier
+    channels as large as their activations; a partial one leaves part of the spread to the
+    activation quantizer, which at 8 bits has room for it while 4-bit weights have not.
 
     Example (2 bits, two channels: [0, 1.5] and [−2, 1]; shared Δ̄ = 0.75, z̄ = 1, range [−0.75, 1.5]):
         >>> r, shift = reparam_factors(torch.tensor([0.5, 1.0]), torch.tensor([0., 2.]))
@@ -55,8 +65,14 @@ def reparam_factors(scale: Tensor, zero_point: Tensor, target: str = "mean") -> 
     else:
         raise VitqError(f"reparam.target must be one of {', '.join(TARGETS)}, got {target!r}")
     t_zero = torch.round(t_zero)  # an integer zero point for the deployed per-tensor quantizer
-    r = scale / t_scale
-    shift = -zero_point * scale - r * (-t_zero * t_scale)
+    if not 0.0 < strength <= 1.0:
+        raise VitqError(f"reparam.strength must be in (0, 1], got {strength}")
+    if strength == 1.0:
+        r = scale / t_scale
+        shift = -zero_point * scale - r * (-t_zero * t_scale)
+    else:
+        r = (scale / t_scale) ** strength
+        shift = (levels / 2 - zero_point) * scale - r * (levels / 2 - t_zero) * t_scale
     return r.float(), shift.float()
 
 
@@ -68,10 +84,19 @@ class ReparamSettings(StageSettings):
         points: which LayerNorm → linear pairs: ``qkv``, ``fc1``, ``reduction`` (Swin patch merging).
         target: the shared scale and zero point: the ``mean`` of the channels' (RepQ-ViT) or their
             ``median`` (less pulled by outlier channels).
+        strength: how much of the per-channel spread moves into the linear layer's weights, in
+            (0, 1]: 1 is RepQ-ViT's full move (a per-tensor activation range fits every channel);
+            less keeps the weight columns of outlier channels smaller, for low-bit weights.
+        strength_where: ``all`` pairs take ``strength``, or only those whose linear layer has fewer
+            weight bits than input bits (``fewer_weight_bits``; the others take the full move). On
+            DeiT-Tiny (benchmarks/select_recipe.py, held-out calibration images) 0.5 lowered the KL
+            at W4A8 and W3A8 and raised it at W8A8 and W6A6.
     """
 
     points: Tuple[str, ...] = POINTS
     target: str = "mean"
+    strength: float = 1.0
+    strength_where: str = "all"
 
     def __post_init__(self) -> None:
         if isinstance(self.points, str):
@@ -82,6 +107,12 @@ class ReparamSettings(StageSettings):
             raise VitqError(f"reparam.points must be a non-empty list of {', '.join(POINTS)}; got {list(self.points)}")
         if self.target not in TARGETS:
             raise VitqError(f"reparam.target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if not isinstance(self.strength, (int, float)) or not 0.0 < float(self.strength) <= 1.0:
+            raise VitqError(f"reparam.strength must be a number in (0, 1], got {self.strength!r}")
+        object.__setattr__(self, "strength", float(self.strength))
+        if self.strength_where not in STRENGTH_WHERE:
+            raise VitqError(f"reparam.strength_where must be one of {', '.join(STRENGTH_WHERE)}, "
+                            f"got {self.strength_where!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         out = super().to_dict()
@@ -109,10 +140,14 @@ class ReparamStage(Stage):
             ctx.record["reparam"] = {**s.to_dict(), "pairs": 0}
             return
         observers = self._observe(ctx, pairs, ctx.activations)
-        factors, unshifted = [], []
+        factors, unshifted, partial = [], [], []
         for pair in pairs:
             scale, zero_point = observers[pair.linear].qparams()
-            r, shift = reparam_factors(scale.reshape(-1), zero_point.reshape(-1), s.target)
+            levels = observers[pair.linear].spec.qrange[1] - observers[pair.linear].spec.qrange[0]
+            strength = s.strength if _takes_strength(model, pair, s.strength_where) else 1.0
+            if strength < 1.0:
+                partial.append(pair.linear)
+            r, shift = reparam_factors(scale.reshape(-1), zero_point.reshape(-1), s.target, strength, levels)
             if not pair.shift_exact:
                 shift = torch.zeros_like(shift)
                 unshifted.append(pair.linear)
@@ -121,7 +156,10 @@ class ReparamStage(Stage):
         if unshifted:
             ctx.log("reparam: %d pair(s) rescaled without a shift (the model pads their tokens with zeros): %s",
                     len(unshifted), ", ".join(unshifted))
-        ctx.record["reparam"] = {**s.to_dict(), "pairs": len(factors), "unshifted": unshifted}
+        if s.strength < 1.0:
+            ctx.log("reparam: strength %.2f on %d of %d pair(s)", s.strength, len(partial), len(factors))
+        ctx.record["reparam"] = {**s.to_dict(), "pairs": len(factors), "unshifted": unshifted,
+                                 "partial": len(partial)}
 
     @staticmethod
     def _observe(ctx: StageContext, pairs: Sequence[NormLinearPair], config: ObserverConfig) -> Dict[str, Observer]:
@@ -143,6 +181,15 @@ class ReparamStage(Stage):
             for hook in hooks:
                 hook.remove()
         return observers
+
+
+def _takes_strength(model: nn.Module, pair: NormLinearPair, where: str) -> bool:
+    """Whether the pair takes the settings' partial strength (``strength_where``)."""
+    if where == "all":
+        return True
+    linear = model.get_submodule(pair.linear)
+    w = linear.weight_quantizer.spec
+    return w.enabled and w.bits < linear.input_quantizer.spec.bits
 
 
 def _input_spec(model: nn.Module, pair: NormLinearPair):
