@@ -11,7 +11,8 @@ quantizers), ``uniform-probs`` (uniform post-softmax probabilities instead of lo
 ``-opt_m,uniform-probs`` (both), ``no-reparam`` (no post-LayerNorm reparameterisation), ``reparam=0.5`` (the post-LayerNorm reparameterisation moving only
 part of the per-channel spread into the weights, at every bit-width: its ``strength``; ``reparam=1`` is RepQ-ViT's full move), ``gptq-float`` (GPTQ fitting the float
 model's layer outputs from the quantized inputs: ``gptq.float_target``), ``+reconstruct[=ITERATIONS][-cur]`` (block
-reconstruction after GPTQ; ``-cur``: rounding GPTQ's weights instead of the float ones). Results: benchmarks/results/recipe_selection.json and a section of
+reconstruction after GPTQ; ``-cur``: rounding GPTQ's weights instead of the float ones), ``flip-aug`` (every stage
+calibrated on the 50 images and their mirror images). Results: benchmarks/results/recipe_selection.json and a section of
 benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from vitq.api import evaluate, quantize  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
-CHANGES = ("-opt_m", "-reparam", "uniform-probs", "gptq-float", "+reconstruct")
+CHANGES = ("-opt_m", "-reparam", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug")
 
 
 def variant(name: str) -> Dict[str, Any]:
@@ -60,6 +61,8 @@ def variant(name: str) -> Dict[str, Any]:
                 settings["iterations"] = int(iterations)
             at = next(i for i, st in enumerate(spec["stages"]) if isinstance(st, dict) and "gptq" in st)
             spec["stages"].insert(at + 1, {"reconstruct": settings})
+        elif change == "flip-aug":
+            pass  # the calibration images plus their mirror images (main)
         elif change.startswith("reparam="):
             for st in spec["stages"]:
                 if isinstance(st, dict) and "reparam" in st:
@@ -112,7 +115,10 @@ def main(argv=None) -> int:
             for fold in (0, 1):
                 fit, held = halves[fold], halves[1 - fold]
                 t0 = time.perf_counter()
-                qmodel = quantize(model, recipe, [fit[0]], w_bits=w, a_bits=a, progress=False).model
+                images = fit[0]
+                if "flip-aug" in name.split(","):
+                    images = torch.cat([images, images.flip(-1)])
+                qmodel = quantize(model, recipe, [images], w_bits=w, a_bits=a, progress=False).model
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=fp[1 - fold])
                 row = {"bits": f"W{w}A{a}", "fold": fold, "variant": name, "held_kl": round(h["kl"], 4),
