@@ -44,12 +44,12 @@ _LOG = {"kinds": {"attn_probs": "logsqrt2"}}
 SEQ = {"calibrate": {"sequential": True}}
 
 
-def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_reparam=True,
+def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_reparam=True, linear_gptq=True,
                  bias_correct=False) -> Dict[str, Any]:
     """The recommended recipe's YAML without its bias correction, its stages changed (selection
-    candidates). ``full_reparam``: RepQ-ViT's full reparameterisation at every bit-width, as the
-    recommended recipe had it when these candidates were measured (before the partial move at
-    W4A8/W3A8)."""
+    candidates). ``full_reparam``: RepQ-ViT's full reparameterisation at every bit-width, and
+    ``linear_gptq``: GPTQ on the linear layers only, as the recommended recipe had them when these
+    candidates were measured (2026-12-01)."""
     import yaml
 
     import vitq.recipes
@@ -61,6 +61,8 @@ def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_repara
     if full_reparam:
         spec["stages"] = [{"reparam": {"target": "mean"}} if isinstance(st, dict) and "reparam" in st else st
                           for st in spec["stages"]]
+    if linear_gptq:
+        gptq = {**(gptq or {}), "convs": False}
     if gptq is not None:
         spec["stages"] = [{"gptq": {**st["gptq"], **gptq}} if isinstance(st, dict) and "gptq" in st else st
                           for st in spec["stages"]]
@@ -83,11 +85,15 @@ METHODS: Dict[str, Tuple[Any, str]] = {
     "recommended": ("recommended", "the recommended (default) recipe, chosen by the selections below: "
                     "+reparam+opt-m+gptq with the OMSE weight grid, then bias correction at 8-bit activations; "
                     "where the weights have fewer bits than the activations (W4A8, W3A8) the reparameterisation "
-                    "moves half of the channel spread (strength 0.5, benchmarks/select_recipe.py)"),
-    "recommended, full reparam": (_recommended("recommended, full reparam", bias_correct=True),
-                                  "the recommended recipe with RepQ-ViT's full reparameterisation at every "
-                                  "bit-width (the default until 2026-12-02; differs from recommended only at "
-                                  "W4A8 and W3A8)"),
+                    "moves half of the channel spread (strength 0.5), and GPTQ rounds the patch embedding too "
+                    "(benchmarks/select_recipe.py)"),
+    "recommended, linear-only GPTQ": (_recommended("recommended, linear-only GPTQ", full_reparam=False,
+                                                   bias_correct=True),
+                                      "the recommended recipe with GPTQ on the linear layers only (the patch "
+                                      "embedding rounded to nearest), as on the morning of 2026-12-02"),
+    "recommended (2026-12-01)": (_recommended("recommended (2026-12-01)", bias_correct=True),
+                                 "the recommended recipe until 2026-12-02: RepQ-ViT's full reparameterisation at "
+                                 "every bit-width and GPTQ on the linear layers only"),
     "+reparam+seq+gptq": ({"name": "+reparam+seq+gptq", **_PMSE, **_LOG, "stages": ["reparam", SEQ, "gptq"]},
                           "repq-vit + GPTQ (sequential calibration)"),
     "+reparam+seq+gptq-ao": ({"name": "+reparam+seq+gptq-ao", **_PMSE, **_LOG,
@@ -116,7 +122,7 @@ METHODS: Dict[str, Tuple[Any, str]] = {
                                                       "gptq"]},
                                           "+reparam+opt-m+gptq with the OMSE weight grid"),
     "recommended − bias_correct": (_recommended("recommended − bias_correct"),
-                                   "the recommended recipe without its bias correction (the default before it), full reparameterisation"),
+                                   "recommended (2026-12-01) without its bias correction (the default before it)"),
     "recommended+bc": (_recommended("recommended+bc", extra_stages=["bias_correct"]),
                        "recommended − bias_correct, then empirical bias correction at every bit-width (every "
                        "layer's channel means matched to the float model's, in forward order)"),
@@ -126,6 +132,17 @@ METHODS: Dict[str, Tuple[Any, str]] = {
                                              extra_stages=["bias_correct"]),
                                 "recommended − bias_correct with GPTQ's act-order, then bias correction"),
 }
+
+def _linear_only_gptq(recipe):
+    """The candidates above were measured when GPTQ rounded the linear layers only: keep them so."""
+    if not isinstance(recipe, dict) or recipe["name"].startswith("recommended"):
+        return recipe
+    stages = [{"gptq": {**(st["gptq"] if isinstance(st, dict) else {}), "convs": False}}
+              if st == "gptq" or (isinstance(st, dict) and "gptq" in st) else st for st in recipe["stages"]]
+    return {**recipe, "stages": stages}
+
+
+METHODS = {name: (_linear_only_gptq(recipe), text) for name, (recipe, text) in METHODS.items()}
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",
                   "+reparam+seq+gptq-ao")
 DEFAULT_METHODS = ("omse", "pmse", "pmse+log√2", "+reparam", "repq-vit", "repq-vit@32", "+reparam+gptq",

@@ -12,7 +12,8 @@ quantizers), ``uniform-probs`` (uniform post-softmax probabilities instead of lo
 part of the per-channel spread into the weights, at every bit-width: its ``strength``; ``reparam=1`` is RepQ-ViT's full move), ``gptq-float`` (GPTQ fitting the float
 model's layer outputs from the quantized inputs: ``gptq.float_target``), ``+reconstruct[=ITERATIONS][-cur]`` (block
 reconstruction after GPTQ; ``-cur``: rounding GPTQ's weights instead of the float ones), ``flip-aug`` (every stage
-calibrated on the 50 images and their mirror images). Results: benchmarks/results/recipe_selection.json and a section of
+calibrated on the 50 images and their mirror images), ``no-gptq-convs`` (GPTQ on the linear layers only, as before
+2026-12-02). Results: benchmarks/results/recipe_selection.json and a section of
 benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from vitq.api import evaluate, quantize  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
-CHANGES = ("-opt_m", "-reparam", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug")
+CHANGES = ("-opt_m", "-reparam", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug", "no-gptq-convs")
 
 
 def variant(name: str) -> Dict[str, Any]:
@@ -61,6 +62,10 @@ def variant(name: str) -> Dict[str, Any]:
                 settings["iterations"] = int(iterations)
             at = next(i for i, st in enumerate(spec["stages"]) if isinstance(st, dict) and "gptq" in st)
             spec["stages"].insert(at + 1, {"reconstruct": settings})
+        elif change == "no-gptq-convs":
+            for st in spec["stages"]:
+                if isinstance(st, dict) and "gptq" in st:
+                    st["gptq"]["convs"] = False
         elif change == "flip-aug":
             pass  # the calibration images plus their mirror images (main)
         elif change.startswith("reparam="):

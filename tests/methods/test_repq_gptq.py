@@ -205,6 +205,31 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest(act_order):
     assert err_gptq < 0.7 * err_rtn
 
 
+def test_gptq_rounds_the_patch_embedding_on_its_unfolded_patches():
+    from vitq.methods.gptq import _rows, gptq_layers
+
+    conv = torch.nn.Conv2d(3, 5, kernel_size=4, stride=4)
+    x = torch.randn(2, 3, 8, 12)
+    rows = _rows(conv, x)  # one row per output position, columns in the weight's (C, kh, kw) order
+    assert rows.shape == (2 * 2 * 3, 3 * 16)
+    out = (rows @ conv.weight.reshape(5, -1).double().T).reshape(2, 6, 5).transpose(1, 2).reshape(2, 5, 2, 3)
+    assert torch.allclose(out.float() + conv.bias.reshape(1, 5, 1, 1), conv(x), atol=1e-5)
+    model, data = tiny_vit(), batches()
+    result = quantize(model, recipe("calibrate", "gptq"), data, w_bits=3, a_bits=8, progress=False)
+    q = result.model
+    assert q.patch_embed.proj in gptq_layers(q)
+    assert result.plan.meta["gptq"]["layers"] == len(gptq_layers(q))
+    assert "patch_embed.proj.weight" in result.plan.meta["params"]
+    weight = q.patch_embed.proj.weight
+    assert torch.equal(q.patch_embed.proj.weight_quantizer(weight), weight)  # on the grid
+    rtn = quantize(model, recipe("calibrate"), data, w_bits=3, a_bits=8, progress=False).model
+    assert not torch.equal(weight, rtn.patch_embed.proj.weight_quantizer(rtn.patch_embed.proj.weight))
+    linear_only = quantize(model, recipe("calibrate", {"gptq": {"convs": False}}), data, w_bits=3, a_bits=8,
+                           progress=False)
+    assert "patch_embed.proj.weight" not in linear_only.plan.meta["params"]
+    assert linear_only.plan.meta["gptq"]["layers"] == len(gptq_layers(q)) - 1
+
+
 def test_gptq_float_target_solves_the_asymmetric_least_squares():
     """Quantized inputs x̂ = x_f·M (a known distortion of the float inputs): the weight that maps
     them onto the float outputs is W·M⁻ᵀ; with x̂ = x_f it is W itself."""
@@ -339,23 +364,24 @@ def test_reconstruction_lowers_every_block_error_and_its_plan_reproduces(tmp_pat
         assert torch.equal(again.model(x), result.model(x))  # seeded
 
 
-def test_soft_round_starts_from_a_given_rounding_between_the_float_neighbours():
-    """After GPTQ the weights are on the grid: rounding the float weights from GPTQ's choice keeps
-    both neighbours of each float weight reachable, rounding GPTQ's weights only the step up."""
+def test_soft_round_starts_from_a_given_rounding_and_may_step_towards_the_float_weight():
+    """After GPTQ the weights are on the grid (sometimes two steps from the float weight): each may
+    stay or move one step towards its float value; rounding GPTQ's weights as if float only allows
+    the step up."""
     from vitq.methods.reconstruct import _SoftRound
 
     quantizer = Quantizer(roles.WEIGHT, QuantSpec("uniform", 4, "per_tensor", symmetric=True))
     quantizer.set_qparams(torch.tensor(1.0), torch.tensor(0.0))
-    w_float = torch.tensor([0.2, 0.7, 1.4, -0.6])
-    chosen = torch.tensor([1.0, 0.0, 1.0, 0.0])  # GPTQ's (not round-to-nearest's) integers
+    w_float = torch.tensor([0.2, 0.7, 1.4, -0.6, 2.2])
+    chosen = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])  # GPTQ's (not round-to-nearest's) integers
     rounder = _SoftRound(w_float, quantizer, start=chosen)
-    assert torch.equal(rounder.floor, torch.tensor([0.0, 0.0, 1.0, -1.0]))
+    assert torch.equal(rounder.floor, torch.tensor([0.0, 0.0, 1.0, -1.0, 0.0]))
     assert torch.allclose(rounder(w_float), chosen, atol=1e-3)  # training starts at GPTQ's rounding
     rounder.hard = True
     assert torch.equal(rounder(w_float), chosen)
     with torch.no_grad():
-        rounder.V.neg_()  # each weight flipped to its other float neighbour
-    assert torch.equal(rounder(w_float), torch.tensor([0.0, 1.0, 2.0, -1.0]))
+        rounder.V.neg_()  # each weight moved one step towards its float value
+    assert torch.equal(rounder(w_float), torch.tensor([0.0, 1.0, 2.0, -1.0, 1.0]))
     stuck = _SoftRound(chosen, quantizer)  # from GPTQ's weights: floor = the weight itself
     assert torch.equal(stuck.floor, chosen)
 

@@ -2,7 +2,7 @@
 Quantization for Generative Pre-trained Transformers", Algorithm 1).
 
 Round-to-nearest rounds each weight on its own. GPTQ rounds the columns of a linear layer's
-weight one after another and, after each, moves the rounding error onto the columns not yet
+weight (or a convolution's, such as the patch embedding, on its unfolded input patches) one after another and, after each, moves the rounding error onto the columns not yet
 rounded, weighted by the inverse Hessian ``H = 2·XᵀX`` of the layer's reconstruction error
 ``‖W·X − Ŵ·X‖²`` (X: the layer's inputs on calibration images). The grid (per output channel
 scale and zero point) is the weight quantizer's, set by calibration before; GPTQ only chooses
@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
-from ..nn import QuantLinear
+from ..nn import QuantConv2d, QuantLinear
 from ..quant.primitives import fake_quantize_affine
 from ..quant.quantizer import Quantizer
 from ..models import iter_quantizers
@@ -120,21 +121,39 @@ def _column_quantizer(quantizer: Quantizer):
     return quantize
 
 
+def _rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """A layer's input as the rows its weight ``[out, columns]`` multiplies: the last dimension of
+    a linear layer's input; a convolution's input unfolded into patches (one row per position)."""
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+    return x.reshape(-1, layer.weight.shape[1]).double()
+
+
+def gptq_layers(model: nn.Module, convs: bool = True) -> List[nn.Module]:
+    """The layers GPTQ rounds: linear layers and, with ``convs``, (ungrouped, zero-padded)
+    convolutions with quantized weights, such as the patch embedding."""
+    return [m for m in model.modules()
+            if (isinstance(m, QuantLinear) or (convs and isinstance(m, QuantConv2d) and m.groups == 1
+                                               and m.padding_mode == "zeros" and isinstance(m.padding, tuple)))
+            and m.weight_quantizer.spec.enabled]
+
+
 class _Hessian:
     """Accumulates ``2/n · Σ x̂ᵀx̂`` of a linear layer's quantized inputs x̂ and, with ``cross``, the
     cross term ``2/n · Σ x̂ᵀx_f`` with its float inputs x_f (fed by :meth:`pair`, batch by batch
     after the quantized one)."""
 
-    def __init__(self, layer: QuantLinear, cross: bool = False) -> None:
+    def __init__(self, layer: nn.Module, cross: bool = False) -> None:
         self.layer = layer
-        d = layer.in_features
+        d = layer.weight[0].numel()  # a convolution's columns: in_channels · kernel height · width
         self.H = torch.zeros(d, d, dtype=torch.float64, device=layer.weight.device)
         self.G = torch.zeros_like(self.H) if cross else None
         self.n = 0
         self._last: Optional[Tensor] = None
 
     def __call__(self, module: nn.Module, args: Tuple[Tensor, ...]) -> None:
-        x = self.layer.input_quantizer(args[0].detach()).reshape(-1, self.layer.in_features).double()
+        x = _rows(self.layer, self.layer.input_quantizer(args[0].detach()))
         total = self.n + x.shape[0]
         self.H *= self.n / total
         self.H += (2.0 / total) * x.T @ x
@@ -147,7 +166,7 @@ class _Hessian:
         """Hook on the float layer: its input for the batch whose quantized input came last."""
         if self._last is None:
             raise VitqError("gptq.float_target: a float pass came without its quantized one")
-        xf = args[0].detach().reshape(-1, self.layer.in_features).double()
+        xf = _rows(self.layer, args[0].detach())
         if xf.shape != self._last.shape:
             raise VitqError(f"gptq.float_target: the float input {tuple(xf.shape)} and the quantized one "
                             f"{tuple(self._last.shape)} of a batch differ")
@@ -176,6 +195,9 @@ class GPTQSettings(StageSettings):
             calibration, GPTAQ) instead of the layer's own output on that input.
         target_damp: with ``float_target``, how strongly the fitted weight is held towards the
             layer's own (λ as a fraction of the Hessian's mean diagonal); more for few images.
+        convs: also round the convolutions (the patch embedding; a decode head's with ``head``) on
+            their unfolded input patches. Until 2026-12-02 GPTQ rounded linear layers only; false
+            reproduces those runs.
     """
 
     block_size: int = 128
@@ -183,6 +205,7 @@ class GPTQSettings(StageSettings):
     act_order: bool = False
     float_target: bool = False
     target_damp: float = 0.01
+    convs: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
@@ -193,6 +216,8 @@ class GPTQSettings(StageSettings):
             raise VitqError(f"gptq.act_order must be true or false, got {self.act_order!r}")
         if not isinstance(self.float_target, bool):
             raise VitqError(f"gptq.float_target must be true or false, got {self.float_target!r}")
+        if not isinstance(self.convs, bool):
+            raise VitqError(f"gptq.convs must be true or false, got {self.convs!r}")
         if isinstance(self.target_damp, bool) or not isinstance(self.target_damp, (int, float)) or \
                 self.target_damp <= 0:
             raise VitqError(f"gptq.target_damp must be a positive number, got {self.target_damp!r}")
@@ -210,9 +235,9 @@ class GPTQStage(Stage):
         s: GPTQSettings = self.settings
         model = ctx.model.to(ctx.device)
         names = {m: n for n, m in model.named_modules()}
-        layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled]
+        layers = gptq_layers(model, s.convs)
         if not layers:
-            ctx.log("gptq: no linear layer with quantized weights; nothing to do")
+            ctx.log("gptq: no linear layer or convolution with quantized weights; nothing to do")
             return
         images = [b.to(ctx.device) for b in ctx.data]
         order = forward_order(model, images[0], layers)
@@ -246,9 +271,10 @@ class GPTQStage(Stage):
                     hook.remove()
             with torch.no_grad():
                 weight = layer.weight.detach()
-                target = hessian.float_target(weight, s.target_damp) if s.float_target else weight
+                flat = weight.reshape(weight.shape[0], -1)
+                target = hessian.float_target(flat, s.target_damp) if s.float_target else flat
                 new = gptq_round(target, hessian.H, _column_quantizer(layer.weight_quantizer), s.block_size, s.damp,
-                                 s.act_order)
+                                 s.act_order).reshape(weight.shape)
                 changed.append(float((new != layer.weight_quantizer(weight)).float().mean()))
                 layer.weight.copy_(new)
         mark_changed(model, [f"{names[m]}.weight" for m in order])

@@ -51,8 +51,9 @@ class _SoftRound(nn.Module):
     """A parametrisation of a weight: ``s · (clamp(floor(W/s) + h(V) + z, qmin, qmax) − z)``.
 
     ``W`` is the weight to round (the float one); ``start``, when given, is a rounding already
-    chosen (GPTQ's): h starts at 0 or 1 where it lies on ``floor(W/s)`` or the step above, so that
-    training begins from it and may still move each weight to the other side of its float value.
+    chosen (GPTQ's, which may lie more than one step from W): each weight then chooses between
+    that grid point and its neighbour towards the float weight, and training begins at the
+    chosen one.
     """
 
     def __init__(self, weight: Tensor, quantizer: Quantizer, start: Optional[Tensor] = None) -> None:
@@ -63,9 +64,12 @@ class _SoftRound(nn.Module):
         self.register_buffer("zero_point", quantizer.zero_point.detach().reshape(shape).to(weight))
         self.qmin, self.qmax = spec.qrange
         base = weight.detach() / self.scale
-        self.register_buffer("floor", torch.floor(base))
-        if start is not None:
-            base = torch.round(start.detach().to(weight) / self.scale)
+        if start is None:
+            self.register_buffer("floor", torch.floor(base))
+        else:  # the window [q − 1, q] or [q, q + 1] on the float weight's side of GPTQ's q
+            chosen = torch.round(start.detach().to(weight) / self.scale)
+            self.register_buffer("floor", torch.where(base < chosen, chosen - 1, chosen))
+            base = chosen
         rest = (base - self.floor).clamp(1e-4, 1 - 1e-4)
         # V such that h(V) equals the fractional part: training starts at the float weight
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
@@ -96,10 +100,10 @@ class ReconstructSettings(StageSettings):
         warmup: fraction of the iterations without the regulariser.
         drop_prob: QDrop: probability that an activation element keeps its float value during
             training (0: BRECQ without dropping).
-        from_float: round the float weights (AdaRound's choice between the grid points below and
-            above each float weight), starting from the rounding the model has (GPTQ's, when it
-            ran before); false: round the model's current weights, which after GPTQ already lie
-            on the grid, so that each can only stay or move one step up.
+        from_float: when a stage (GPTQ) rounded the weights before, each weight chooses between
+            its rounding and the grid point next to it towards the float weight, starting from its
+            rounding; false: round the model's current weights as if they were float, which after
+            GPTQ already lie on the grid, so that each can only stay or move one step up.
     """
 
     iterations: int = 200
