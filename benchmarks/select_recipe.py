@@ -6,15 +6,23 @@
 DeiT-Tiny's 100 calibration images (the accuracy benchmark's split) in two halves of 50: each variant
 of the recommended recipe is calibrated on one half and scored (KL to the float model, top-1
 agreement) on the half it never saw, then the halves swap. None of the 900 evaluation images is
-used. Variants: ``recommended`` (as shipped), ``-opt_m`` (without MPTQ-ViT's two-region post-GELU
-quantizers), ``uniform-probs`` (uniform post-softmax probabilities instead of log-sqrt2), and
-``-opt_m,uniform-probs`` (both), ``no-reparam`` (no post-LayerNorm reparameterisation), ``reparam=0.5`` (the post-LayerNorm reparameterisation moving only
-part of the per-channel spread into the weights, at every bit-width: its ``strength``; ``reparam=1`` is RepQ-ViT's full move), ``gptq-float`` (GPTQ fitting the float
-model's layer outputs from the quantized inputs: ``gptq.float_target``), ``+reconstruct[=ITERATIONS][-cur]`` (block
-reconstruction after GPTQ; ``-cur``: rounding GPTQ's weights instead of the float ones), ``flip-aug`` (every stage
-calibrated on the 50 images and their mirror images), ``no-gptq-convs`` (GPTQ on the linear layers only, as before
-2026-12-02). Results: benchmarks/results/recipe_selection.json and a section of
-benchmarks/RESULTS.md.
+used. Variants (comma-joined changes to the recommended recipe):
+
+- ``recommended``: as shipped;
+- ``-opt_m``: without MPTQ-ViT's two-region post-GELU quantizers;
+- ``uniform-probs``: uniform post-softmax probabilities instead of log-sqrt2;
+- ``no-reparam``: no post-LayerNorm reparameterisation;
+- ``reparam=0.5``: the reparameterisation moving only part of the per-channel spread into the
+  weights, at every bit-width (its ``strength``; ``reparam=1`` is RepQ-ViT's full move);
+- ``gptq-float``: GPTQ fitting the float model's layer outputs from the quantized inputs
+  (``gptq.float_target``);
+- ``no-gptq-convs``: GPTQ on the linear layers only (the patch embedding rounded to nearest);
+- ``+reconstruct[=ITERATIONS][-cur]``: block reconstruction after GPTQ (``-cur``: rounding GPTQ's
+  weights as if float, the behaviour before 2026-12-02);
+- ``flip-aug``: every stage calibrated on the 50 images and their mirror images.
+
+(``no-X`` is written for ``-X``, which argparse would take for an option.) Results:
+benchmarks/results/recipe_selection.json and a section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ from vitq.api import evaluate, quantize  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
-CHANGES = ("-opt_m", "-reparam", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug", "no-gptq-convs")
+CHANGES = ("-opt_m", "-reparam", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs")
 
 
 def variant(name: str) -> Dict[str, Any]:
@@ -46,7 +54,7 @@ def variant(name: str) -> Dict[str, Any]:
     spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
     spec["name"] = name
     for change in [c for c in name.split(",") if c and c != "recommended"]:
-        change = "-" + change[3:] if change.startswith("no-") else change  # no-X: -X, which argparse would take as an option
+        change = "-" + change[3:] if change.startswith("no-") else change  # no-X: -X (see the docstring)
         if change in ("-opt_m", "-reparam"):
             spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and change[1:] in st)]
         elif change == "uniform-probs":
@@ -62,7 +70,7 @@ def variant(name: str) -> Dict[str, Any]:
                 settings["iterations"] = int(iterations)
             at = next(i for i, st in enumerate(spec["stages"]) if isinstance(st, dict) and "gptq" in st)
             spec["stages"].insert(at + 1, {"reconstruct": settings})
-        elif change == "no-gptq-convs":
+        elif change == "-gptq-convs":
             for st in spec["stages"]:
                 if isinstance(st, dict) and "gptq" in st:
                     st["gptq"]["convs"] = False

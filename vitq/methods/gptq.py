@@ -2,11 +2,11 @@
 Quantization for Generative Pre-trained Transformers", Algorithm 1).
 
 Round-to-nearest rounds each weight on its own. GPTQ rounds the columns of a linear layer's
-weight (or a convolution's, such as the patch embedding, on its unfolded input patches) one after another and, after each, moves the rounding error onto the columns not yet
-rounded, weighted by the inverse Hessian ``H = 2·XᵀX`` of the layer's reconstruction error
-``‖W·X − Ŵ·X‖²`` (X: the layer's inputs on calibration images). The grid (per output channel
-scale and zero point) is the weight quantizer's, set by calibration before; GPTQ only chooses
-the integer each weight rounds to. The new weights are exactly on the grid, so the quantizer
+weight (or a convolution's, such as the patch embedding, on its unfolded input patches) one after
+another and, after each, moves the rounding error onto the columns not yet rounded, weighted by
+the inverse Hessian ``H = 2·XᵀX`` of the layer's reconstruction error ``‖W·X − Ŵ·X‖²`` (X: the
+layer's inputs on calibration images). The grid (per output channel scale and zero point) is the
+weight quantizer's, set by calibration before; GPTQ only chooses the integer each weight rounds to. The new weights are exactly on the grid, so the quantizer
 reproduces them and the plan stores them (:data:`CHANGED_PARAMS_ATTR`).
 
 X is what the layer receives in the quantized model: its input after its own input quantizer,
@@ -34,10 +34,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
+from ..models import iter_quantizers
 from ..nn import QuantConv2d, QuantLinear
 from ..quant.primitives import fake_quantize_affine
 from ..quant.quantizer import Quantizer
-from ..models import iter_quantizers
 from .lifecycle import forward_order, staged_passes
 from .stages import STAGES, Stage, StageContext, StageSettings
 
@@ -140,9 +140,9 @@ def gptq_layers(model: nn.Module, convs: bool = True) -> List[nn.Module]:
 
 
 class _Hessian:
-    """Accumulates ``2/n · Σ x̂ᵀx̂`` of a linear layer's quantized inputs x̂ and, with ``cross``, the
-    cross term ``2/n · Σ x̂ᵀx_f`` with its float inputs x_f (fed by :meth:`pair`, batch by batch
-    after the quantized one)."""
+    """Accumulates ``2/n · Σ x̂ᵀx̂`` of a layer's quantized inputs x̂ (as rows: :func:`_rows`) and,
+    with ``cross``, the cross term ``2/n · Σ x̂ᵀx_f`` with its float inputs x_f (fed by
+    :meth:`pair`, batch by batch after the quantized one)."""
 
     def __init__(self, layer: nn.Module, cross: bool = False) -> None:
         self.layer = layer
@@ -252,7 +252,7 @@ class GPTQStage(Stage):
             float_passes = staged_passes(reference, images, [[reference.get_submodule(names[m])] for m in order],
                                          ctx.device)
         else:
-            float_passes = iter(lambda: (None, None), object())
+            float_passes = iter(lambda: (None, None), object())  # endless (None, None): nothing to pair
         for ((layer,), feed), (float_layer, float_feed) in tqdm(
                 zip(passes, float_passes), total=len(order), desc="gptq", unit="layer", disable=not ctx.progress,
                 leave=False):

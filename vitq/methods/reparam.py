@@ -107,7 +107,8 @@ class ReparamSettings(StageSettings):
             raise VitqError(f"reparam.points must be a non-empty list of {', '.join(POINTS)}; got {list(self.points)}")
         if self.target not in TARGETS:
             raise VitqError(f"reparam.target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if not isinstance(self.strength, (int, float)) or not 0.0 < float(self.strength) <= 1.0:
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or \
+                not 0.0 < float(self.strength) <= 1.0:
             raise VitqError(f"reparam.strength must be a number in (0, 1], got {self.strength!r}")
         object.__setattr__(self, "strength", float(self.strength))
         if self.strength_where not in STRENGTH_WHERE:
