@@ -44,12 +44,11 @@ _LOG = {"kinds": {"attn_probs": "logsqrt2"}}
 SEQ = {"calibrate": {"sequential": True}}
 
 
-def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_reparam=True, linear_gptq=True,
+def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_reparam=True,
                  bias_correct=False) -> Dict[str, Any]:
     """The recommended recipe's YAML without its bias correction, its stages changed (selection
-    candidates). ``full_reparam``: RepQ-ViT's full reparameterisation at every bit-width, and
-    ``linear_gptq``: GPTQ on the linear layers only, as the recommended recipe had them when these
-    candidates were measured (2026-12-01)."""
+    candidates). ``full_reparam``: RepQ-ViT's full reparameterisation at every bit-width, as the
+    recommended recipe had it when these candidates were measured (2026-12-01)."""
     import yaml
 
     import vitq.recipes
@@ -61,8 +60,6 @@ def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_repara
     if full_reparam:
         spec["stages"] = [{"reparam": {"target": "mean"}} if isinstance(st, dict) and "reparam" in st else st
                           for st in spec["stages"]]
-    if linear_gptq:
-        gptq = {**(gptq or {}), "convs": False}
     if gptq is not None:
         spec["stages"] = [{"gptq": {**st["gptq"], **gptq}} if isinstance(st, dict) and "gptq" in st else st
                           for st in spec["stages"]]
@@ -134,8 +131,9 @@ METHODS: Dict[str, Tuple[Any, str]] = {
 }
 
 def _linear_only_gptq(recipe):
-    """The candidates above were measured when GPTQ rounded the linear layers only: keep them so."""
-    if not isinstance(recipe, dict) or recipe["name"].startswith("recommended"):
+    """Every candidate above but the shipped ``recommended`` (named by its recipe, not a dict) was
+    measured when GPTQ rounded the linear layers only: keep them so."""
+    if not isinstance(recipe, dict):
         return recipe
     stages = [{"gptq": {**(st["gptq"] if isinstance(st, dict) else {}), "convs": False}}
               if st == "gptq" or (isinstance(st, dict) and "gptq" in st) else st for st in recipe["stages"]]
