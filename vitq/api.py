@@ -16,7 +16,7 @@ from .eval.metrics import compare, model_size, predict
 from .eval.segmentation import compare_segmentation, segmentation_metrics
 from .methods.backbone import backbone_inputs, backbone_module, splice
 from .methods.lifecycle import convert, prepare
-from .methods.plan import Plan, apply_plan, plan_from_model
+from .methods.plan import Plan, apply_plan, backbone_plan, plan_from_model
 from .methods.stages import Refresher, StageContext
 from .models.adapters import kept_on_its_device
 from .models.loading import data_config_of, weights_digest
@@ -260,6 +260,11 @@ def quantize(
     protocol = protocol or "p1"
     if backbone is not None:
         sub = backbone_module(model, backbone)
+        # the plan records the whole model's checksum (the model apply_plan is given back)
+        meta = {**(meta or {})}
+        meta["model"] = {"weights_sha256": weights_digest(model), **(meta.get("model") or {})}
+        if start_plan is not None:
+            start_plan = backbone_plan(model, backbone, start_plan)
         inputs = None if data is None else backbone_inputs(model, backbone, data, device)
         with kept_on_its_device(model):
             inner = quantize(sub, recipe, inputs, w_bits=w_bits, a_bits=a_bits, protocol=protocol, device=device,
@@ -366,6 +371,9 @@ def evaluate(
     the same batches (benchmarks compare many quantized models against one float model).
     ``ignore_index``: segmentation: the void label.
     """
+    if getattr(float_model, "task", "classification") == "detection":
+        raise VitqError("a detector is scored against COCO annotations: use vitq.evaluate_detection(float_model, "
+                        "quantized_model, batches, annotations)")
     if getattr(float_model, "task", "classification") == "segmentation":
         if fp_logits is not None:
             raise VitqError("fp_logits is for classifiers; a segmentation model's float outputs are not kept")

@@ -15,8 +15,10 @@ from torch import nn
 import yaml
 
 from . import __version__
-from .api import (data_free_refresher, evaluate, evaluate_segmentation, quantize, resolve_device, start_plan_settings,
-                  synthesize)
+from .api import (data_free_refresher, evaluate, evaluate_detection, evaluate_segmentation, quantize, resolve_device,
+                  start_plan_settings, synthesize)
+from .data.detection import (DetectionSet, check_detection_images, detection_calibration_loader, detection_loader,
+                             scan_detection)
 from .data.segmentation import SegmentationSet, scan_segmentation, segmentation_loader
 from .data.folder import (ImageList, balanced_subset, check_images, check_labels, find_bad_images, load_images, make_loader,
                           scan_folder)
@@ -35,16 +37,19 @@ from .export.onnx_export import DEFAULT_OPSET
 from .export.speed import BACKENDS, profile_table, size_table, speed_table
 from .methods.lifecycle import check_bits
 from .methods.plan import Plan, apply_plan, check_plan_weights
-from .models.adapters import ADAPTERS, BackboneAdapter, find_adapter
+from .models.adapters import ADAPTERS, BackboneAdapter, find_adapter, kept_on_its_device
 from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .quant.observers import OBSERVERS
 from .quant.protocol import DEFAULT_INPUT_BITS, PROTOCOLS, get_protocol
 from .recipes.recipe import RECIPES, load_recipe
-from .report import RunFolder, bits_per_layer, pareto, run_report, search_curve, segmentation_examples
+from .report import (RunFolder, bits_per_layer, detection_examples, pareto, run_report, search_curve,
+                     segmentation_examples)
 
 DEFAULT_NUM_CALIB = 256
 DEFAULT_BATCH = 64
 DEFAULT_BATCH_DENSE = 8  # 660 tokens an image: a batch of 64 allocates gigabytes of attention maps
+#: detection: torchvision resizes the shorter side to 800 by default (a 16-pixel ViT: ~4,000 tokens an image)
+DEFAULT_BATCH_DETECTION = 2
 #: dense tasks: their images are large (CamVid at 352×480: 660 tokens, 3.4× an ImageNet image's 196)
 DEFAULT_NUM_CALIB_DENSE = 64
 
@@ -104,13 +109,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the data subsets (default 0; eval: the plan's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help=f"images per batch (default {DEFAULT_BATCH}; {DEFAULT_BATCH_DENSE} for --task segmentation)")
+                        help=f"images per batch (default {DEFAULT_BATCH}; {DEFAULT_BATCH_DENSE} for --task "
+                             f"segmentation, {DEFAULT_BATCH_DETECTION} for --task detection)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--eval", dest="eval_dir",
                         help="evaluation images (ImageFolder or flat synset folder); --task segmentation: a set with "
-                             "images/<split>/ and labels/<split>/ (its test/ split is scored)")
+                             "images/<split>/ and labels/<split>/ (its test/ split is scored); --task detection: a "
+                             "folder with COCO annotations (annotations.json) and the images (in images/ or beside)")
     parser.add_argument("--task", choices=TASKS, default=None,
-                        help="what the model predicts (default: the model's: its card's segmentation_head or class)")
+                        help="what the model predicts (default: the model's: its card's segmentation_head or "
+                             "detection_head, or classification)")
     parser.add_argument("--num-eval", type=_positive_int, default=None, help="seeded class-balanced subset")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log on the console")
     parser.add_argument("--skip-bad-images", action="store_true",
@@ -149,13 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(recipes mptq-vit-mp or clamp-vit-mp; other points keep --w-bits/--a-bits)")
     q.add_argument("--quantize-head", action="store_true",
                    help="a model around a backbone (--task segmentation): also quantize the decode head's linear "
-                        "layers and convolutions (default: the head stays float)")
+                        "layers and convolutions (default: the head stays float; a detector's heads always do)")
     source = q.add_mutually_exclusive_group(required=True)
-    source.add_argument("--calib", help="calibration images (ImageFolder or flat synset folder)")
+    source.add_argument("--calib", help="calibration images (ImageFolder or flat synset folder; dense tasks: any "
+                                         "folder of images)")
     source.add_argument("--data-free", choices=GENERATORS.names(),
                         help="no real images: calibrate on images synthesised from the model by this generator")
     _generation_options(q)
-    q.add_argument("--num-calib", type=_positive_int, default=None, help=f"default {DEFAULT_NUM_CALIB} ({DEFAULT_NUM_CALIB_DENSE} for --task segmentation) or all if fewer")
+    q.add_argument("--num-calib", type=_positive_int, default=None,
+                   help=f"default {DEFAULT_NUM_CALIB} ({DEFAULT_NUM_CALIB_DENSE} for --task segmentation or detection) "
+                        "or all if fewer")
     q.add_argument("--out", required=True, help="run folder to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
@@ -233,7 +244,7 @@ def _load(args: argparse.Namespace, plan: Optional[Plan] = None) -> LoadedModel:
     return loaded
 
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
 #: the split of a segmentation set that --eval scores (``train`` fits heads and calibrates, ``val`` chooses)
 EVAL_SPLIT = "test"
 
@@ -243,20 +254,51 @@ def _task(args: argparse.Namespace, loaded: LoadedModel) -> str:
     task = getattr(args, "task", None) or loaded.task
     if task != loaded.task:
         raise VitqError(f"--task {task} but {loaded.name} is a {loaded.task} model"
-                        + (" (a segmentation model has a card with a segmentation_head, or a module with "
-                           "task = 'segmentation')" if task == "segmentation" else ""))
+                        + (f" (a {task} model has a card with a {task}_head, or a module with task = '{task}')"
+                           if task in ("segmentation", "detection") else ""))
     return task
+
+
+def _default_batch(task: str) -> int:
+    return {"classification": DEFAULT_BATCH, "detection": DEFAULT_BATCH_DETECTION}.get(task, DEFAULT_BATCH_DENSE)
 
 
 def _calib_folder(args: argparse.Namespace, task: str) -> ImageList:
     """The calibration folder; for a dense task any folder of images (labels are not used), and a
-    segmentation set's root means its ``images/train``."""
+    segmentation set's root means its ``images/train`` (a detection set's: its ``images/``)."""
     if task == "classification":
         return scan_folder(args.calib)
     root = Path(args.calib).expanduser()
     if (root / "images" / "train").is_dir():
         root = root / "images" / "train"
+    elif task == "detection" and (root / "images").is_dir():
+        root = root / "images"
     return scan_folder(root, labelled=False)
+
+
+def _detection_eval(args: argparse.Namespace, seed: int) -> Tuple[Optional[DetectionSet], int]:
+    """The COCO-format evaluation set (``--num-eval``: a seeded subset), its image files checked and
+    its annotations read by pycocotools before any work, and how many images were left out
+    (``--skip-bad-images``)."""
+    if not args.eval_dir:
+        return None, 0
+    from .eval.detection import load_coco
+
+    data, skipped = check_detection_images(scan_detection(args.eval_dir).sample(args.num_eval, seed),
+                                           getattr(args, "skip_bad_images", False))
+    load_coco(data.ground_truth())  # pycocotools present, and the annotations indexable
+    return data, skipped
+
+
+def _detection_only_backbone(args: argparse.Namespace) -> None:
+    """What ``vitq quantize --task detection`` does not do, refused before any work."""
+    if args.quantize_head:
+        raise VitqError("--quantize-head is for segmentation models: a detector is quantized by its backbone alone "
+                        "(its inputs captured from the detector's own forward), so its heads (RPN, box and mask "
+                        "heads) stay float; drop --quantize-head")
+    if args.data_free:
+        raise VitqError("--data-free is not built for --task detection: the generators make images in the "
+                        "backbone's input form, not the detector's; pass --calib with any folder of images")
 
 
 def _segmentation_eval(args: argparse.Namespace, num_classes: int, ignore_index: Optional[int],
@@ -390,7 +432,7 @@ def _refresher(args: argparse.Namespace, loaded: LoadedModel, recipe, generated:
                                data_config=loaded.data_config, seed=args.seed, device=device, log=run.log.info)
 
 
-EXAMPLES = 4  # segmentation runs: predictions drawn, float beside quantized
+EXAMPLES = 4  # dense runs: predictions drawn, float beside quantized
 
 
 def _spread(total: int, n: int) -> List[int]:
@@ -404,6 +446,10 @@ def _metric_keys(metrics: Dict[str, Any]) -> str:
         row = [("fp mIoU", metrics.get("fp_miou")), ("quant mIoU", metrics.get("quant_miou")),
                ("fp pixel acc", metrics.get("fp_pixel_acc")), ("quant pixel acc", metrics.get("quant_pixel_acc")),
                ("pixel agreement", metrics.get("pixel_agreement")), ("KL", metrics.get("kl"))]
+    elif metrics.get("task") == "detection":
+        row = [(f"{tag} {what} {stat}", metrics.get(f"{tag}_{iou}_{key}"))
+               for iou, what in (("bbox", "box"), ("segm", "mask")) if iou == "bbox" or f"quant_{iou}_ap" in metrics
+               for key, stat in (("ap", "AP"), ("ap50", "AP50")) for tag in ("fp", "quant")]
     else:
         row = _classification_row(metrics)
     head = " | ".join(k for k, _ in row)
@@ -420,6 +466,50 @@ def _classification_row(metrics: Dict[str, Any]) -> list:
         ("agreement", metrics.get("agreement")),
         ("KL", metrics.get("kl")),
     ]
+
+
+def _refuse_detector(loaded: LoadedModel, command: str) -> None:
+    if loaded.task == "detection":
+        raise VitqError(f"{command} is not built for detection models ({loaded.name}); `vitq quantize --task "
+                        "detection` and `vitq eval --plan` are")
+
+
+def _backbone_path(loaded: LoadedModel) -> str:
+    """The path of the transformer inside a dense model (a detector's ``backbone.body``)."""
+    adapter = find_adapter(loaded.model)
+    if not isinstance(adapter, BackboneAdapter):
+        raise VitqError(f"{loaded.name} is a bare transformer, not a detector around one: --task detection needs a "
+                        "model card with a detection_head")
+    return adapter.path
+
+
+def _label_map(loaded: LoadedModel) -> Optional[Dict[int, int]]:
+    """A detector's label → COCO category id (its card's ``label_to_category``), or None."""
+    return getattr(loaded.model, "label_to_category", None)
+
+
+def _draw_detections(run: RunFolder, loaded: LoadedModel, qmodel: nn.Module, data: DetectionSet, device,
+                     title: str) -> None:
+    """``detections.png``: a few evaluation images with their ground-truth boxes, the float model's
+    and the quantized model's."""
+    from .eval.detection import detect
+
+    chosen = data.subset(_spread(len(data), EXAMPLES))
+    loader = list(detection_loader(chosen, DEFAULT_BATCH_DETECTION))
+    outputs = []
+    for model in (loaded.model, qmodel):
+        with kept_on_its_device(model):
+            outputs.append(detect(model, loader, device, progress=False)[0])
+    images = [img for batch in loader for img in batch[0]]
+    truth = chosen.ground_truth()["annotations"]
+    examples = [(img, [a for a in truth if a.get("image_id") == image_id], [fp, q])
+                for img, image_id, fp, q in zip(images, chosen.image_ids, *outputs)]
+    drawn = detection_examples(examples, run.path / "detections.png", categories=chosen.categories(),
+                               label_to_category=_label_map(loaded), titles=("ground truth", "float", title))
+    if drawn is None:
+        run.log.info("detections.png not drawn: no images to draw")
+    else:
+        run.log.info("detections of %d images, ground truth, float and quantized: %s", len(examples), drawn.name)
 
 
 def _write_bits(run: RunFolder, result: Any, loaded: LoadedModel, title: str) -> Dict[str, Any]:
@@ -472,7 +562,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = _load(args)
     task = _task(args, loaded)
-    args.batch_size = args.batch_size or (DEFAULT_BATCH if task == "classification" else DEFAULT_BATCH_DENSE)
+    args.batch_size = args.batch_size or _default_batch(task)
+    if task == "detection":
+        _detection_only_backbone(args)
     if start_plan is not None:
         planned = start_plan.meta.get("model", {})
         if planned.get("arch") and planned["arch"] != loaded.arch:
@@ -491,7 +583,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calib, skipped_calib = check_images(calib, "calibration images", args.skip_bad_images)
         if _num_classes(loaded) and task == "classification":
             check_labels(calib, _num_classes(loaded))
-    if task == "segmentation":
+    det_eval: Optional[DetectionSet] = None
+    if task == "detection":
+        (det_eval, skipped_eval), seg_eval, eval_images = _detection_eval(args, args.seed), None, None
+    elif task == "segmentation":
         (seg_eval, skipped_eval), eval_images = _segmentation_eval(args, _num_classes(loaded), loaded.ignore_index, args.seed), None
     elif args.eval_dir and getattr(loaded.model, "num_classes", None) == 0:
         raise VitqError("the model has no classifier (num_classes=0): it outputs features, so top-1 and agreement "
@@ -503,7 +598,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             check_labels(eval_images, _num_classes(loaded))
 
     eval_config = None
-    if seg_eval is not None:
+    if det_eval is not None:
+        eval_config = {"folder": str(det_eval.root), "annotations": str(det_eval.annotations), "num": len(det_eval)}
+    elif seg_eval is not None:
         eval_config = {"folder": str(seg_eval.root), "split": seg_eval.split, "num": len(seg_eval)}
     elif eval_images is not None:
         eval_config = {"folder": str(eval_images.root), "num": len(eval_images),
@@ -539,7 +636,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         refresh: Optional[Refresher] = None
         if calib is not None:
             run.log.info("calibration: %d images from %s", len(calib), calib.root)
-            calib_batches = make_loader(calib, loaded.data_config, args.batch_size, args.workers)
+            if task == "detection":  # in the detector's own input form: it resizes and normalises inside
+                calib_batches = detection_calibration_loader(calib, args.batch_size, args.workers)
+            else:
+                calib_batches = make_loader(calib, loaded.data_config, args.batch_size, args.workers)
             meta["calibration"] = {"folder": str(calib.root), "num": len(calib), "seed": args.seed}
             num_calib, calib_source = len(calib), str(calib.root)
         else:
@@ -553,7 +653,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             loaded.model, recipe, calib_batches, w_bits=args.w_bits, a_bits=args.a_bits, protocol=protocol.name,
             device=device, progress=not args.quiet, meta=meta, seed=args.seed, start_plan=start_plan,
             workdir=run.path, resume=args.resume, refresh=refresh, log=run.log.info, input_bits=input_bits,
-            head=args.quantize_head,
+            head=args.quantize_head, backbone=_backbone_path(loaded) if task == "detection" else None,
         )
         run.log.info("stages %s done in %.1f s (%d quant points)", ", ".join(recipe.stage_names),
                      time.perf_counter() - t0, len(result.plan.rules))
@@ -567,7 +667,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         bits = _write_bits(run, result, loaded, f"{Path(loaded.name).name} {recipe.name}")
 
-        if seg_eval is not None:
+        if det_eval is not None:
+            run.log.info("evaluation: %d images of %s (annotations %s)", len(det_eval), det_eval.root,
+                         det_eval.annotations.name)
+            metrics = evaluate_detection(loaded.model, result.model,
+                                         detection_loader(det_eval, args.batch_size, args.workers),
+                                         det_eval.ground_truth(), label_to_category=_label_map(loaded),
+                                         device=device, progress=not args.quiet)
+            _draw_detections(run, loaded, result.model, det_eval, device, f"W{args.w_bits}A{args.a_bits}")
+        elif task == "detection":
+            size = model_size(result.model)
+            metrics = {k: None for k in ("fp_bbox_ap", "quant_bbox_ap", "fp_bbox_ap50", "quant_bbox_ap50")}
+            metrics.update(num_eval=0, weight_bytes=size.weight_bytes, fp_weight_bytes=size.fp_bytes)
+        elif seg_eval is not None:
             run.log.info("evaluation: %d images of %s (%s split)", len(seg_eval), seg_eval.root, seg_eval.split)
             loader = segmentation_loader(seg_eval, loaded.data_config, args.batch_size, args.workers)
             metrics, examples = evaluate_segmentation(
@@ -616,7 +728,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         notes = {
             "protocol_description": protocol.description,
             "calib": calib_source,
-            "eval": f"{seg_eval.root}, {seg_eval.split} split" if seg_eval is not None else
+            "eval": f"{det_eval.root} (annotations {det_eval.annotations.name})" if det_eval is not None else
+            f"{seg_eval.root}, {seg_eval.split} split" if seg_eval is not None else
             "—" if eval_images is None else str(eval_images.root)
             + (" (calibration images excluded)" if config["eval"]["excludes_calibration"] else ""),
             "device": str(device),
@@ -684,6 +797,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if run.is_file() and run.suffix.lower() != ".json":
         raise VitqError(f"{run} is not a run folder nor a plan.json: pass the --out folder of `vitq quantize`")
     plan = Plan.load(run)
+    if plan.meta.get("backbone"):
+        raise VitqError(f"the plan quantizes the backbone at {plan.meta['backbone']!r} of a model that takes other "
+                        "inputs than an image tensor (a detector): exporting such a model is not built yet; its "
+                        "quantized model runs in PyTorch (`vitq eval MODEL --plan RUN --eval SET`)")
     loaded = _load_plan_model(plan, args.model, args.arch, args.model_kwargs, args.random_weights)
     made_random = (plan.meta.get("model") or {}).get("random_weights_seed") is not None
     if args.random_weights and not made_random and not args.quiet:
@@ -817,6 +934,7 @@ def _eval_runtime_segmentation(args: argparse.Namespace, runtime_model: Any, run
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     _check_deploy()
     loaded = _load(args, Plan.load(args.plan) if args.plan else None)
+    _refuse_detector(loaded, "vitq bench-speed")
     float_model = loaded.model
     if args.plan:
         if args.calib:
@@ -899,9 +1017,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_plan_weights(loaded.model, plan)  # before any image is read
     seed = args.seed if args.seed is not None else plan.meta.get("seed", 0)
     task = _task(args, loaded)
-    args.batch_size = args.batch_size or (DEFAULT_BATCH if task == "classification" else DEFAULT_BATCH_DENSE)
+    args.batch_size = args.batch_size or _default_batch(task)
     skipped = 0
-    if task == "segmentation":
+    if task == "detection":
+        data, skipped = _detection_eval(args, seed)
+        qmodel = apply_plan(loaded.model, plan, check_weights=False)  # checked above, before the images
+        metrics = evaluate_detection(loaded.model, qmodel, detection_loader(data, args.batch_size, args.workers),
+                                     data.ground_truth(), label_to_category=_label_map(loaded), device=device,
+                                     progress=not args.quiet)
+    elif task == "segmentation":
         data, skipped = _segmentation_eval(args, _num_classes(loaded), loaded.ignore_index, seed)
         qmodel = apply_plan(loaded.model, plan, check_weights=False)
         loader = segmentation_loader(data, loaded.data_config, args.batch_size, args.workers)
@@ -941,6 +1065,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe) if args.recipe else None
     device = resolve_device(args.device)
     loaded = _load(args)
+    _refuse_detector(loaded, "vitq generate")
     with RunFolder(args.out, overwrite=args.overwrite, echo=not args.quiet) as run:
         torch.manual_seed(args.seed)
         run.start({"command": "generate", "model": loaded.identity, "generator": args.generator,

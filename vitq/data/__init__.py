@@ -10,10 +10,17 @@ from .folder import (
     make_loader,
     scan_folder,
 )
+from .detection import (DetectionSet, check_detection_images, detection_calibration_loader, detection_loader,
+                        scan_detection)
 from .segmentation import SegmentationSet, scan_segmentation, segmentation_loader
 
 __all__ = [
     "assets_dir",
+    "DetectionSet",
+    "check_detection_images",
+    "detection_calibration_loader",
+    "detection_loader",
+    "scan_detection",
     "ImageDataset",
     "ImageList",
     "balanced_subset",

@@ -100,6 +100,12 @@ def coco_scores(coco_gt, results: List[Dict[str, Any]], iou_type: str = "bbox") 
     return {k: round(100.0 * float(v), 4) for k, v in zip(STATS, ev.stats)}
 
 
+def _has_masks(coco_gt) -> bool:
+    """Whether every ground-truth object has a ``segmentation`` (mask AP needs them)."""
+    anns = coco_gt.dataset.get("annotations", [])
+    return bool(anns) and all("segmentation" in a for a in anns)
+
+
 @torch.no_grad()
 def detect(model: nn.Module, batches: Iterable, device: Union[str, torch.device] = "cpu",
            progress: bool = True) -> tuple:
@@ -119,14 +125,17 @@ def detect(model: nn.Module, batches: Iterable, device: Union[str, torch.device]
 def compare_detection(float_model: nn.Module, quantized_model: nn.Module, batches: Iterable, coco_gt,
                       label_to_category: Optional[Mapping[int, int]] = None,
                       device: Union[str, torch.device] = "cpu", progress: bool = True) -> Dict[str, Any]:
-    """Box AP (and mask AP when predicted) of both models on the same images: ``fp_bbox_ap``,
-    ``quant_bbox_ap``, ... with every COCOeval summary number under ``fp_bbox`` / ``quant_bbox``."""
-    batches = list(batches)
+    """Box AP (and mask AP when predicted, and the annotations have masks) of both models on the same
+    images: ``fp_bbox_ap``, ``quant_bbox_ap``, ... with every COCOeval summary number under
+    ``fp_bbox`` / ``quant_bbox``."""
+    if iter(batches) is batches:  # a generator runs once: keep its batches for the second model
+        batches = list(batches)
     metrics: Dict[str, Any] = {}
     for tag, model in (("fp", float_model), ("quant", quantized_model)):
         outputs, ids = detect(model, batches, device, progress)
         results = to_coco_results(outputs, ids, label_to_category)
-        types = ["bbox"] + (["segm"] if outputs and "masks" in outputs[0] else [])
+        masks = bool(outputs) and "masks" in outputs[0] and _has_masks(coco_gt)
+        types = ["bbox"] + (["segm"] if masks else [])
         for iou_type in types:
             scores = coco_scores(coco_gt, results, iou_type)
             metrics[f"{tag}_{iou_type}_ap"] = scores["ap"]

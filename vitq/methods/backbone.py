@@ -60,6 +60,10 @@ def backbone_inputs(model: nn.Module, path: str, batches: Iterable[Any],
     """The tensors the whole ``model`` feeds its backbone at ``path`` for each batch (after the
     model's own preprocessing: a detector's resize, normalisation and padding), on CPU.
 
+    Batches of several sizes (a detector pads each batch to its largest image only) are padded
+    with zeros at the bottom and right to the largest height and width, as the detector pads
+    within a batch: stages such as the search concatenate the calibration batches.
+
     Raises:
         VitqError: when a batch never reaches the backbone.
     """
@@ -90,7 +94,17 @@ def backbone_inputs(model: nn.Module, path: str, batches: Iterable[Any],
         model.train(was_training)
     if not captured:
         raise VitqError("no calibration batches were given")
-    return captured
+    return _padded_to_one_size(captured)
+
+
+def _padded_to_one_size(batches: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``batches`` of ``[B, C, H, W]`` zero-padded (bottom, right) to one ``H`` and ``W``; as they are
+    when they already share them (or are not images)."""
+    if len({tuple(b.shape[1:]) for b in batches}) <= 1 or any(b.ndim != 4 for b in batches):
+        return batches
+    h = max(b.shape[-2] for b in batches)
+    w = max(b.shape[-1] for b in batches)
+    return [torch.nn.functional.pad(b, (0, w - b.shape[-1], 0, h - b.shape[-2])) for b in batches]
 
 
 def splice(model: nn.Module, path: str, quantized: nn.Module) -> nn.Module:

@@ -136,6 +136,29 @@ def check_plan_weights(model: nn.Module, plan: Plan) -> None:
                         "anyway (speed measurements only), apply_plan(..., check_weights=False)")
 
 
+def _without_backbone(plan: Plan) -> Plan:
+    return Plan({k: v for k, v in plan.meta.items() if k != "backbone"}, plan.rules, plan.tensors)
+
+
+def backbone_plan(model: nn.Module, path: str, plan: Plan) -> Plan:
+    """The plan of the backbone at ``path`` inside ``model``, for a plan made with
+    ``vitq.quantize(model, ..., backbone=path)``: its weights checked against ``model`` (or, for
+    plans that recorded it, against the backbone's own checksum), its path and checksum dropped.
+
+    Raises:
+        VitqError: a plan made for another backbone path, or from other weights.
+    """
+    made_for = plan.meta.get("backbone")
+    if made_for not in (None, path):
+        raise VitqError(f"the plan was made for the backbone at {made_for!r}, not {path!r}")
+    want = (plan.meta.get("model") or {}).get("weights_sha256")
+    if want and want != weights_digest(model):
+        check_plan_weights(backbone_module(model, path), plan)  # raises unless the backbone's own checksum
+    model_meta = {k: v for k, v in (plan.meta.get("model") or {}).items() if k != "weights_sha256"}
+    meta = {**{k: v for k, v in plan.meta.items() if k != "backbone"}, "model": model_meta}
+    return Plan(meta, plan.rules, plan.tensors)
+
+
 def apply_plan(model: nn.Module, plan: Plan, check_weights: bool = True) -> nn.Module:
     """A quantized, converted copy of the float ``model`` with the plan's specs and parameters
     (and its SQ-b smoothing folded in first).
@@ -148,8 +171,8 @@ def apply_plan(model: nn.Module, plan: Plan, check_weights: bool = True) -> nn.M
     """
     path = plan.meta.get("backbone")
     if path:
-        inner = Plan({k: v for k, v in plan.meta.items() if k != "backbone"}, plan.rules, plan.tensors)
-        return splice(model, path, apply_plan(backbone_module(model, path), inner, check_weights))
+        inner = backbone_plan(model, path, plan) if check_weights else _without_backbone(plan)
+        return splice(model, path, apply_plan(backbone_module(model, path), inner, check_weights=False))
     protocol = plan.meta.get("protocol", "p1")
     qmodel = prepare(model, protocol=protocol, head=bool(plan.meta.get("quantize_head")))
     if plan.meta.get("smooth"):

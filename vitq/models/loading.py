@@ -34,8 +34,10 @@ class LoadedModel:
             crop_mode, mean, std).
         classes: class names, when the checkpoint's card gives them.
         random_seed: the seed of random weights (``pretrained=False``), None for trained weights.
-        task: ``classification``, or ``segmentation`` for a model that outputs per-pixel logits
-            (a module with ``task = "segmentation"``, or a card with a ``segmentation_head``).
+        task: ``classification``; ``segmentation`` for a model that outputs per-pixel logits
+            (a module with ``task = "segmentation"``, or a card with a ``segmentation_head``);
+            ``detection`` for a torchvision-style detector (``task = "detection"``, or a card with a
+            ``detection_head``: :func:`vitq.models.detection.build_detector`).
         ignore_index: dense tasks: the label value that is not scored (void), from the card.
     """
 
@@ -258,13 +260,25 @@ def _load_checkpoint(path: Path, arch: Optional[str], kwargs: Dict[str, Any]) ->
     arch = arch or card["timm_model"]
     all_kwargs = {**(card.get("kwargs", {}) if card else {}), **kwargs}
     model = _create(arch, all_kwargs)
-    head = card.get("segmentation_head") if card else None
-    if head is not None:
-        from .segmentation import build_segmenter
-
+    heads = [k for k in ("segmentation_head", "detection_head") if card and card.get(k) is not None]
+    if len(heads) > 1:
+        raise VitqError(f"{path.with_suffix('.json')} has both a segmentation_head and a detection_head: keep the "
+                        "one the checkpoint was trained with")
+    if heads:
+        head = card[heads[0]]
         if not isinstance(head, dict):
-            raise VitqError(f"{path.with_suffix('.json')}: segmentation_head must be an object")
-        model = build_segmenter(model, head)
+            raise VitqError(f"{path.with_suffix('.json')}: {heads[0]} must be an object")
+        try:
+            if heads[0] == "segmentation_head":
+                from .segmentation import build_segmenter
+
+                model = build_segmenter(model, head)
+            else:
+                from .detection import build_detector
+
+                model = build_detector(model, head)
+        except VitqError as err:
+            raise VitqError(f"{path.with_suffix('.json')}: {err}") from None
     state = read_state_dict(path)
     _load_into(model, state, path)
     cfg = data_config_of(model)

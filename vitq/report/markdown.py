@@ -1,7 +1,7 @@
 """report.md for a run."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -10,6 +10,44 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+#: COCOeval's twelve summary numbers, as its own summary names them
+_COCO_STATS = (("ap", "AP @ IoU 0.50:0.95"), ("ap50", "AP @ IoU 0.50"), ("ap75", "AP @ IoU 0.75"),
+               ("ap_small", "AP small"), ("ap_medium", "AP medium"), ("ap_large", "AP large"),
+               ("ar1", "AR, 1 detection"), ("ar10", "AR, 10 detections"), ("ar100", "AR, 100 detections"),
+               ("ar_small", "AR small"), ("ar_medium", "AR medium"), ("ar_large", "AR large"))
+
+
+def _coco(value: Any) -> str:
+    """A COCOeval number; its -1 (here -100: no ground-truth object of that kind) as —."""
+    return "—" if value is None or value < 0 else f"{value:.2f}"
+
+
+def _detection_section(m: Dict[str, Any]) -> List[str]:
+    """Box AP (and mask AP) of both models, then COCOeval's whole summary side by side."""
+    types = [("bbox", "box")] + ([("segm", "mask")] if m.get("quant_segm_ap") is not None else [])
+    head = " | ".join(f"{what} AP | {what} AP50 | {what} AP75" for _, what in types)
+    lines = [f"| model | {head} |", "|---|" + "---:|" * (3 * len(types))]
+    for tag, name in (("fp", "float"), ("quant", f"W{m['w_bits']}A{m['a_bits']} {m['recipe']}")):
+        cells = " | ".join(f"{_coco(m[f'{tag}_{iou}_ap'])} | {_coco(m[f'{tag}_{iou}_ap50'])} | "
+                           f"{_coco((m.get(f'{tag}_{iou}') or {}).get('ap75'))}" for iou, _ in types)
+        lines.append(f"| {name} | {cells} |")
+    lines += ["", "pycocotools' COCOeval on the evaluation images (percent): AP averaged over IoU thresholds 0.50 "
+              "to 0.95, and at 0.50 and 0.75; AR: average recall at most 1, 10 or 100 detections an image; "
+              "— where the images hold no object of that size.", ""]
+    cols = " | ".join(f"float {what} | quantized {what} | Δ" for _, what in types)
+    lines += [f"| COCOeval | {cols} |", "|---|" + "---:|" * (3 * len(types))]
+    for key, label in _COCO_STATS:
+        cells = []
+        for iou, _ in types:
+            fp, q = (m.get(f"fp_{iou}") or {}).get(key), (m.get(f"quant_{iou}") or {}).get(key)
+            delta = q - fp if fp is not None and q is not None and fp >= 0 and q >= 0 else None
+            cells.append(f"{_coco(fp)} | {_coco(q)} | {_fmt(delta)}")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    lines += ["", "A few images with their ground-truth boxes, the float and the quantized detections: "
+              "`detections.png`.", ""]
+    return lines
 
 
 def run_report(metrics: Dict[str, Any], notes: Dict[str, Any]) -> str:
@@ -45,6 +83,10 @@ def run_report(metrics: Dict[str, Any], notes: Dict[str, Any]) -> str:
         lines += ["", "Predictions of the first images, float beside quantized: `predictions.png`.", ""]
     elif m.get("task") == "segmentation":
         lines += ["No evaluation set was given: mIoU was not measured.", ""]
+    elif m.get("task") == "detection" and m.get("quant_bbox_ap") is not None:
+        lines += _detection_section(m)
+    elif m.get("task") == "detection":
+        lines += ["No evaluation set was given: box AP was not measured.", ""]
     elif m.get("quant_top1") is not None:
         lines += [
             "| model | top-1 | top-5 |",

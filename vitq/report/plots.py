@@ -173,3 +173,67 @@ def segmentation_examples(examples: Sequence[Any], path: Path, data_config: Dict
     path = Path(path)
     sheet.save(path)
     return path
+
+
+def detection_examples(examples: Sequence[Any], path: Path, *, categories: Optional[Dict[int, str]] = None,
+                       label_to_category: Optional[Dict[int, int]] = None, titles: Sequence[str] = (),
+                       min_score: float = 0.3, max_boxes: int = 10, side: int = 320) -> Optional[Path]:
+    """``detections.png``: one row per example: the image with its ground-truth boxes, then with each
+    model's detections (the float model's beside the quantized one's), each box coloured by its
+    category and named with its score; at most ``max_boxes`` per tile, scoring ``min_score`` or more.
+
+    ``examples``: ``(image [3, H, W] in [0, 1], ground truth (COCO annotation dicts), [outputs, ...])``
+    with torchvision's outputs (``boxes`` x1 y1 x2 y2 in the image's pixels, ``scores``, ``labels``).
+    Drawn with PIL (no matplotlib needed), each image scaled to ``side`` pixels on its longer side.
+    Returns the path, or None when there is nothing to draw.
+    """
+    if not examples:
+        return None
+    from PIL import Image, ImageDraw
+
+    categories = categories or {}
+    known = sorted(categories)
+    colours = dict(zip(known, label_colours(len(known))))
+
+    def category(label: int) -> int:
+        return label_to_category.get(label, label) if label_to_category else label
+
+    def tile(image, boxes) -> Image.Image:
+        h, w = image.shape[-2:]
+        scale = side / max(h, w)
+        rgb = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        out = Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        draw = ImageDraw.Draw(out)
+        for (x1, y1, x2, y2), cat, text in boxes:
+            colour = colours.get(cat, (255, 255, 0))
+            draw.rectangle([x1 * scale, y1 * scale, x2 * scale, y2 * scale], outline=colour, width=2)
+            draw.text((x1 * scale + 2, y1 * scale + 1), text, fill=colour)
+        return out
+
+    rows = []
+    for image, truth, outputs in examples:
+        gt = [((x, y, x + bw, y + bh), a["category_id"], categories.get(a["category_id"], str(a["category_id"])))
+              for a in truth for x, y, bw, bh in [a["bbox"]]]
+        row = [tile(image, gt)]
+        for out in outputs:
+            keep = [k for k in out["scores"].argsort(descending=True).tolist() if float(out["scores"][k]) >= min_score]
+            boxes = []
+            for k in keep[:max_boxes]:
+                cat = category(int(out["labels"][k]))
+                name = categories.get(cat, str(cat))
+                boxes.append((tuple(out["boxes"][k].tolist()), cat, f"{name} {float(out['scores'][k]):.2f}"))
+            row.append(tile(image, boxes))
+        rows.append(row)
+    tile_w = max(t.size[0] for row in rows for t in row)
+    tile_h = max(t.size[1] for row in rows for t in row)
+    band = 18 if titles else 0
+    sheet = Image.new("RGB", (tile_w * len(rows[0]), band + tile_h * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(titles[:len(rows[0])]):
+        draw.text((c * tile_w + 4, 3), str(title), fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, t in enumerate(row):
+            sheet.paste(t, (c * tile_w, band + r * tile_h))
+    path = Path(path)
+    sheet.save(path)
+    return path
