@@ -1,6 +1,7 @@
 """Detection: a torchvision Faster R-CNN on a timm ViT backbone quantizes by the backbone's path,
 runs, reloads from its plan, and scores with COCOeval (exact values on hand-made boxes); detectors
-built from model cards, COCO-format folders, and ``vitq quantize --task detection`` end to end."""
+built from model cards, COCO-format folders, and ``vitq quantize --task detection`` end to end; a
+two-stage Swin read through a (float) feature pyramid, by the API and the command line."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from vitq.data.folder import scan_folder
 from vitq.errors import VitqError
 from vitq.methods import Plan, apply_plan
 from vitq.methods.backbone import backbone_inputs
-from vitq.models import load_model
-from vitq.models.detection import TransformerFeatures, build_detector
+from vitq.models import find_adapter, iter_quantizers, load_model
+from vitq.models.detection import DetectionHead, TransformerFeatures, build_detector
 
 from conftest import tiny_vit
 
@@ -186,13 +187,13 @@ def write_coco(root, shapes=SHAPES, folder="images", name="annotations.json"):
     return root
 
 
-def write_detector(folder, head=HEAD):
-    """A random-weight detector on test_vit saved as a state_dict with its model card."""
+def write_detector(folder, head=HEAD, arch="test_vit", kwargs=KWARGS):
+    """A random-weight detector on ``arch`` (test_vit) saved as a state_dict with its model card."""
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
-    det = build_detector(timm.create_model("test_vit", **KWARGS), head)
+    det = build_detector(timm.create_model(arch, **kwargs), head)
     torch.save(det.state_dict(), folder / "det.pth")
-    card = {"format": "vitq-model-card/1", "timm_model": "test_vit", "kwargs": KWARGS, "detection_head": head}
+    card = {"format": "vitq-model-card/1", "timm_model": arch, "kwargs": kwargs, "detection_head": head}
     (folder / "det.json").write_text(json.dumps(card))
     return folder / "det.pth"
 
@@ -382,3 +383,137 @@ def test_cli_detection_errors_are_one_line(det_checkpoint, calib_dir, coco_dir, 
     assert "--task detection but" in err and "classification model" in err and "detection_head" in err
     assert main(["export", str(tmp_path / "c"), "--out", str(tmp_path / "det.onnx"), "--quiet"]) == 2
     assert "exporting such a model is not built yet" in capsys.readouterr().err
+
+
+# -- Swin stages of two widths through a feature pyramid --------------------------------------------
+
+#: a two-stage Swin (widths 16 and 32, strides 4 and 8) that runs at the detector's padded sizes
+SWIN = "swin_tiny_patch4_window7_224"
+SWIN_KWARGS = {"img_size": SIZE, "patch_size": 4, "window_size": 4, "embed_dim": 16, "depths": [2, 2],
+               "num_heads": [1, 2], "num_classes": 0, "strict_img_size": False}
+SWIN_HEAD = {**HEAD, "indices": [0, 1], "fpn_channels": 24, "anchor_sizes": [[16], [32], [64]]}
+
+
+def tiny_swin_detector(head=SWIN_HEAD):
+    torch.manual_seed(0)
+    return build_detector(timm.create_model(SWIN, **SWIN_KWARGS), head).eval()
+
+
+def test_feature_pyramid_maps_have_exact_shapes_and_one_width():
+    torch.manual_seed(0)
+    swin = timm.create_model(SWIN, **SWIN_KWARGS)
+    with pytest.raises(VitqError, match=r"different widths \[16, 32\]: .*feature pyramid \(fpn_channels\)"):
+        TransformerFeatures(swin, [0, 1])
+    with pytest.raises(VitqError, match="fpn_channels must be a positive integer"):
+        TransformerFeatures(swin, [0, 1], fpn_channels=0)
+    pyramid = TransformerFeatures(swin, [0, 1], fpn_channels=24)
+    assert pyramid.out_channels == 24 and pyramid.num_maps == 3 and pyramid.featmap_names == ["0", "1"]
+    with torch.no_grad():
+        maps = pyramid(torch.rand(2, 3, 64, 96))  # stage 0: stride 4, stage 1: stride 8, pool: stride 16
+    assert {k: tuple(v.shape) for k, v in maps.items()} == {"0": (2, 24, 16, 24), "1": (2, 24, 8, 12),
+                                                             "pool": (2, 24, 4, 6)}
+    assert list(maps) == ["0", "1", "pool"]
+    vit = timm.create_model("test_vit", **KWARGS)  # one resolution: a pyramid over blocks is allowed
+    with torch.no_grad():
+        maps = TransformerFeatures(vit, [0, 2], fpn_channels=8)(torch.rand(1, 3, 64, 96))
+    assert {k: tuple(v.shape) for k, v in maps.items()} == {"0": (1, 8, 8, 12), "1": (1, 8, 8, 12),
+                                                             "pool": (1, 8, 4, 6)}
+
+
+def test_card_pyramid_sets_the_anchors_and_pooler_levels():
+    detector = tiny_swin_detector()
+    assert isinstance(detector.backbone, TransformerFeatures) and detector.backbone.out_channels == 24
+    assert detector.rpn.anchor_generator.sizes == ((16.0,), (32.0,), (64.0,))  # "0", "1" and "pool"
+    assert detector.roi_heads.box_roi_pool.featmap_names == ["0", "1"]  # RoIs pool from the stages, not "pool"
+    adapter = find_adapter(detector)  # the pyramid's convolutions are no second backbone
+    assert adapter.path == "backbone.body"
+    # default anchors: one size a level from 32 with a pyramid (torchvision's FPN), 32 to 512 on each map without
+    head = {k: v for k, v in SWIN_HEAD.items() if k != "anchor_sizes"}
+    assert DetectionHead.from_dict(head).anchor_sizes == ((32.0,), (64.0,), (128.0,))
+    assert DetectionHead.from_dict({**head, "indices": [0, 1, 2, 3]}).anchor_sizes == tuple(
+        (float(s),) for s in (32, 64, 128, 256, 512))
+    assert DetectionHead.from_dict({**head, "fpn_channels": None}).anchor_sizes == ((32.0, 64.0, 128.0, 256.0,
+                                                                                     512.0),) * 2
+    for name in ("maskrcnn", "retinanet"):
+        other = tiny_swin_detector({**SWIN_HEAD, "detector": name})
+        with torch.no_grad():
+            out = other([torch.rand(3, 48, 80)])
+        assert {"boxes", "scores", "labels"} <= set(out[0])
+        if name == "maskrcnn":
+            assert other.roi_heads.mask_roi_pool.featmap_names == ["0", "1"]
+
+
+def test_swin_fpn_detector_quantizes_its_backbone_only_scores_and_reloads(detection_batches, tmp_path):
+    detector = tiny_swin_detector()
+    result = vitq.quantize(detector, "omse", detection_batches, w_bits=4, a_bits=8, backbone="backbone.body",
+                           progress=False)
+    qdet = result.model
+    assert result.plan.meta["backbone"] == "backbone.body"
+    assert "layers.1.blocks.1.attn.qkv.weight_quantizer" in result.plan.rules  # the second stage is quantized
+    names = [name for name, _ in iter_quantizers(qdet)]
+    assert names and all(name.startswith("backbone.body.") for name in names)  # nothing in the pyramid
+    convs = [m for m in qdet.backbone.fpn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(type(m) is torch.nn.Conv2d for m in convs)  # float: 2 lateral, 2 output
+    for q, f in zip(qdet.backbone.fpn.state_dict().values(), detector.backbone.fpn.state_dict().values()):
+        assert torch.equal(q, f)
+    images = detection_batches[0][0]
+    with torch.no_grad():
+        q_maps = qdet.backbone(torch.stack(images))
+        f_maps = detector.backbone(torch.stack(images))
+        out = qdet(images)
+    assert list(q_maps) == ["0", "1", "pool"]
+    assert not torch.equal(q_maps["1"], f_maps["1"])
+    assert set(out[0]) == {"boxes", "scores", "labels"}
+    result.plan.save(tmp_path)
+    again = apply_plan(tiny_swin_detector(), Plan.load(tmp_path / "plan.json"))
+    with torch.no_grad():
+        maps = again.backbone(torch.stack(images))
+        assert all(torch.equal(maps[k], q_maps[k]) for k in q_maps)
+        for a, b in zip(again(images), out):
+            assert all(torch.equal(a[k], b[k]) for k in b)
+    metrics = vitq.evaluate_detection(detector, qdet, detection_batches, coco_fixture(), progress=False)
+    assert metrics["num_eval"] == 4 and 0.0 <= metrics["quant_bbox_ap"] <= 100.0
+
+
+def test_cli_swin_fpn_detector_from_its_card_runs_and_eval_reproduces(calib_dir, coco_dir, tmp_path, capsys):
+    ckpt = write_detector(tmp_path / "swin", SWIN_HEAD, arch=SWIN, kwargs=SWIN_KWARGS)
+    out = tmp_path / "run"
+    run_detection(["quantize", str(ckpt), "--recipe", "minmax", "--w-bits", "8", "--a-bits", "8", "--calib",
+                   str(calib_dir), "--eval", str(coco_dir), "--out", str(out), "--device", "cpu", "--quiet"], capsys)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "detection" and metrics["num_eval"] == 3
+    for key in ("fp_bbox_ap", "quant_bbox_ap", "fp_bbox_ap50", "quant_bbox_ap50"):
+        assert 0.0 <= metrics[key] <= 100.0
+    plan = Plan.load(out)
+    assert plan.meta["backbone"] == "backbone.body" and "layers.1.blocks.0.attn.qkv.weight_quantizer" in plan.rules
+    assert not any("fpn" in name for name in plan.rules)
+    eval_out = tmp_path / "eval.json"
+    run_detection(["eval", str(ckpt), "--plan", str(out), "--eval", str(coco_dir), "--out", str(eval_out),
+                   "--device", "cpu", "--quiet"], capsys)
+    again = json.loads(eval_out.read_text())
+    assert again["fp_bbox"] == metrics["fp_bbox"] and again["quant_bbox"] == metrics["quant_bbox"]
+
+
+@pytest.mark.parametrize("value", [0, -8, 2.5, "16", True])
+def test_card_refuses_a_bad_fpn_channels(value, tmp_path, calib_dir, capsys):
+    swin = timm.create_model(SWIN, **SWIN_KWARGS)
+    with pytest.raises(VitqError, match=f"detection_head.fpn_channels must be a positive integer.*got {value!r}"):
+        build_detector(swin, {**SWIN_HEAD, "fpn_channels": value})
+    if value == 0:  # a card's error through the command line: one line, naming the card
+        ckpt = write_detector(tmp_path / "swin", SWIN_HEAD, arch=SWIN, kwargs=SWIN_KWARGS)
+        card = json.loads(ckpt.with_suffix(".json").read_text())
+        card["detection_head"]["fpn_channels"] = value
+        ckpt.with_suffix(".json").write_text(json.dumps(card))
+        err = bad_run(["quantize", str(ckpt), "--calib", str(calib_dir), "--out", str(tmp_path / "e"), "--quiet"],
+                      capsys)
+        assert "det.json" in err and "fpn_channels must be a positive integer" in err
+
+
+def test_card_without_a_pyramid_on_two_widths_names_fpn_channels():
+    swin = timm.create_model(SWIN, **SWIN_KWARGS)
+    head = {**SWIN_HEAD, "anchor_sizes": [[16], [32]]}
+    del head["fpn_channels"]
+    with pytest.raises(VitqError, match=r"different widths \[16, 32\].*fpn_channels"):
+        build_detector(swin, head)
+    with pytest.raises(VitqError, match=r"anchor_sizes .* \(3: one per index, then one for the pyramid's pool\)"):
+        build_detector(swin, {**SWIN_HEAD, "anchor_sizes": [[16], [32]]})

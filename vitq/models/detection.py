@@ -2,8 +2,10 @@
 
 torchvision's detectors take a ``backbone`` module with an ``out_channels`` attribute whose forward
 returns an ordered dict of feature maps. :class:`TransformerFeatures` makes one of a timm ViT (the
-feature maps of some blocks, on the patch grid) or Swin (some stages). The ViT should be built with
-``dynamic_img_size=True``: the detector resizes and pads its images to sizes of its own.
+feature maps of some blocks, on the patch grid) or Swin (some stages), optionally through a float
+feature pyramid (torchvision's FPN) that brings maps of any widths to one. The ViT should be built
+with ``dynamic_img_size=True`` and the Swin with ``strict_img_size=False``: the detector resizes and
+pads its images to sizes of its own.
 
 :func:`build_detector` makes a whole detector (Faster R-CNN, Mask R-CNN or RetinaNet) on one from a
 model card's ``detection_head`` section; that is how ``vitq quantize DET.pth --task detection`` gets it.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -27,7 +29,17 @@ class TransformerFeatures(nn.Module):
     """``{"0": features of indices[0], "1": ...}`` (``[B, C, h, w]``) from a timm ViT or Swin held
     as ``self.body`` (the path to quantize: ``vitq.quantize(detector, ..., backbone="backbone.body")``).
 
-    All maps must have the same number of channels (torchvision's heads share one ``out_channels``).
+    Without ``fpn_channels`` all maps must have the same number of channels (torchvision's heads share
+    one ``out_channels``). With it, the maps (of any widths: Swin's stages) go through torchvision's
+    ``FeaturePyramidNetwork`` with a max-pooled extra level, as torchvision's ``resnet_fpn_backbone``
+    does: ``{"0": ..., "n-1": ..., "pool": ...}``, each of ``fpn_channels`` channels. The pyramid
+    (``self.fpn``) is part of the detector, not of the transformer: it stays float. Give the indices
+    from the finest map to the coarsest.
+
+    Args:
+        body: a timm ``VisionTransformer`` or ``SwinTransformer`` without its classifier.
+        indices: the blocks (ViT) or stages (Swin) whose features are returned.
+        fpn_channels: the feature pyramid's width; None: no pyramid.
 
     Example:
         >>> import timm
@@ -35,20 +47,45 @@ class TransformerFeatures(nn.Module):
         >>> feats = TransformerFeatures(vit, [1])(torch.zeros(1, 3, 64, 96))
         >>> tuple(feats["0"].shape)
         (1, 64, 4, 6)
+        >>> pyramid = TransformerFeatures(vit, [0, 1], fpn_channels=32)(torch.zeros(1, 3, 64, 96))
+        >>> {k: tuple(v.shape) for k, v in pyramid.items()}
+        {'0': (1, 32, 4, 6), '1': (1, 32, 4, 6), 'pool': (1, 32, 2, 3)}
     """
 
-    def __init__(self, body: nn.Module, indices: Sequence[int]) -> None:
+    def __init__(self, body: nn.Module, indices: Sequence[int], fpn_channels: Optional[int] = None) -> None:
         super().__init__()
         self.body = body
         self.indices = [int(i) for i in indices]
-        channels = set(_feature_channels(body, self.indices))
-        if len(channels) != 1:
-            raise VitqError(f"the chosen features have different widths {sorted(channels)}: pick maps of one width")
-        self.out_channels = channels.pop()
+        widths = _feature_channels(body, self.indices)
+        self.fpn: Optional[nn.Module] = None
+        if fpn_channels is None:
+            if len(set(widths)) != 1:
+                raise VitqError(f"the chosen features have different widths {sorted(set(widths))}: pick maps of one "
+                                "width, or bring them to one through a feature pyramid (fpn_channels)")
+            self.out_channels = widths[0]
+        else:
+            if not _is_int(fpn_channels) or fpn_channels <= 0:
+                raise VitqError(f"fpn_channels must be a positive integer (the pyramid's width), got {fpn_channels!r}")
+            from torchvision.ops import FeaturePyramidNetwork
+            from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+            self.fpn = FeaturePyramidNetwork(widths, fpn_channels, extra_blocks=LastLevelMaxPool())
+            self.out_channels = int(fpn_channels)
+
+    @property
+    def featmap_names(self) -> List[str]:
+        """The names of the maps the RoI heads pool from: every map but the pyramid's extra ``pool``."""
+        return [str(i) for i in range(len(self.indices))]
+
+    @property
+    def num_maps(self) -> int:
+        """How many maps ``forward`` returns (the anchor generator needs sizes for each)."""
+        return len(self.indices) + (1 if self.fpn is not None else 0)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         feats = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True, output_fmt="NCHW")
-        return OrderedDict((str(i), f) for i, f in enumerate(feats))
+        maps = OrderedDict(zip(self.featmap_names, feats))
+        return self.fpn(maps) if self.fpn is not None else maps
 
 
 #: what a card's ``detection_head`` may say of the detector built around the backbone
@@ -62,8 +99,14 @@ class DetectionHead:
             :class:`TransformerFeatures` takes them.
         num_classes: the detector's classes as torchvision counts them (the R-CNNs include the
             background, label 0).
+        fpn_channels: the width of a feature pyramid (torchvision's FPN, with a max-pooled extra
+            level named ``pool``) between the backbone and the heads; needed when the maps have
+            different widths (Swin's stages). None: the maps go to the heads as they are.
         min_size, max_size: torchvision's resize of each image (shorter side, cap on the longer).
-        anchor_sizes: one list of anchor sizes (pixels) per feature map; default 32 to 512 on each.
+        anchor_sizes: one list of anchor sizes (pixels) per feature map the backbone returns (with a
+            pyramid: one per index, then one for its ``pool`` level). Default: without a pyramid, 32
+            to 512 on each map; with one, one size a level from 32, doubling (torchvision's FPN
+            detectors: 32, 64, 128, 256, 512).
         aspect_ratios: one list for every map, or one list per map; default 0.5, 1, 2.
         box_score_thresh: detections scoring less are dropped.
         detections_per_img: at most this many detections an image (default: torchvision's, 100 for
@@ -75,6 +118,7 @@ class DetectionHead:
     detector: str
     indices: Tuple[int, ...]
     num_classes: int
+    fpn_channels: Optional[int] = None
     min_size: int = 800
     max_size: int = 1333
     anchor_sizes: Optional[Tuple[Tuple[float, ...], ...]] = None
@@ -90,9 +134,9 @@ class DetectionHead:
         reject_unknown_keys(cls, head, f"a model card's {where}")
         missing = [k for k in ("detector", "indices", "num_classes") if k not in head]
         if missing:
-            raise VitqError(f"a model card's {where} needs {', '.join(missing)} (optional: min_size, max_size, "
-                            "anchor_sizes, aspect_ratios, box_score_thresh, detections_per_img, image_mean, image_std, "
-                            "label_to_category)")
+            raise VitqError(f"a model card's {where} needs {', '.join(missing)} (optional: fpn_channels, "
+                            "min_size, max_size, anchor_sizes, aspect_ratios, box_score_thresh, detections_per_img, "
+                            "image_mean, image_std, label_to_category)")
         return cls(**head)
 
     def __post_init__(self) -> None:
@@ -110,12 +154,21 @@ class DetectionHead:
         for key in ("min_size", "max_size"):
             if not _is_int(getattr(self, key)) or getattr(self, key) <= 0:
                 raise VitqError(f"{where}.{key} must be a positive integer (pixels), got {getattr(self, key)!r}")
-        maps = len(self.indices)
-        sizes = self.anchor_sizes if self.anchor_sizes is not None else [[32, 64, 128, 256, 512]] * maps
+        if self.fpn_channels is not None and (not _is_int(self.fpn_channels) or self.fpn_channels <= 0):
+            raise VitqError(f"{where}.fpn_channels must be a positive integer (the feature pyramid's width), "
+                            f"got {self.fpn_channels!r}")
+        maps = self.num_maps
+        if self.anchor_sizes is not None:
+            sizes = self.anchor_sizes
+        elif self.fpn_channels is None:
+            sizes = [[32, 64, 128, 256, 512]] * maps
+        else:
+            sizes = [[32 * 2 ** level] for level in range(maps)]
         if (not isinstance(sizes, (list, tuple)) or len(sizes) != maps
                 or not all(isinstance(s, (list, tuple)) and s and all(_is_positive(v) for v in s) for s in sizes)):
+            which = "one per index" if self.fpn_channels is None else "one per index, then one for the pyramid's pool"
             raise VitqError(f"{where}.anchor_sizes must hold one non-empty list of positive sizes per feature map "
-                            f"({maps}: one per index), got {self.anchor_sizes!r}")
+                            f"({maps}: {which}), got {self.anchor_sizes!r}")
         object.__setattr__(self, "anchor_sizes", tuple(tuple(float(v) for v in s) for s in sizes))
         ratios = self.aspect_ratios
         if isinstance(ratios, (list, tuple)) and ratios and all(_is_positive(r) for r in ratios):
@@ -145,6 +198,11 @@ class DetectionHead:
         if self.label_to_category is not None:
             object.__setattr__(self, "label_to_category", _label_map(self.label_to_category, self.num_classes,
                                                                      self.detector != "retinanet"))
+
+    @property
+    def num_maps(self) -> int:
+        """How many feature maps the backbone returns: one per index, and the pyramid's ``pool``."""
+        return len(self.indices) + (1 if self.fpn_channels is not None else 0)
 
 
 def _is_int(value: Any) -> bool:
@@ -189,7 +247,8 @@ def _anchors(head: DetectionHead):
 def _roi_pool(features: TransformerFeatures, size: int):
     from torchvision.ops import MultiScaleRoIAlign
 
-    return MultiScaleRoIAlign([str(i) for i in range(len(features.indices))], output_size=size, sampling_ratio=2)
+    # the maps of the indices, not the pyramid's extra pool level (as torchvision's FPN detectors)
+    return MultiScaleRoIAlign(features.featmap_names, output_size=size, sampling_ratio=2)
 
 
 def _common(head: DetectionHead, mean, std) -> Dict[str, Any]:
@@ -247,7 +306,7 @@ def build_detector(backbone: nn.Module, head: Union[Mapping[str, Any], Detection
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     mean = head.image_mean or tuple(cfg.get("mean") or IMAGENET_DEFAULT_MEAN)
     std = head.image_std or tuple(cfg.get("std") or IMAGENET_DEFAULT_STD)
-    features = TransformerFeatures(backbone, head.indices)
+    features = TransformerFeatures(backbone, head.indices, fpn_channels=head.fpn_channels)
     model = DETECTORS.get(head.detector)(features, head, mean, std)
     model.task = "detection"
     model.label_to_category = dict(head.label_to_category) if head.label_to_category else None
