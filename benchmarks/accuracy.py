@@ -46,15 +46,16 @@ SEQ = {"calibrate": {"sequential": True}}
 
 def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_reparam=True,
                  bias_correct=False) -> Dict[str, Any]:
-    """The recommended recipe's YAML without its bias correction, its stages changed (selection
-    candidates). ``full_reparam``: RepQ-ViT's full reparameterisation at every bit-width, as the
-    recommended recipe had it when these candidates were measured (2026-12-01)."""
+    """The recommended recipe's YAML without its bias correction and its reconstruction, its stages
+    changed (selection candidates). ``full_reparam``: RepQ-ViT's full reparameterisation at every
+    bit-width, as the recommended recipe had it when these candidates were measured (2026-12-01)."""
     import yaml
 
     import vitq.recipes
 
     spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
     spec["name"] = name
+    spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "reconstruct" in st)]
     if not bias_correct:
         spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "bias_correct" in st)]
     if full_reparam:
@@ -82,8 +83,12 @@ METHODS: Dict[str, Tuple[Any, str]] = {
     "recommended": ("recommended", "the recommended (default) recipe, chosen by the selections below: "
                     "+reparam+opt-m+gptq with the OMSE weight grid, then bias correction at 8-bit activations; "
                     "where the weights have fewer bits than the activations (W4A8, W3A8) the reparameterisation "
-                    "moves half of the channel spread (strength 0.5), and GPTQ rounds the patch embedding too "
-                    "(benchmarks/select_recipe.py)"),
+                    "moves half of the channel spread (strength 0.5), GPTQ rounds the patch embedding too, and at "
+                    "W4A8 and W6A6 block reconstruction follows GPTQ (benchmarks/select_recipe.py)"),
+    "recommended − reconstruct": (_recommended("recommended − reconstruct", full_reparam=False, bias_correct=True,
+                                               gptq={"convs": True}),
+                                  "the recommended recipe without its block reconstruction (the default until the "
+                                  "afternoon of 2026-12-02)"),
     "recommended, linear-only GPTQ": (_recommended("recommended, linear-only GPTQ", full_reparam=False,
                                                    bias_correct=True),
                                       "the recommended recipe with GPTQ on the linear layers only (the patch "
@@ -132,15 +137,48 @@ METHODS: Dict[str, Tuple[Any, str]] = {
 
 def _linear_only_gptq(recipe):
     """Every candidate above but the shipped ``recommended`` (named by its recipe, not a dict) was
-    measured when GPTQ rounded the linear layers only: keep them so."""
+    measured when GPTQ rounded the linear layers only: keep them so (unless they name ``convs``)."""
     if not isinstance(recipe, dict):
         return recipe
-    stages = [{"gptq": {**(st["gptq"] if isinstance(st, dict) else {}), "convs": False}}
+    stages = [{"gptq": {"convs": False, **(st["gptq"] if isinstance(st, dict) else {})}}
               if st == "gptq" or (isinstance(st, dict) and "gptq" in st) else st for st in recipe["stages"]]
     return {**recipe, "stages": stages}
 
 
 METHODS = {name: (_linear_only_gptq(recipe), text) for name, (recipe, text) in METHODS.items()}
+
+
+def _seed_recipe(name: str, passes: int, **search) -> Dict[str, Any]:
+    """A seed recipe's YAML (cpt-v, clamp-vit) with its search cut to ``passes`` passes (a CPU
+    budget) and ``search`` changed; started from a plan, only its search runs."""
+    import yaml
+
+    import vitq.recipes
+
+    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / f"{name}.yaml").read_text())
+    spec.pop("data_free", None)
+    for st in spec["stages"]:
+        if isinstance(st, dict) and "search" in st:
+            st["search"].update(passes=passes, **search)
+            st["search"] = {k: v for k, v in st["search"].items() if v is not None}
+    return spec
+
+
+#: seed recipes started from the recommended recipe's plan (``quantize(..., start_plan=...)``, the
+#: CLI's ``--start-plan``): does their search still add anything on top of it?
+CHAINS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "recommended → cpt-v": ("recommended", _seed_recipe("cpt-v", 1)),
+    "recommended → clamp-vit search": ("recommended", _seed_recipe("clamp-vit", 1, refresh_every=None)),
+}
+METHODS.update({
+    "recommended → cpt-v": (CHAINS["recommended → cpt-v"][1],
+                            "the recommended recipe's plan improved by CPT-V's block-wise evolutionary search of "
+                            "the attention weight scales (InfoNCE fitness; 1 pass on the CPU, the paper's 10)"),
+    "recommended → clamp-vit search": (CHAINS["recommended → clamp-vit search"][1],
+                                       "the recommended recipe's plan improved by CLAMP-ViT's layer-wise search of "
+                                       "the activation scales (patch-contrastive fitness, on the real calibration "
+                                       "images, no image refresh; 1 pass on the CPU, the paper's 10)"),
+})
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",
                   "+reparam+seq+gptq-ao")
 DEFAULT_METHODS = ("omse", "pmse", "pmse+log√2", "+reparam", "repq-vit", "repq-vit@32", "+reparam+gptq",
@@ -191,6 +229,7 @@ class Suite:
         self.loaded = loaded
         self.eval_batches, self.calib_sets = eval_batches, calib_sets
         self.extra: Dict[str, Any] = {}  # facts added to every row (data-free: the image source)
+        self.starts: Dict[Any, Any] = {}  # the last start recipe's result (CHAINS)
         (self.fp_logits,), _ = predict(self.loaded.model, eval_batches, "cpu", progress=False)
 
     def run(self, method: str, w: int, a: int, seed: int) -> Dict[str, Any]:
@@ -199,9 +238,22 @@ class Suite:
         calib = self.calib_sets[(seed, 32)] if method.endswith("@32") else self.calib_sets[seed]
         t0 = time.perf_counter()
         with PeakMemory() as memory:
-            result = quantize(model, recipe, calib, w_bits=w, a_bits=a, protocol="p1", device="cpu",
-                              progress=False, seed=seed)
-        seconds = time.perf_counter() - t0
+            start, reused_seconds = None, 0.0
+            if method in CHAINS:  # the start recipe (once per bits and seed), then the seed recipe's search
+                key = (CHAINS[method][0], w, a, seed, id(calib))
+                if key in self.starts:  # made for the chain before: its seconds still count
+                    start, reused_seconds = self.starts[key]
+                else:
+                    start = quantize(model, CHAINS[method][0], calib, w_bits=w, a_bits=a, protocol="p1",
+                                     device="cpu", progress=False, seed=seed)
+                    self.starts = {key: (start, time.perf_counter() - t0)}
+            result = quantize(model, recipe, calib, w_bits=None if start else w, a_bits=None if start else a,
+                              protocol=None if start else "p1", device="cpu", progress=False, seed=seed,
+                              start_plan=start.plan if start else None)
+            if start is not None:
+                result.record["stage_seconds"] = {**start.record.get("stage_seconds", {}),
+                                                  **result.record.get("stage_seconds", {})}
+        seconds = time.perf_counter() - t0 + reused_seconds
         m = evaluate(model, result.model, self.eval_batches, device="cpu", progress=False, fp_logits=self.fp_logits)
         row = dict(method=method, w_bits=w, a_bits=a, seed=seed, top1=m["quant_top1"], top5=m["quant_top5"],
                    fp_top1=m["fp_top1"], agreement=m["agreement"], kl=m["kl"], num_calib=sum(len(b) for b in calib),

@@ -17,8 +17,10 @@ used. Variants (comma-joined changes to the recommended recipe):
 - ``gptq-float``: GPTQ fitting the float model's layer outputs from the quantized inputs
   (``gptq.float_target``);
 - ``no-gptq-convs``: GPTQ on the linear layers only (the patch embedding rounded to nearest);
-- ``+reconstruct[=ITERATIONS][-cur]``: block reconstruction after GPTQ (``-cur``: rounding GPTQ's
-  weights as if float, the behaviour before 2026-12-02);
+- ``+reconstruct[=ITERATIONS][-cur]``: block reconstruction after GPTQ at every bit-width (``-cur``:
+  rounding GPTQ's weights as if float, the behaviour before 2026-12-02); ``no-reconstruct``: without it
+  (the recommended recipe reconstructs at some bit-widths since 2026-12-02: rows named
+  ``recommended`` before then ran without it);
 - ``flip-aug``: every stage calibrated on the 50 images and their mirror images.
 
 (``no-X`` is written for ``-X``, which argparse would take for an option.) Results:
@@ -46,7 +48,7 @@ from vitq.api import evaluate, quantize  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
-CHANGES = ("-opt_m", "-reparam", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs")
+CHANGES = ("-opt_m", "-reparam", "-reconstruct", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs")
 
 
 def variant(name: str) -> Dict[str, Any]:
@@ -55,7 +57,7 @@ def variant(name: str) -> Dict[str, Any]:
     spec["name"] = name
     for change in [c for c in name.split(",") if c and c != "recommended"]:
         change = "-" + change[3:] if change.startswith("no-") else change  # no-X: -X (see the docstring)
-        if change in ("-opt_m", "-reparam"):
+        if change in ("-opt_m", "-reparam", "-reconstruct"):
             spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and change[1:] in st)]
         elif change == "uniform-probs":
             spec.pop("kinds", None)
@@ -68,8 +70,9 @@ def variant(name: str) -> Dict[str, Any]:
             iterations = change[len("+reconstruct"):].removesuffix("-cur").lstrip("=")
             if iterations:
                 settings["iterations"] = int(iterations)
+            spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "reconstruct" in st)]
             at = next(i for i, st in enumerate(spec["stages"]) if isinstance(st, dict) and "gptq" in st)
-            spec["stages"].insert(at + 1, {"reconstruct": settings})
+            spec["stages"].insert(at + 1, {"reconstruct": settings})  # at every bit-width (no gate)
         elif change == "-gptq-convs":
             for st in spec["stages"]:
                 if isinstance(st, dict) and "gptq" in st:

@@ -411,7 +411,24 @@ def test_reconstruction_after_gptq_rounds_the_float_weights(tmp_path):
         assert torch.equal(apply_plan(model, Plan.load(tmp_path))(x), results[True].model(x))
 
 
+def test_reconstruction_is_skipped_outside_its_bit_widths():
+    """``min_w_bits``/``max_w_bits``/``min_a_bits``: outside them the stage changes nothing and says why."""
+    model, data = tiny_vit(), batches()
+    x = torch.cat(data)
+    gate = {"reconstruct": {"iterations": 5, "batch_size": 4, "min_w_bits": 4, "max_w_bits": 4, "min_a_bits": 8}}
+    for w, a, why in ((6, 8, "w_bits 6 > 4"), (4, 4, "a_bits 4 < 8"), (3, 6, "w_bits 3 < 4, a_bits 6 < 8")):
+        plain = quantize(model, recipe("calibrate"), data, w_bits=w, a_bits=a, progress=False, seed=0)
+        gated = quantize(model, recipe("calibrate", gate), data, w_bits=w, a_bits=a, progress=False, seed=0)
+        assert gated.plan.meta["reconstruct"]["skipped"] == why
+        with torch.no_grad():
+            assert torch.equal(gated.model(x), plain.model(x))
+    ran = quantize(model, recipe("calibrate", gate), data, w_bits=4, a_bits=8, progress=False, seed=0)
+    assert ran.plan.meta["reconstruct"]["blocks"] == len(model.blocks)
+
+
 def test_reconstruct_settings_are_validated():
+    with pytest.raises(VitqError, match="max_w_bits"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"max_w_bits": 9}}]})
     with pytest.raises(VitqError, match="iterations"):
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"iterations": 0}}]})
     with pytest.raises(VitqError, match="drop_prob"):

@@ -104,6 +104,9 @@ class ReconstructSettings(StageSettings):
             its rounding and the grid point next to it towards the float weight, starting from its
             rounding; false: round the model's current weights as if they were float, which after
             GPTQ already lie on the grid, so that each can only stay or move one step up.
+        min_w_bits, max_w_bits, min_a_bits: skip the stage when the run's weights have fewer or
+            more bits, or its activations fewer (the recommended recipe reconstructs only where the
+            choice on held-out calibration images found it helps; see its YAML).
     """
 
     iterations: int = 200
@@ -114,8 +117,15 @@ class ReconstructSettings(StageSettings):
     warmup: float = 0.2
     drop_prob: float = 0.5
     from_float: bool = True
+    min_w_bits: int = 2
+    max_w_bits: int = 8
+    min_a_bits: int = 2
 
     def __post_init__(self) -> None:
+        for key in ("min_w_bits", "max_w_bits", "min_a_bits"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+                raise VitqError(f"reconstruct.{key} must be an integer from 2 to 8, got {value!r}")
         for key in ("iterations", "batch_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -141,6 +151,15 @@ class ReconstructStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         s: ReconstructSettings = self.settings
+        outside = [why for why, out in ((f"w_bits {ctx.w_bits} < {s.min_w_bits}", ctx.w_bits < s.min_w_bits),
+                                        (f"w_bits {ctx.w_bits} > {s.max_w_bits}", ctx.w_bits > s.max_w_bits),
+                                        (f"a_bits {ctx.a_bits} < {s.min_a_bits}", ctx.a_bits < s.min_a_bits)) if out]
+        if outside:
+            why = ", ".join(outside)
+            ctx.log(f"reconstruct: skipped ({why}: weights {s.min_w_bits}-{s.max_w_bits} bits and activations "
+                    f"{s.min_a_bits} or more are reconstructed)")
+            ctx.record["reconstruct"] = {**s.to_dict(), "blocks": 0, "skipped": why}
+            return
         model = ctx.model.to(ctx.device)
         float_model = ctx.float_model.to(ctx.device).eval()
         adapter = find_adapter(model)
