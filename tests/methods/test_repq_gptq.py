@@ -429,6 +429,8 @@ def test_reconstruction_is_skipped_outside_its_bit_widths():
 def test_reconstruct_settings_are_validated():
     with pytest.raises(VitqError, match="max_w_bits"):
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"max_w_bits": 9}}]})
+    with pytest.raises(VitqError, match="min_w_bits"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"min_w_bits": 6, "max_w_bits": 4}}]})
     with pytest.raises(VitqError, match="iterations"):
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"iterations": 0}}]})
     with pytest.raises(VitqError, match="drop_prob"):

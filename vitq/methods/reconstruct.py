@@ -126,6 +126,9 @@ class ReconstructSettings(StageSettings):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
                 raise VitqError(f"reconstruct.{key} must be an integer from 2 to 8, got {value!r}")
+        if self.min_w_bits > self.max_w_bits:
+            raise VitqError(f"reconstruct.min_w_bits ({self.min_w_bits}) is above max_w_bits ({self.max_w_bits}): "
+                            "no bit-width would be reconstructed")
         for key in ("iterations", "batch_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
