@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import VitqError
-from .folder import MIN_IMAGE_SIDE, ImageList, find_bad_images
+from .folder import ImageList, find_bad_images, open_rgb
 
 #: the image id of a calibration image (it has no annotations)
 NO_IMAGE_ID = -1
@@ -188,13 +187,7 @@ def check_detection_images(data: DetectionSet, skip: bool = False) -> Tuple[Dete
 def read_image(path: Path, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """An image file as a ``[3, H, W]`` float tensor in [0, 1] (RGB); ``size`` (width, height), when
     given, must be the file's (the annotations' boxes are in its pixels)."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except Exception as err:
-        raise VitqError(f"cannot read image {path}: {err}; remove or replace the file") from None
-    if min(img.size) < MIN_IMAGE_SIDE:
-        raise VitqError(f"image {path} has only {img.size[0]}×{img.size[1]} pixels")
+    img = open_rgb(path)
     if size is not None and tuple(img.size) != tuple(size):
         raise VitqError(f"image {path} is {img.size[0]}×{img.size[1]} but its annotations say {size[0]}×{size[1]}: "
                         "the boxes would not fit it")

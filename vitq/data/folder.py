@@ -202,6 +202,19 @@ class ImageDataset(Dataset):
 MIN_IMAGE_SIDE = 8
 
 
+def open_rgb(path: Path) -> Image.Image:
+    """An image file as an RGB PIL image; refused by name when unreadable or smaller than
+    :data:`MIN_IMAGE_SIDE` on a side."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except Exception as err:
+        raise VitqError(f"cannot read image {path}: {err}; remove or replace the file") from None
+    if min(img.size) < MIN_IMAGE_SIDE:
+        raise VitqError(f"image {path} has only {img.size[0]}×{img.size[1]} pixels")
+    return img
+
+
 def find_bad_images(images: ImageList) -> List[Tuple[Path, str]]:
     """The files of ``images`` that cannot be read as images, or are tiny, each with the reason
     (PIL opens each and checks its integrity without decoding all of it)."""

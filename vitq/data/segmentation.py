@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import VitqError
-from .folder import IMAGE_SUFFIXES, MIN_IMAGE_SIDE, build_transform
+from .folder import IMAGE_SUFFIXES, build_transform, open_rgb
 
 
 @dataclass(frozen=True)
@@ -126,14 +126,7 @@ class SegmentationDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        path = self.data.images[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except Exception as err:
-            raise VitqError(f"cannot read image {path}: {err}; remove or replace the file") from None
-        if min(img.size) < MIN_IMAGE_SIDE:
-            raise VitqError(f"image {path} has only {img.size[0]}×{img.size[1]} pixels")
+        img = open_rgb(self.data.images[i])
         label = read_label(self.data.labels[i])
         if tuple(label.shape) != (img.size[1], img.size[0]):
             raise VitqError(f"label map {self.data.labels[i]} is {label.shape[1]}×{label.shape[0]} but its image is "

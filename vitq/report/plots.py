@@ -142,7 +142,7 @@ def segmentation_examples(examples: Sequence[Any], path: Path, data_config: Dict
         return None
     import numpy as np
     import torch
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     mean = torch.tensor(data_config["mean"]).view(-1, 1, 1)
     std = torch.tensor(data_config["std"]).view(-1, 1, 1)
@@ -160,19 +160,7 @@ def segmentation_examples(examples: Sequence[Any], path: Path, data_config: Dict
         rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         tiles = [Image.fromarray(rgb).resize((w, h), Image.BILINEAR), paint(label)] + [paint(p) for p in preds]
         rows.append(tiles)
-    tile_w = max(t.size[0] for row in rows for t in row)
-    tile_h = max(t.size[1] for row in rows for t in row)
-    band = 18 if titles else 0
-    sheet = Image.new("RGB", (tile_w * len(rows[0]), band + tile_h * len(rows)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for c, title in enumerate(titles[:len(rows[0])]):
-        draw.text((c * tile_w + 4, 3), str(title), fill=(0, 0, 0))
-    for r, row in enumerate(rows):
-        for c, tile in enumerate(row):
-            sheet.paste(tile, (c * tile_w, band + r * tile_h))
-    path = Path(path)
-    sheet.save(path)
-    return path
+    return _contact_sheet(rows, titles, path)
 
 
 def detection_examples(examples: Sequence[Any], path: Path, *, categories: Optional[Dict[int, str]] = None,
@@ -224,6 +212,14 @@ def detection_examples(examples: Sequence[Any], path: Path, *, categories: Optio
                 boxes.append((tuple(out["boxes"][k].tolist()), cat, f"{name} {float(out['scores'][k]):.2f}"))
             row.append(tile(image, boxes))
         rows.append(row)
+    return _contact_sheet(rows, titles, path)
+
+
+def _contact_sheet(rows: Sequence[Sequence[Any]], titles: Sequence[str], path: Path) -> Path:
+    """PIL tiles laid out in a grid (one row per example), the column titles in a band above;
+    saved to ``path``."""
+    from PIL import Image, ImageDraw
+
     tile_w = max(t.size[0] for row in rows for t in row)
     tile_h = max(t.size[1] for row in rows for t in row)
     band = 18 if titles else 0
@@ -232,8 +228,8 @@ def detection_examples(examples: Sequence[Any], path: Path, *, categories: Optio
     for c, title in enumerate(titles[:len(rows[0])]):
         draw.text((c * tile_w + 4, 3), str(title), fill=(0, 0, 0))
     for r, row in enumerate(rows):
-        for c, t in enumerate(row):
-            sheet.paste(t, (c * tile_w, band + r * tile_h))
+        for c, tile in enumerate(row):
+            sheet.paste(tile, (c * tile_w, band + r * tile_h))
     path = Path(path)
     sheet.save(path)
     return path
