@@ -21,7 +21,9 @@ used. Variants (comma-joined changes to the recommended recipe):
   rounding GPTQ's weights as if float, the behaviour before 2026-12-02); ``no-reconstruct``: without it
   (the recommended recipe reconstructs at some bit-widths since 2026-12-02: rows named
   ``recommended`` before then ran without it);
-- ``flip-aug``: every stage calibrated on the 50 images and their mirror images.
+- ``flip-aug``: every stage calibrated on the 50 images and their mirror images;
+- ``STAGE.KEY=VALUE``: one setting of a stage already in the recipe (after ``+reconstruct`` when that
+  adds the stage), e.g. ``+reconstruct,reconstruct.drop_prob=0``; VALUE is a number, else read as YAML.
 
 (``no-X`` is written for ``-X``, which argparse would take for an option.) Results:
 benchmarks/results/recipe_selection.json and a section of benchmarks/RESULTS.md.
@@ -79,12 +81,22 @@ def variant(name: str) -> Dict[str, Any]:
                     st["gptq"]["convs"] = False
         elif change == "flip-aug":
             pass  # the calibration images plus their mirror images (main)
+        elif "." in change.split("=", 1)[0] and "=" in change:  # STAGE.KEY=VALUE
+            key, value = change.split("=", 1)
+            stage, setting = key.split(".", 1)
+            found = [st for st in spec["stages"] if isinstance(st, dict) and stage in st]
+            if not found:
+                raise SystemExit(f"{change!r}: the recipe has no {stage!r} stage with settings")
+            try:  # numbers first: YAML 1.1 reads 4e-4 as a string
+                found[0][stage][setting] = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                found[0][stage][setting] = yaml.safe_load(value)
         elif change.startswith("reparam="):
             for st in spec["stages"]:
                 if isinstance(st, dict) and "reparam" in st:
                     st["reparam"].update(strength=float(change.split("=", 1)[1]), strength_where="all")
         else:
-            raise SystemExit(f"unknown change {change!r}; choose from {', '.join(CHANGES)} or reparam=STRENGTH")
+            raise SystemExit(f"unknown change {change!r}; choose from {', '.join(CHANGES)} or reparam=STRENGTH or STAGE.KEY=VALUE")
     return spec
 
 

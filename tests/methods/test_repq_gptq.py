@@ -426,6 +426,41 @@ def test_reconstruction_is_skipped_outside_its_bit_widths():
     assert ran.plan.meta["reconstruct"]["blocks"] == len(model.blocks)
 
 
+def test_reconstruction_keeps_a_blocks_rounding_when_held_out_images_say_training_did_not_help(monkeypatch):
+    """``holdout``: a block whose error on the images it did not train on rose keeps its earlier
+    weights and scales exactly; one whose error fell keeps what it learned."""
+    from vitq.methods.reconstruct import ReconstructStage
+
+    model, data = tiny_vit(), batches()
+    x = torch.cat(data)
+    base = quantize(model, recipe("calibrate"), data, w_bits=4, a_bits=8, progress=False, seed=0)
+    stage = {"reconstruct": {"iterations": 20, "batch_size": 4, "holdout": 0.25}}
+    kept = quantize(model, recipe("calibrate", stage), data, w_bits=4, a_bits=8, progress=False, seed=0)
+    record = kept.plan.meta["reconstruct"]
+    assert set(record["held_out_mse"]) == {f"blocks.{i}" for i in range(len(model.blocks))}
+    for name, (before, after) in record["held_out_mse"].items():
+        assert (name in record["reverted"]) == (after >= before)
+    assert len(record["reverted"]) < len(model.blocks)
+    with torch.no_grad():
+        assert not torch.equal(kept.model(x), base.model(x))
+
+    train = ReconstructStage._train
+
+    def harmful(block, inputs, target, *args, **kwargs):  # trains, then spoils every weight
+        out = train(block, inputs, target, *args, **kwargs)
+        with torch.no_grad():
+            for m in block.modules():
+                if isinstance(m, QuantLinear):
+                    m.weight.add_(m.weight.abs().max())
+        return out
+
+    monkeypatch.setattr(ReconstructStage, "_train", staticmethod(harmful))
+    spoiled = quantize(model, recipe("calibrate", stage), data, w_bits=4, a_bits=8, progress=False, seed=0)
+    assert spoiled.plan.meta["reconstruct"]["reverted"] == [f"blocks.{i}" for i in range(len(model.blocks))]
+    with torch.no_grad():
+        assert torch.equal(spoiled.model(x), base.model(x))
+
+
 def test_reconstruct_settings_are_validated():
     with pytest.raises(VitqError, match="max_w_bits"):
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"max_w_bits": 9}}]})
@@ -435,5 +470,7 @@ def test_reconstruct_settings_are_validated():
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"iterations": 0}}]})
     with pytest.raises(VitqError, match="drop_prob"):
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"drop_prob": 2}}]})
+    with pytest.raises(VitqError, match="holdout"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"holdout": 1}}]})
     with pytest.raises(VitqError, match="damp"):
         load_recipe({"name": "x", "stages": ["calibrate", {"gptq": {"damp": 0}}]})

@@ -87,6 +87,32 @@ class _SoftRound(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
+def _split(n: int, holdout: float, generator):
+    """Indices of the images a block trains on and of those it is checked on (None: no check)."""
+    k = int(round(n * holdout))
+    if not holdout or k < 1 or k >= n:
+        return torch.arange(n), None
+    order = torch.randperm(n, generator=generator)
+    return order[k:].sort().values, order[:k].sort().values
+
+
+def _snapshot(block: nn.Module):
+    """What training changes in a block: its quantized layers' weights and its quantizers' scales."""
+    weights = {m: m.weight.detach().clone() for m in block.modules() if isinstance(m, QuantLinear)}
+    scales = {q: q.scale.detach().clone() for q in block.modules()
+              if isinstance(q, Quantizer) and q.scale is not None}
+    return weights, scales
+
+
+def _restore(block: nn.Module, saved) -> None:
+    weights, scales = saved
+    with torch.no_grad():
+        for m, w in weights.items():
+            m.weight.copy_(w)
+    for q, scale in scales.items():
+        q.scale = scale
+
+
 @dataclass(frozen=True)
 class ReconstructSettings(StageSettings):
     """Settings of the ``reconstruct`` stage.
@@ -107,6 +133,9 @@ class ReconstructSettings(StageSettings):
         min_w_bits, max_w_bits, min_a_bits: skip the stage when the run's weights have fewer or
             more bits, or its activations fewer (the recommended recipe reconstructs only where the
             choice on held-out calibration images found it helps; see its YAML).
+        holdout: fraction of the calibration images kept out of each block's training (0: none):
+            a block whose output error on them is not lower after training than before keeps the
+            rounding and activation scales it had (a guard against fitting a few images).
     """
 
     iterations: int = 200
@@ -120,6 +149,7 @@ class ReconstructSettings(StageSettings):
     min_w_bits: int = 2
     max_w_bits: int = 8
     min_a_bits: int = 2
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("min_w_bits", "max_w_bits", "min_a_bits"):
@@ -142,6 +172,8 @@ class ReconstructSettings(StageSettings):
             raise VitqError("reconstruct.lr must be positive")
         if not isinstance(self.from_float, bool):
             raise VitqError(f"reconstruct.from_float must be true or false, got {self.from_float!r}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
+            raise VitqError(f"reconstruct.holdout must be a fraction in [0, 1), got {self.holdout!r}")
 
 
 @STAGES.register("reconstruct")
@@ -173,6 +205,8 @@ class ReconstructStage(Stage):
         names = {m: n for n, m in model.named_modules()}
         generator = torch.Generator().manual_seed(ctx.seed)
         losses: Dict[str, List[float]] = {}
+        held: Dict[str, List[float]] = {}
+        reverted: List[str] = []
         changed: List[str] = []
         prev_q = prev_f = xq = xf = None
         reference = None
@@ -189,13 +223,32 @@ class ReconstructStage(Stage):
             if reference is not None:
                 floats = {m: reference.get_submodule(names[m]).weight.detach() for m in block.modules()
                           if isinstance(m, QuantLinear)}
-            before, after = self._train(block, inputs, target, xq[0][1], s, generator, floats)
+            train, check = _split(inputs.shape[0], s.holdout, generator)
+            saved = _snapshot(block) if check is not None else None
+            if check is not None:
+                with torch.no_grad():
+                    held_before = float(F.mse_loss(block(inputs[check], **xq[0][1]), target[check]))
+            before, after = self._train(block, inputs[train], target[train], xq[0][1], s, generator, floats)
             losses[name] = [round(before, 6), round(after, 6)]
+            if check is not None:
+                with torch.no_grad():
+                    held_after = float(F.mse_loss(block(inputs[check], **xq[0][1]), target[check]))
+                held[name] = [round(held_before, 6), round(held_after, 6)]
+                if held_after >= held_before:  # no better on images it never saw: keep what it had
+                    _restore(block, saved)
+                    reverted.append(name)
+                    prev_q, prev_f = block, fblock
+                    continue
             changed += [f"{names[m]}.weight" for m in block.modules()
                         if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled]
             prev_q, prev_f = block, fblock
         mark_changed(model, changed)
         ctx.record["reconstruct"] = {**s.to_dict(), "blocks": len(blocks), "block_mse": losses}
+        if s.holdout:
+            ctx.record["reconstruct"].update(held_out_mse=held, reverted=reverted)
+            if reverted:
+                ctx.log(f"reconstruct: {len(reverted)} of {len(blocks)} blocks kept their rounding (no lower "
+                        f"error on the {s.holdout:.0%} of images held out): {', '.join(reverted)}")
 
     @staticmethod
     def _train(block: nn.Module, inputs: Tensor, target: Tensor, kwargs, s: ReconstructSettings, generator,
