@@ -23,7 +23,11 @@ used. Variants (comma-joined changes to the recommended recipe):
   ``recommended`` before then ran without it);
 - ``flip-aug``: every stage calibrated on the 50 images and their mirror images;
 - ``STAGE.KEY=VALUE``: one setting of a stage already in the recipe (after ``+reconstruct`` when that
-  adds the stage), e.g. ``+reconstruct,reconstruct.drop_prob=0``; VALUE is a number, else read as YAML.
+  adds the stage), e.g. ``+reconstruct,reconstruct.drop_prob=0``; VALUE is a number, a list written
+  ``A+B`` (``opt_m.points=gelu+softmax``), else read as YAML.
+
+``--model cifar`` runs the same choice on the CIFAR-10 ViT (its 256 seed-0 calibration images in
+halves of 128), to see whether what was chosen on DeiT-Tiny holds on another model.
 
 (``no-X`` is written for ``-X``, which argparse would take for an option.) Results:
 benchmarks/results/recipe_selection.json and a section of benchmarks/RESULTS.md.
@@ -90,7 +94,7 @@ def variant(name: str) -> Dict[str, Any]:
             try:  # numbers first: YAML 1.1 reads 4e-4 as a string
                 found[0][stage][setting] = float(value) if any(c in value for c in ".eE") else int(value)
             except ValueError:
-                found[0][stage][setting] = yaml.safe_load(value)
+                found[0][stage][setting] = value.split("+") if "+" in value else yaml.safe_load(value)
         elif change.startswith("reparam="):
             for st in spec["stages"]:
                 if isinstance(st, dict) and "reparam" in st:
@@ -104,19 +108,28 @@ def render(results) -> None:
     rows = results["rows"]
     lines = ["## Recipe parts by bit-width: chosen on calibration images (issue 12)", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ", f"Date: {results['date']}", "",
-             "DeiT-Tiny, the 100 calibration images in two halves of 50: each variant of the recommended recipe "
-             "calibrated on one half and scored on the *other* (held-out); then the halves swap. "
-             "KL(float ‖ quantized), lower is better; agreement in %; seconds: `vitq.quantize` on 50 images.",
-             "", "| bits | variant | held-out KL fold 0 | fold 1 | mean | held-out agreement (mean) | seconds (mean) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for bits in dict.fromkeys(r["bits"] for r in rows):
-        for name in dict.fromkeys(r["variant"] for r in rows if r["bits"] == bits):
-            rs = sorted([r for r in rows if r["bits"] == bits and r["variant"] == name], key=lambda r: r["fold"])
-            if len(rs) != 2:
-                continue
-            kl = [r["held_kl"] for r in rs]
-            lines.append(f"| {bits} | {name} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
-                         f"{sum(r['held_agreement'] for r in rs) / 2:.1f} | {sum(r['seconds'] for r in rs) / 2:.0f} |")
+             "Each variant of the recommended recipe calibrated on one half of a model's calibration images and "
+             "scored on the *other* (held-out); then the halves swap. KL(float ‖ quantized), lower is better; "
+             "agreement in %; seconds: `vitq.quantize` on one half."]
+    heads = {"imagenet": "DeiT-Tiny, the 100 calibration images in two halves of 50",
+             "cifar": "CIFAR-10 ViT (`vit_cifar10_d6`), the 256 seed-0 calibration images in two halves of 128 "
+                      "(`--model cifar`)"}
+    for model, head in heads.items():
+        mine = [r for r in rows if r.get("model", "imagenet") == model]
+        if not mine:
+            continue
+        lines += ["", f"### {head}", "",
+                  "| bits | variant | held-out KL fold 0 | fold 1 | mean | held-out agreement (mean) | seconds (mean) |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for bits in dict.fromkeys(r["bits"] for r in mine):
+            for name in dict.fromkeys(r["variant"] for r in mine if r["bits"] == bits):
+                rs = sorted([r for r in mine if r["bits"] == bits and r["variant"] == name], key=lambda r: r["fold"])
+                if len(rs) != 2:
+                    continue
+                kl = [r["held_kl"] for r in rs]
+                lines.append(f"| {bits} | {name} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
+                             f"{sum(r['held_agreement'] for r in rs) / 2:.1f} | "
+                             f"{sum(r['seconds'] for r in rs) / 2:.0f} |")
     lines += ["", results.get("conclusion", ""), ""]
     write_section("## Recipe parts by bit-width: chosen on calibration images", lines)
 
@@ -124,6 +137,8 @@ def render(results) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default=None)
+    parser.add_argument("--model", choices=["imagenet", "cifar"], default="imagenet",
+                        help="DeiT-Tiny (default) or the CIFAR-10 ViT")
     parser.add_argument("--bits", nargs="+", default=["w8a8"])
     parser.add_argument("--variants", nargs="+",
                         default=["recommended", "-opt_m", "uniform-probs", "-opt_m,uniform-probs"])
@@ -135,7 +150,7 @@ def main(argv=None) -> int:
         render(json.loads(RESULTS_JSON.read_text()))
         return 0
     torch.set_num_threads(args.threads)
-    model, halves, fp = calibration_halves(args.assets)
+    model, halves, fp = calibration_halves(args.assets, args.model)
     results = new_results('select_recipe.py', argv, RESULTS_JSON, args.append)
     for w, a in parse_bits(args.bits):
         for name in args.variants:
@@ -149,7 +164,7 @@ def main(argv=None) -> int:
                 qmodel = quantize(model, recipe, [images], w_bits=w, a_bits=a, progress=False).model
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=fp[1 - fold])
-                row = {"bits": f"W{w}A{a}", "fold": fold, "variant": name, "held_kl": round(h["kl"], 4),
+                row = {"model": args.model, "bits": f"W{w}A{a}", "fold": fold, "variant": name, "held_kl": round(h["kl"], 4),
                        "held_agreement": h["agreement"], "seconds": round(seconds, 1)}
                 print(row, flush=True)
                 results["rows"].append(row)

@@ -1,6 +1,7 @@
 """What the selection benchmarks share (select_bias_correct.py, select_recipe.py): DeiT-Tiny's 100
-calibration images of the accuracy benchmark's split in two halves of 50, the float model's logits on
-each, and the results record. None of the 900 evaluation images is touched."""
+calibration images of the accuracy benchmark's split in two halves of 50 (or the CIFAR-10 ViT's 256
+seed-0 calibration images of ``cifar10/train`` in halves of 128), the float model's logits on each,
+and the results record. None of the evaluation images is touched."""
 from __future__ import annotations
 
 import json
@@ -16,16 +17,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import deit_tiny_split  # noqa: E402
 from foundation import machine  # noqa: E402
 
-from vitq.data import assets_dir, make_loader  # noqa: E402
+from vitq.data import assets_dir, load_images, make_loader  # noqa: E402
 from vitq.eval.metrics import predict  # noqa: E402
+from vitq.models import load_model  # noqa: E402
 
 
-def calibration_halves(assets: Optional[str]) -> Tuple[torch.nn.Module, List[Tuple[torch.Tensor, torch.Tensor]],
-                                                       Dict[int, torch.Tensor]]:
-    """The float DeiT-Tiny, its calibration images as two ``(images, labels)`` halves of 50, and the
-    float logits of each half (keyed 0 and 1)."""
-    loaded, calib, _, _ = deit_tiny_split(assets_dir(assets), 0)
-    halves = [(x, y) for x, y in make_loader(calib, loaded.data_config, 50)]
+def calibration_halves(assets: Optional[str], model: str = "imagenet") -> Tuple[
+        torch.nn.Module, List[Tuple[torch.Tensor, torch.Tensor]], Dict[int, torch.Tensor]]:
+    """The float model, its calibration images as two ``(images, labels)`` halves, and the float
+    logits of each half (keyed 0 and 1). ``model``: ``imagenet`` (DeiT-Tiny, the accuracy benchmark's
+    100 calibration images, halves of 50) or ``cifar`` (the CIFAR-10 ViT, the accuracy benchmark's
+    256 seed-0 calibration images, halves of 128)."""
+    root = assets_dir(assets)
+    if model == "cifar":
+        loaded = load_model(root / "models/vit_cifar10_d6.pth")
+        calib = load_images(root / "cifar10/train", 256, seed=0, what="calibration images")
+        halves = [(x, y) for x, y in make_loader(calib, loaded.data_config, 128)]
+    else:
+        loaded, calib, _, _ = deit_tiny_split(root, 0)
+        halves = [(x, y) for x, y in make_loader(calib, loaded.data_config, 50)]
     fp = {}
     for i, half in enumerate(halves):
         (fp[i],), _ = predict(loaded.model, [half], "cpu", progress=False)
