@@ -286,7 +286,8 @@ def table(rows: List[Dict[str, Any]], methods) -> List[str]:
             if not sel:
                 continue
             delta = [r["top1"] - r["fp_top1"] for r in sel]
-            stages = sel[0]["stage_seconds"]
+            stages = {k: statistics.mean(r["stage_seconds"].get(k, 0.0) for r in sel)  # mean over the seeds
+                      for k in sel[0]["stage_seconds"]}
             per_stage = ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
             out.append(f"| W{w}A{a} | {method} | {len(sel)} | {_mean_std([r['top1'] for r in sel])} | "
                        f"{_mean_std(delta, '+.2f')} | {_mean_std([r['agreement'] for r in sel])} | "

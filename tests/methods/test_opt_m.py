@@ -121,6 +121,7 @@ def _plan_without_fc2_inputs():
         ({"points": ["gelu", "relu"]}, "gelu and/or softmax"),
         ({"points": []}, "gelu and/or softmax"),
         ({"softmax_images": 0}, "softmax_images"),
+        ({"softmax_min_bits": 9}, "softmax_min_bits"),
     ],
 )
 def test_bad_opt_m_settings(settings, match):
@@ -172,6 +173,23 @@ def test_softmax_twin_range_search_installs_and_survives_the_plan(tmp_path):
     x = torch.cat(batches())
     with torch.no_grad():
         assert torch.equal(apply_plan(tiny_vit(), Plan.load(tmp_path))(x), result.model(x))
+
+
+def test_softmax_search_leaves_probabilities_below_its_bits_alone():
+    """``softmax_min_bits``: probability quantizers with fewer bits keep their kind and scale."""
+    stage = {"opt_m": {"points": ["gelu", "softmax"], "grid": 6, "refine": 2, "keep_uniform": False,
+                       "softmax_min_bits": 8}}
+    recipe = {**CALIBRATE_THEN_OPT_M, "stages": ["calibrate", stage]}
+    gelu_only = {**CALIBRATE_THEN_OPT_M, "stages": ["calibrate", {"opt_m": {"grid": 6, "refine": 2,
+                                                                            "keep_uniform": False}}]}
+    x = torch.cat(batches())
+    low = quantize(tiny_vit(), recipe, batches(), w_bits=4, a_bits=4, progress=False, seed=0)
+    assert low.record["opt_m"]["softmax"] == []
+    plain = quantize(tiny_vit(), gelu_only, batches(), w_bits=4, a_bits=4, progress=False, seed=0)
+    with torch.no_grad():
+        assert torch.equal(low.model(x), plain.model(x))
+    high = quantize(tiny_vit(), recipe, batches(), w_bits=4, a_bits=8, progress=False, seed=0)
+    assert len(high.record["opt_m"]["softmax"]) == len(high.model.blocks)
 
 
 def test_twin_range_grid_is_recovered_by_the_search():

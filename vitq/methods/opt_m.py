@@ -57,6 +57,8 @@ class OptMSettings(StageSettings):
             probabilities: ``twin_range`` quantizers).
         softmax_images: calibration images whose attention probabilities and values the
             ``softmax`` search measures its error on.
+        softmax_min_bits: probability quantizers with fewer bits keep their kind (the
+            recommended recipe searches twin-range probabilities at 8 bits only; see its YAML).
     """
 
     max_m: int = 8
@@ -66,6 +68,7 @@ class OptMSettings(StageSettings):
     keep_uniform: bool = True
     points: Tuple[str, ...] = ("gelu",)
     softmax_images: int = 4
+    softmax_min_bits: int = 2
 
     def __post_init__(self) -> None:
         checks = (("max_m", 0, MAX_RATIO_LOG2), ("grid", 1, 10_000), ("refine", 0, 10_000),
@@ -84,6 +87,9 @@ class OptMSettings(StageSettings):
             raise VitqError(f"opt_m.points must be a list of gelu and/or softmax, got {list(self.points)}")
         if isinstance(self.softmax_images, bool) or not isinstance(self.softmax_images, int) or self.softmax_images < 1:
             raise VitqError(f"opt_m.softmax_images must be a positive integer, got {self.softmax_images!r}")
+        if isinstance(self.softmax_min_bits, bool) or not isinstance(self.softmax_min_bits, int) or \
+                not 2 <= self.softmax_min_bits <= 8:
+            raise VitqError(f"opt_m.softmax_min_bits must be an integer from 2 to 8, got {self.softmax_min_bits!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         out = super().to_dict()
@@ -230,6 +236,11 @@ class OptMStage(Stage):
         if not attentions:
             raise VitqError("opt_m points: softmax found no attention with an enabled per-tensor probability "
                             "quantizer in this model")
+        fewer = [a for a in attentions if a.probs_quantizer.spec.bits < s.softmax_min_bits]
+        if fewer:
+            ctx.log("opt_m: %d attention probability quantizers have fewer than %d bits and keep their kind",
+                    len(fewer), s.softmax_min_bits)
+            attentions = [a for a in attentions if a not in fewer]
         captured: Dict[int, Dict[str, Tensor]] = {id(a): {} for a in attentions}
         hooks = []
         for att in attentions:
