@@ -424,6 +424,13 @@ def test_reconstruction_is_skipped_outside_its_bit_widths():
             assert torch.equal(gated.model(x), plain.model(x))
     ran = quantize(model, recipe("calibrate", gate), data, w_bits=4, a_bits=8, progress=False, seed=0)
     assert ran.plan.meta["reconstruct"]["blocks"] == len(model.blocks)
+    # by_bits: one bit-width's own settings, the gate included
+    gate["reconstruct"]["by_bits"] = {"w4a4": {"min_a_bits": 4, "holdout": 0.25}}
+    opened = quantize(model, recipe("calibrate", gate), data, w_bits=4, a_bits=4, progress=False, seed=0)
+    record = opened.plan.meta["reconstruct"]
+    assert record["blocks"] == len(model.blocks) and record["holdout"] == 0.25 and "held_out_mse" in record
+    still = quantize(model, recipe("calibrate", gate), data, w_bits=4, a_bits=5, progress=False, seed=0)
+    assert still.plan.meta["reconstruct"]["skipped"] == "a_bits 5 < 8"
 
 
 def test_reconstruction_keeps_a_blocks_rounding_when_held_out_images_say_training_did_not_help(monkeypatch):
@@ -472,5 +479,11 @@ def test_reconstruct_settings_are_validated():
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"drop_prob": 2}}]})
     with pytest.raises(VitqError, match="holdout"):
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"holdout": 1}}]})
+    with pytest.raises(VitqError, match="wXaY"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"by_bits": {"4/4": {}}}}]})
+    with pytest.raises(VitqError, match="by_bits.w4a4.*holdout"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"by_bits": {"w4a4": {"holdout": 2}}}}]})
+    with pytest.raises(VitqError, match="unknown key"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"by_bits": {"w4a4": {"iters": 2}}}}]})
     with pytest.raises(VitqError, match="damp"):
         load_recipe({"name": "x", "stages": ["calibrate", {"gptq": {"damp": 0}}]})

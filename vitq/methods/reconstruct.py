@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,8 @@ class ReconstructSettings(StageSettings):
         holdout: fraction of the calibration images kept out of each block's training (0: none):
             a block whose output error on them is not lower after training than before keeps the
             rounding and activation scales it had (a guard against fitting a few images).
+        by_bits: settings that replace the others at one bit-width, keyed ``wXaY`` (``{w4a4:
+            {min_a_bits: 4, holdout: 0.2}}``); the gate above is then read from the replaced ones.
     """
 
     iterations: int = 200
@@ -150,8 +153,23 @@ class ReconstructSettings(StageSettings):
     max_w_bits: int = 8
     min_a_bits: int = 2
     holdout: float = 0.0
+    by_bits: Optional[Dict[str, Dict[str, Any]]] = None
 
     def __post_init__(self) -> None:
+        if self.by_bits is not None:
+            if not isinstance(self.by_bits, dict):
+                raise VitqError(f"reconstruct.by_bits must map wXaY to settings, got {self.by_bits!r}")
+            for key, changes in self.by_bits.items():
+                if not re.fullmatch(r"w[2-8]a[2-8]", str(key)) or not isinstance(changes, dict):
+                    raise VitqError(f"reconstruct.by_bits: {key!r} must be wXaY (bits 2-8) with a mapping of "
+                                    f"settings, e.g. w4a4: {{holdout: 0.2}}")
+                if "by_bits" in changes:
+                    raise VitqError("reconstruct.by_bits cannot nest by_bits")
+                try:  # the keys and the values
+                    ReconstructSettings.from_dict(changes, f"reconstruct.by_bits.{key}")
+                except VitqError as err:  # name where, once
+                    where = f"reconstruct.by_bits.{key}"
+                    raise VitqError(str(err) if where in str(err) else f"{where}: {err}") from None
         for key in ("min_w_bits", "max_w_bits", "min_a_bits"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
@@ -186,6 +204,9 @@ class ReconstructStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         s: ReconstructSettings = self.settings
+        override = (s.by_bits or {}).get(f"w{ctx.w_bits}a{ctx.a_bits}")
+        if override:
+            s = s.replace(**override)
         outside = [why for why, out in ((f"w_bits {ctx.w_bits} < {s.min_w_bits}", ctx.w_bits < s.min_w_bits),
                                         (f"w_bits {ctx.w_bits} > {s.max_w_bits}", ctx.w_bits > s.max_w_bits),
                                         (f"a_bits {ctx.a_bits} < {s.min_a_bits}", ctx.a_bits < s.min_a_bits)) if out]
