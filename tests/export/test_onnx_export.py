@@ -71,12 +71,16 @@ def test_export_stores_integer_weights(tmp_path):
     assert any("8-bit containers" in w for w in report.warnings)
 
 
-def test_recommended_recipe_exports_its_rewritten_weights(tmp_path, images):
-    """GPTQ's rounded weights, the folded LayerNorms and the log√2 probabilities (emulated, and
-    said so) reach the ONNX model: it agrees with the simulated model."""
-    result = quantize(tiny_vit(), w_bits=4, a_bits=8, recipe="recommended")
+@pytest.mark.parametrize("a_bits, kinds", [(8, {"logsqrt2", "twin_range"}), (4, {"logsqrt2"})])
+def test_recommended_recipe_exports_its_rewritten_weights(tmp_path, images, a_bits, kinds):
+    """GPTQ's rounded weights, the folded LayerNorms and the log√2 probabilities (at 8 bits
+    twin-range where OPT-m chose them; emulated, and said so) reach the ONNX model: it agrees with
+    the simulated model."""
+    result = quantize(tiny_vit(), w_bits=4, a_bits=a_bits, recipe="recommended")
     report = export_close_to_simulated(result, tmp_path / "m.onnx", images)
-    assert any(p["kind"] == "logsqrt2" and p["form"] == "float_emulated" for p in report.to_dict()["points"])
+    probs = [p for p in report.to_dict()["points"] if p["kind"] in ("logsqrt2", "twin_range")]
+    assert probs and all(p["form"] == "float_emulated" for p in probs)
+    assert {p["kind"] for p in probs} <= kinds
 
 
 def test_recommended_int_recipe_exports_every_product_as_integer(tmp_path, images):
