@@ -45,17 +45,25 @@ SEQ = {"calibrate": {"sequential": True}}
 
 
 def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_reparam=True,
-                 bias_correct=False) -> Dict[str, Any]:
+                 bias_correct=False, reconstruct=False) -> Dict[str, Any]:
     """The recommended recipe's YAML without its bias correction and its reconstruction, its stages
     changed (selection candidates). ``full_reparam``: RepQ-ViT's full reparameterisation at every
-    bit-width, as the recommended recipe had it when these candidates were measured (2026-12-01)."""
+    bit-width, as the recommended recipe had it when these candidates were measured (2026-12-01).
+    OPT-m searches the post-GELU points only (every candidate here was measured before the recipe
+    searched twin-range probabilities too, on 2026-12-02)."""
     import yaml
 
     import vitq.recipes
 
     spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
     spec["name"] = name
-    spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "reconstruct" in st)]
+    if not reconstruct:
+        spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "reconstruct" in st)]
+    for st in spec["stages"]:
+        if isinstance(st, dict) and "reconstruct" in st:  # W4A4's own settings came later still
+            st["reconstruct"].pop("by_bits", None)
+        if isinstance(st, dict) and "opt_m" in st:
+            st["opt_m"] = {k: v for k, v in st["opt_m"].items() if k not in ("points", "softmax_min_bits")}
     if not bias_correct:
         spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "bias_correct" in st)]
     if full_reparam:
@@ -83,8 +91,15 @@ METHODS: Dict[str, Tuple[Any, str]] = {
     "recommended": ("recommended", "the recommended (default) recipe, chosen by the selections below: "
                     "+reparam+opt-m+gptq with the OMSE weight grid, then bias correction at 8-bit activations; "
                     "where the weights have fewer bits than the activations (W4A8, W3A8) the reparameterisation "
-                    "moves half of the channel spread (strength 0.5), GPTQ rounds the patch embedding too, and at "
-                    "W4A8 and W6A6 block reconstruction follows GPTQ (benchmarks/select_recipe.py)"),
+                    "moves half of the channel spread (strength 0.5), GPTQ rounds the patch embedding too, at "
+                    "W8A8, W6A6 and W4A8 block reconstruction follows GPTQ, and at 8-bit activations OPT-m "
+                    "gives the post-softmax points twin-range quantizers where they lower the attention output "
+                    "error (benchmarks/select_recipe.py)"),
+    "recommended, log√2 probabilities": (_recommended("recommended, log√2 probabilities", full_reparam=False,
+                                                      bias_correct=True, reconstruct=True, gptq={"convs": True}),
+                                         "the recommended recipe with log√2 post-softmax quantizers at every "
+                                         "bit-width (no twin-range search; the default until the evening of "
+                                         "2026-12-02)"),
     "recommended − reconstruct": (_recommended("recommended − reconstruct", full_reparam=False, bias_correct=True,
                                                gptq={"convs": True}),
                                   "the recommended recipe without its block reconstruction (the default until the "
@@ -173,11 +188,13 @@ CHAINS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 METHODS.update({
     "recommended → cpt-v": (CHAINS["recommended → cpt-v"][1],
                             "the recommended recipe's plan improved by CPT-V's block-wise evolutionary search of "
-                            "the attention weight scales (InfoNCE fitness; 1 pass on the CPU, the paper's 10)"),
+                            "the attention weight scales (InfoNCE fitness; 1 pass on the CPU, the paper's 10); its "
+                            "W3A8 row started from the recipe with log√2 probabilities at every bit-width"),
     "recommended → clamp-vit search": (CHAINS["recommended → clamp-vit search"][1],
                                        "the recommended recipe's plan improved by CLAMP-ViT's layer-wise search of "
                                        "the activation scales (patch-contrastive fitness, on the real calibration "
-                                       "images, no image refresh; 1 pass on the CPU, the paper's 10)"),
+                                       "images, no image refresh; 1 pass on the CPU, the paper's 10); its W3A8 row "
+                                       "started from the recipe with log√2 probabilities at every bit-width"),
 })
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",
                   "+reparam+seq+gptq-ao")

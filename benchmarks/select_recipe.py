@@ -26,6 +26,10 @@ used. Variants (comma-joined changes to the recommended recipe):
   adds the stage), e.g. ``+reconstruct,reconstruct.drop_prob=0``; VALUE is a number, a list written
   ``A+B`` (``opt_m.points=gelu+softmax``), else read as YAML.
 
+Since the evening of 2026-12-02 the recipe searches twin-range post-softmax quantizers at 8-bit
+activations (``opt_m.points``); the rows measured at 8-bit activations before then carry
+``,opt_m.points=gelu`` in their name, which reproduces them.
+
 ``--model cifar`` runs the same choice on the CIFAR-10 ViT (its 256 seed-0 calibration images in
 halves of 128), to see whether what was chosen on DeiT-Tiny holds on another model.
 

@@ -122,6 +122,7 @@ def _plan_without_fc2_inputs():
         ({"points": []}, "gelu and/or softmax"),
         ({"softmax_images": 0}, "softmax_images"),
         ({"softmax_min_bits": 9}, "softmax_min_bits"),
+        ({"softmax_min_w_bits": 1}, "softmax_min_w_bits"),
     ],
 )
 def test_bad_opt_m_settings(settings, match):
@@ -190,6 +191,9 @@ def test_softmax_search_leaves_probabilities_below_its_bits_alone():
         assert torch.equal(low.model(x), plain.model(x))
     high = quantize(tiny_vit(), recipe, batches(), w_bits=4, a_bits=8, progress=False, seed=0)
     assert len(high.record["opt_m"]["softmax"]) == len(high.model.blocks)
+    stage["opt_m"]["softmax_min_w_bits"] = 5  # and runs with fewer weight bits keep every kind
+    assert quantize(tiny_vit(), recipe, batches(), w_bits=4, a_bits=8, progress=False, seed=0).record["opt_m"][
+        "softmax"] == []
 
 
 def test_twin_range_grid_is_recovered_by_the_search():

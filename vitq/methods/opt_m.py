@@ -59,6 +59,8 @@ class OptMSettings(StageSettings):
             ``softmax`` search measures its error on.
         softmax_min_bits: probability quantizers with fewer bits keep their kind (the
             recommended recipe searches twin-range probabilities at 8 bits only; see its YAML).
+        softmax_min_w_bits: runs whose weights have fewer bits keep every probability quantizer's
+            kind (the recommended recipe: 4, W3A8's held-out error rose).
     """
 
     max_m: int = 8
@@ -69,6 +71,7 @@ class OptMSettings(StageSettings):
     points: Tuple[str, ...] = ("gelu",)
     softmax_images: int = 4
     softmax_min_bits: int = 2
+    softmax_min_w_bits: int = 2
 
     def __post_init__(self) -> None:
         checks = (("max_m", 0, MAX_RATIO_LOG2), ("grid", 1, 10_000), ("refine", 0, 10_000),
@@ -79,6 +82,8 @@ class OptMSettings(StageSettings):
                 raise VitqError(f"opt_m.{key} must be an integer from {lo} to {hi}, got {value!r}")
         if not isinstance(self.keep_uniform, bool):
             raise VitqError(f"opt_m.keep_uniform must be true or false, got {self.keep_uniform!r}")
+        if isinstance(self.points, str):  # one point: points: gelu
+            object.__setattr__(self, "points", (self.points,))
         if not isinstance(self.points, (list, tuple)):
             raise VitqError(f"opt_m.points must be a list of gelu and/or softmax, got {self.points!r}")
         object.__setattr__(self, "points", tuple(self.points))
@@ -87,9 +92,10 @@ class OptMSettings(StageSettings):
             raise VitqError(f"opt_m.points must be a list of gelu and/or softmax, got {list(self.points)}")
         if isinstance(self.softmax_images, bool) or not isinstance(self.softmax_images, int) or self.softmax_images < 1:
             raise VitqError(f"opt_m.softmax_images must be a positive integer, got {self.softmax_images!r}")
-        if isinstance(self.softmax_min_bits, bool) or not isinstance(self.softmax_min_bits, int) or \
-                not 2 <= self.softmax_min_bits <= 8:
-            raise VitqError(f"opt_m.softmax_min_bits must be an integer from 2 to 8, got {self.softmax_min_bits!r}")
+        for key in ("softmax_min_bits", "softmax_min_w_bits"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+                raise VitqError(f"opt_m.{key} must be an integer from 2 to 8, got {value!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         out = super().to_dict()
@@ -172,7 +178,10 @@ class OptMStage(Stage):
         chosen: List[Dict[str, Any]] = []
         if "gelu" in s.points:
             chosen += self._gelu(ctx)
-        if "softmax" in s.points:
+        if "softmax" in s.points and ctx.w_bits < s.softmax_min_w_bits:
+            ctx.log("opt_m: the weights have %d bits (softmax_min_w_bits %d): the probabilities keep their kind",
+                    ctx.w_bits, s.softmax_min_w_bits)
+        elif "softmax" in s.points:
             chosen += self._softmax(ctx)
         ctx.record["opt_m"] = {**s.to_dict(), "layers": [c for c in chosen if c["kind"] == "twin"],
                                "softmax": [c for c in chosen if c["kind"] == "twin_range"]}
