@@ -445,8 +445,9 @@ def test_reconstruction_keeps_a_blocks_rounding_when_held_out_images_say_trainin
     kept = quantize(model, recipe("calibrate", stage), data, w_bits=4, a_bits=8, progress=False, seed=0)
     record = kept.plan.meta["reconstruct"]
     assert set(record["held_out_mse"]) == {f"blocks.{i}" for i in range(len(model.blocks))}
-    for name, (before, after) in record["held_out_mse"].items():
-        assert (name in record["reverted"]) == (after >= before)
+    for name, (before, after) in record["held_out_mse"].items():  # (rounded to 6 decimals in the record)
+        if abs(after - before) > 2e-6:
+            assert (name in record["reverted"]) == (after > before)
     assert len(record["reverted"]) < len(model.blocks)
     with torch.no_grad():
         assert not torch.equal(kept.model(x), base.model(x))

@@ -242,9 +242,10 @@ class OptMStage(Stage):
         names = {id(m): n for n, m in model.named_modules()}
         attentions = [m for m in model.modules() if isinstance(m, (QuantAttention, QuantWindowAttention))
                       and m.probs_quantizer.spec.enabled and m.probs_quantizer.spec.granularity == "per_tensor"]
-        if not attentions:
-            raise VitqError("opt_m points: softmax found no attention with an enabled per-tensor probability "
-                            "quantizer in this model")
+        if not attentions:  # e.g. protocols p3 and p4, which leave the probabilities in float
+            ctx.log("opt_m: no attention has an enabled per-tensor probability quantizer (the protocol leaves "
+                    "them in float): the softmax points are skipped")
+            return []
         fewer = [a for a in attentions if a.probs_quantizer.spec.bits < s.softmax_min_bits]
         if fewer:
             ctx.log("opt_m: %d attention probability quantizers have fewer than %d bits and keep their kind",
