@@ -55,6 +55,7 @@ from foundation import write_section  # noqa: E402
 
 import vitq.recipes  # noqa: E402
 from vitq.api import evaluate, quantize  # noqa: E402
+from vitq.recipes.recipe import setting_value  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
@@ -95,10 +96,9 @@ def variant(name: str) -> Dict[str, Any]:
             found = [st for st in spec["stages"] if isinstance(st, dict) and stage in st]
             if not found:
                 raise SystemExit(f"{change!r}: the recipe has no {stage!r} stage with settings")
-            try:  # numbers first: YAML 1.1 reads 4e-4 as a string
-                found[0][stage][setting] = float(value) if any(c in value for c in ".eE") else int(value)
-            except ValueError:
-                found[0][stage][setting] = value.split("+") if "+" in value else yaml.safe_load(value)
+            # as the CLI's --set reads it; A+B is a list (commas separate the changes here)
+            parsed = setting_value(value)
+            found[0][stage][setting] = parsed.split("+") if isinstance(parsed, str) and "+" in parsed else parsed
         elif change.startswith("reparam="):
             for st in spec["stages"]:
                 if isinstance(st, dict) and "reparam" in st:

@@ -348,3 +348,14 @@ def test_quantize_without_recipe_runs_the_recommended_one_and_eval_reproduces(ch
     assert again["num_eval"] == metrics["num_eval"]
     for key in ("quant_top1", "agreement", "kl"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6)
+
+
+def test_set_reads_numbers_in_exponent_form_as_numbers():
+    """YAML 1.1 reads 4e-4 as a string; --set reads it as the number a user means."""
+    from vitq.cli import _setting
+
+    assert _setting("reconstruct.act_lr=4e-4") == ("reconstruct", "act_lr", 4e-4)
+    assert _setting("reconstruct.act_lr=1E3") == ("reconstruct", "act_lr", 1000.0)
+    assert _setting("opt_m.points=[gelu, softmax]") == ("opt_m", "points", ["gelu", "softmax"])
+    assert _setting("search.passes=2") == ("search", "passes", 2)
+    assert _setting("gptq.convs=false") == ("gptq", "convs", False)

@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-import yaml
 
 from . import __version__
 from .api import (data_free_refresher, evaluate, evaluate_detection, evaluate_segmentation, quantize, resolve_device,
@@ -41,7 +40,7 @@ from .models.adapters import ADAPTERS, BackboneAdapter, find_adapter, kept_on_it
 from .models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .quant.observers import OBSERVERS
 from .quant.protocol import DEFAULT_INPUT_BITS, PROTOCOLS, get_protocol
-from .recipes.recipe import RECIPES, load_recipe
+from .recipes.recipe import RECIPES, load_recipe, setting_value
 from .report import (RunFolder, bits_per_layer, detection_examples, pareto, run_report, search_curve,
                      segmentation_examples)
 
@@ -83,8 +82,8 @@ def _setting(text: str) -> Tuple[str, str, Any]:
     if not sep or not dot or not stage or not name:
         raise argparse.ArgumentTypeError(f"--set takes STAGE.SETTING=VALUE, e.g. search.passes=2; got {text!r}")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+        parsed = setting_value(value)
+    except VitqError:
         raise argparse.ArgumentTypeError(f"--set {text!r}: the value is not valid YAML") from None
     return stage, name, parsed
 

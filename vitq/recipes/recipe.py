@@ -1,6 +1,7 @@
 """Recipes: YAML files read into validated, frozen dataclasses. An unknown key is an error."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Union
@@ -154,6 +155,18 @@ class Recipe:
 RECIPES: Registry[Path] = Registry("recipe")
 for _path in sorted(RECIPE_DIR.glob("*.yaml")):
     RECIPES.register(_path.stem)(_path)
+
+
+def setting_value(text: str) -> Any:
+    """A stage setting written as text (``--set STAGE.KEY=VALUE``): YAML (2, true, [a, b], null),
+    except that a number in exponent form is a number (YAML 1.1 reads ``4e-4`` as a string)."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text) else yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise VitqError(f"{text!r} is not a valid setting value (YAML)") from None
 
 
 def load_recipe(recipe: Union[str, Path, Recipe, Mapping[str, Any]]) -> Recipe:
