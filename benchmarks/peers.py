@@ -22,7 +22,10 @@ file size, how many matrix products run in integer kernels (read back from each 
 latency and batch-32 throughput (medians of ``--repeats`` runs after ``--warmup``, seeded random
 inputs). A peer that cannot do a bit-width says so in the table, with why.
 
-Writes benchmarks/results/peers.json and the "Peers" section of benchmarks/RESULTS.md.
+Writes benchmarks/results/peers.json and the "Peers" section of benchmarks/RESULTS.md on a CPU
+without VNNI, and benchmarks/results/peers-vnni.json and the section "Peers on a CPU with VNNI" on
+one with it: the integer kernels (and so the speed, and ONNX Runtime's and torchao's reduce_range)
+differ between the two, so their rows never share a table.
 """
 from __future__ import annotations
 
@@ -53,7 +56,17 @@ from vitq.export import OnnxModel, analyse_graph, cpu_info, export_onnx  # noqa:
 from vitq.models import load_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RESULTS_JSON = HERE / "results" / "peers.json"
+
+
+def results_for(vnni: bool) -> Tuple[Path, str]:
+    """The JSON file and the RESULTS.md heading of this CPU kind's table (see the module docstring)."""
+    if vnni:
+        return (HERE / "results" / "peers-vnni.json",
+                "## Peers on a CPU with VNNI: vitq next to ONNX Runtime, NNCF/OpenVINO, torchao and Brevitas (issue 15)")
+    return HERE / "results" / "peers.json", "## Peers: vitq next to ONNX Runtime, NNCF/OpenVINO, torchao and Brevitas (issue 15)"
+
+
+RESULTS_JSON, HEADING = results_for(cpu_info().vnni)
 MODELS = {
     "imagenet": "DeiT-Tiny (`deit_tiny_imagenet`), ImageNet, 100 calibration / 900 evaluation images",
     "cifar": "CIFAR-10 ViT (`vit_cifar10_d6`), 256 calibration / test-set evaluation images",
@@ -397,7 +410,9 @@ PEERS: Dict[str, Tuple[str, str, Callable[..., Deployed]]] = {
     "vitq-openvino": ("vitq `recommended`", "the same plan's export, converted to OpenVINO", vitq_openvino),
     "vitq-simulated": ("vitq `recommended`", "the same plan, simulated (fake-quant) in PyTorch", vitq_simulated),
 }
-DEFAULT_PEERS = [p for p in PEERS if p not in ("vitq-simulated", "brevitas-uniform")]
+# vitq-int-w7 answers the int16 saturation of a CPU without VNNI; with VNNI 8-bit weights are exact in U8S8
+DEFAULT_PEERS = [p for p in PEERS if p not in ("vitq-simulated", "brevitas-uniform")
+                 + (("vitq-int-w7",) if cpu_info().vnni else ())]
 LABELS = {
     "ort-static-default": "ORT static (defaults)", "ort-static-minmax": "ORT static MinMax",
     "ort-static-entropy": "ORT static Entropy", "ort-static-percentile": "ORT static Percentile",
@@ -521,7 +536,7 @@ def _fmt(row: Dict[str, Any], key: str, spec: str) -> str:
 
 def write_markdown(results: Dict[str, Any]) -> None:
     lines = [
-        "## Peers: vitq next to ONNX Runtime, NNCF/OpenVINO, torchao and Brevitas (issue 15)",
+        HEADING,
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]) + "  ",
         f"Machine: {results['machine']}; CPU features: {results['isa']}; threads: {results['threads']}  ",
@@ -541,7 +556,7 @@ def write_markdown(results: Dict[str, Any]) -> None:
         f"slower than {SLOW_SECONDS:.0f} s per batch; seeded random inputs). The rows come from the commands above, run "
         "one after another on a shared machine whose speed drifts between runs: a float row measured by a later "
         "command replaces the earlier one, so speed ratios carry that drift (compare the two runs' float rows in "
-        "benchmarks/results/peers.json's history, or rerun one command for a single-run table).",
+        f"benchmarks/results/{RESULTS_JSON.name}'s history, or rerun one command for a single-run table).",
         "",
     ]
     for model in [m for m in MODELS if m in results["models"]]:
@@ -576,7 +591,7 @@ def write_markdown(results: Dict[str, Any]) -> None:
     lines += ["Settings of each row:", ""]
     lines += [f"- **{LABELS[p]}**: {PEERS[p][0]}; {PEERS[p][1]}" for p in used] + [""]
     lines += goal_lines(results)
-    write_section("## Peers:", lines)
+    write_section(HEADING.split(":")[0] + ":", lines)
 
 
 def goal_lines(results: Dict[str, Any]) -> List[str]:
