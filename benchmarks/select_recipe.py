@@ -30,6 +30,11 @@ Since the evening of 2026-12-02 the recipe searches twin-range post-softmax quan
 activations (``opt_m.points``); the rows measured at 8-bit activations before then carry
 ``,opt_m.points=gelu`` in their name, which reproduces them.
 
+``--data-free SOURCE`` (``clamp``, ``psaq``, ``gaussian``) chooses for the data-free user: every variant
+is calibrated on the same 32 generated images (100 generator steps, seed 0, as the accuracy benchmark's
+data-free rows) and scored on all 100 real calibration images, which quantization never sees (so no
+halves). ``--images-cache DIR`` keeps the generated images between invocations.
+
 ``--model cifar`` runs the same choice on the CIFAR-10 ViT (its 256 seed-0 calibration images in
 halves of 128), to see whether what was chosen on DeiT-Tiny holds on another model.
 
@@ -55,11 +60,13 @@ from foundation import write_section  # noqa: E402
 
 import vitq.recipes  # noqa: E402
 from vitq.api import evaluate, quantize  # noqa: E402
+from vitq.data import assets_dir  # noqa: E402
 from vitq.recipes.recipe import setting_value  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
-CHANGES = ("-opt_m", "-reparam", "-reconstruct", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs")
+STAGE_NAMES = ("reparam", "opt_m", "gptq", "reconstruct", "bias_correct")
+CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs")
 
 
 def variant(name: str) -> Dict[str, Any]:
@@ -68,8 +75,9 @@ def variant(name: str) -> Dict[str, Any]:
     spec["name"] = name
     for change in [c for c in name.split(",") if c and c != "recommended"]:
         change = "-" + change[3:] if change.startswith("no-") else change  # no-X: -X (see the docstring)
-        if change in ("-opt_m", "-reparam", "-reconstruct"):
-            spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and change[1:] in st)]
+        if change.startswith("-") and change[1:] in STAGE_NAMES:  # -STAGE: without that stage
+            spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and change[1:] in st)
+                              and st != change[1:]]
         elif change == "uniform-probs":
             spec.pop("kinds", None)
         elif change == "gptq-float":
@@ -108,6 +116,25 @@ def variant(name: str) -> Dict[str, Any]:
     return spec
 
 
+def generated_images(source: str, assets, cache) -> torch.Tensor:
+    """32 images of ``source`` made from DeiT-Tiny (100 steps, seed 0; the accuracy benchmark's data-free
+    setting), read from ``cache`` when an earlier invocation left them there."""
+    from data_free import make_images  # noqa: E402  (benchmarks/data_free.py)
+    from accuracy import deit_tiny_split  # noqa: E402
+
+    path = Path(cache) / f"deit_tiny_{source}_32_s0_100.pt" if cache else None
+    if path is not None and path.exists():
+        return torch.load(path)
+    loaded, calib, _, _ = deit_tiny_split(assets_dir(assets), 0)
+    t0 = time.perf_counter()
+    images = make_images(source, loaded, 32, 0, 100, calib)["images"]
+    print(f"generated 32 {source} images in {time.perf_counter() - t0:.0f} s", flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(images, path)
+    return images
+
+
 def render(results) -> None:
     rows = results["rows"]
     lines = ["## Recipe parts by bit-width: chosen on calibration images (issue 12)", "",
@@ -119,7 +146,7 @@ def render(results) -> None:
              "cifar": "CIFAR-10 ViT (`vit_cifar10_d6`), the 256 seed-0 calibration images in two halves of 128 "
                       "(`--model cifar`)"}
     for model, head in heads.items():
-        mine = [r for r in rows if r.get("model", "imagenet") == model]
+        mine = [r for r in rows if r.get("model", "imagenet") == model and not r.get("data_free")]
         if not mine:
             continue
         lines += ["", f"### {head}", "",
@@ -134,6 +161,15 @@ def render(results) -> None:
                 lines.append(f"| {bits} | {name} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
                              f"{sum(r['held_agreement'] for r in rs) / 2:.1f} | "
                              f"{sum(r['seconds'] for r in rs) / 2:.0f} |")
+    free = [r for r in rows if r.get("data_free")]
+    for source in dict.fromkeys(r["data_free"] for r in free):
+        mine = [r for r in free if r["data_free"] == source]
+        lines += ["", f"### DeiT-Tiny calibrated on 32 generated images ({source}, 100 generator steps, seed 0), scored "
+                  "on all 100 real calibration images (`--data-free " + source + "`)", "",
+                  "| bits | variant | KL on the 100 real images | agreement | seconds |", "|---|---|---:|---:|---:|"]
+        for r in mine:
+            lines.append(f"| {r['bits']} | {r['variant']} | {r['held_kl']:.4f} | {r['held_agreement']:.1f} | "
+                         f"{r['seconds']:.0f} |")
     lines += ["", results.get("conclusion", ""), ""]
     write_section("## Recipe parts by bit-width: chosen on calibration images", lines)
 
@@ -146,6 +182,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", nargs="+", default=["w8a8"])
     parser.add_argument("--variants", nargs="+",
                         default=["recommended", "-opt_m", "uniform-probs", "-opt_m,uniform-probs"])
+    parser.add_argument("--data-free", choices=["clamp", "psaq", "gaussian"], default=None,
+                        help="calibrate on 32 generated images, score on all 100 real calibration images")
+    parser.add_argument("--images-cache", default=None, help="--data-free: keep the generated images in this folder")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--append", action="store_true", help="keep the rows already in the JSON")
     parser.add_argument("--render", action="store_true", help="rewrite the RESULTS.md section from the JSON")
@@ -156,6 +195,26 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model, halves, fp = calibration_halves(args.assets, args.model)
     results = new_results('select_recipe.py', argv, RESULTS_JSON, args.append)
+    if args.data_free:
+        if args.model != "imagenet":
+            parser.error("--data-free is measured on DeiT-Tiny (--model imagenet)")
+        generated = generated_images(args.data_free, args.assets, args.images_cache)
+        every = (torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))
+        fp_all = torch.cat([fp[0], fp[1]])
+        for w, a in parse_bits(args.bits):
+            for name in args.variants:
+                t0 = time.perf_counter()
+                qmodel = quantize(model, variant(name), [generated], w_bits=w, a_bits=a, progress=False).model
+                seconds = time.perf_counter() - t0
+                h = evaluate(model, qmodel, [every], device="cpu", progress=False, fp_logits=fp_all)
+                row = {"model": "imagenet", "data_free": args.data_free, "bits": f"W{w}A{a}", "variant": name,
+                       "held_kl": round(h["kl"], 4), "held_agreement": h["agreement"], "seconds": round(seconds, 1)}
+                print(row, flush=True)
+                results["rows"].append(row)
+                RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
+        render(results)
+        print(f"wrote {RESULTS_JSON} and {HERE / 'RESULTS.md'}")
+        return 0
     for w, a in parse_bits(args.bits):
         for name in args.variants:
             recipe = variant(name)
