@@ -210,12 +210,17 @@ def ort_dynamic(bench: Bench, w: int, a: int) -> Deployed:
 # ---------------------------------------------------------------- NNCF / OpenVINO
 
 
-def _ov_runner(model, threads: int):
+def _ov_runner(model, threads: int, precision: Optional[str] = None):
+    """run, the integer GEMM count, and the precision the float parts run in (``precision``, or
+    OpenVINO's default: bf16 on a CPU with native bf16 (AVX512-BF16, AMX), else f32)."""
     import openvino as ov
 
-    from vitq.export.openvino import gemm_precisions
+    from vitq.export.openvino import gemm_precisions, inference_precision
 
-    compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     output = compiled.output(0)
 
@@ -223,7 +228,11 @@ def _ov_runner(model, threads: int):
         return np.array(request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[output])
 
     g = gemm_precisions(compiled)
-    return run, f"{g['integer']}/{g['integer'] + g['float']}"
+    return run, f"{g['integer']}/{g['integer'] + g['float']}", inference_precision(compiled)
+
+
+def _precision_note(precision: str) -> str:
+    return "" if precision == "f32" else f"float parts in {precision}: OpenVINO's default on this CPU"
 
 
 def nncf_quantize(bench: Bench, w: int, a: int) -> Deployed:
@@ -243,8 +252,9 @@ def nncf_quantize(bench: Bench, w: int, a: int) -> Deployed:
     seconds = time.perf_counter() - t0
     xml = bench.workdir / f"{bench.key}-nncf.xml"
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
-    run, gemms = _ov_runner(quantized, bench.threads)
-    return Deployed(run, "OpenVINO", seconds, _file_bytes(xml, xml.with_suffix(".bin")), gemms)
+    run, gemms, precision = _ov_runner(quantized, bench.threads)
+    return Deployed(run, "OpenVINO", seconds, _file_bytes(xml, xml.with_suffix(".bin")), gemms,
+                    note=_precision_note(precision))
 
 
 # ---------------------------------------------------------------- torchao
@@ -350,8 +360,9 @@ def vitq_openvino(bench: Bench, w: int, a: int, recipe: str = "recommended") -> 
     xml = onnx_to_openvino(path, path.with_suffix(".xml"))
     import openvino as ov
 
-    run, gemms = _ov_runner(ov.Core().read_model(str(xml)), bench.threads)
-    return Deployed(run, "OpenVINO", seconds, _file_bytes(xml, xml.with_suffix(".bin")), gemms)
+    run, gemms, precision = _ov_runner(ov.Core().read_model(str(xml)), bench.threads)
+    return Deployed(run, "OpenVINO", seconds, _file_bytes(xml, xml.with_suffix(".bin")), gemms,
+                    note=_precision_note(precision))
 
 
 def vitq_simulated(bench: Bench, w: int, a: int, recipe: str = "recommended") -> Deployed:
@@ -474,10 +485,15 @@ def run_model(bench: Bench, peers: List[str], bits: List[str], args, save: Calla
     if "nncf" in peers or "vitq-openvino" in peers:
         import openvino as ov
 
-        baselines["OpenVINO FP32"] = _ov_runner(ov.Core().read_model(str(bench.fp_onnx)), bench.threads)[0]
+        fp_model = ov.Core().read_model(str(bench.fp_onnx))
+        baselines["OpenVINO FP32"] = _ov_runner(fp_model, bench.threads, "f32")[0]  # float32 forced
+        default_run, _, precision = _ov_runner(fp_model, bench.threads)
+        if precision != "f32":  # OpenVINO runs a float model in bf16 by default here: time that too, named so
+            baselines[f"OpenVINO {precision.upper()}"] = default_run
     if not args.no_speed:
         for name, run in baselines.items():
-            row = {"model": bench.key, "peer": "float", "tool": name, "settings": "float32", "bits": "FP32",
+            settings = "float32" if "FP32" in name else f"{name.split()[-1].lower()}: OpenVINO's default on this CPU"
+            row = {"model": bench.key, "peer": "float", "tool": name, "settings": settings, "bits": "FP32",
                    "runtime": name.rsplit(" ", 1)[0], "size_bytes": _file_bytes(bench.fp_onnx)}
             if _key(row) in done:
                 continue
@@ -550,7 +566,9 @@ def write_markdown(results: Dict[str, Any]) -> None:
         "(calibration included; ONNX Runtime's pre-processing included; the float ONNX export, shared, excluded); "
         "*MB*: the deployed file (ONNX, OpenVINO IR .xml+.bin, or the PyTorch state dict); *integer GEMMs*: matrix "
         "products that run in integer kernels, read back from the runtime's optimized graph (ONNX Runtime) or compiled "
-        "model (OpenVINO), or the layers the tool swapped (PyTorch); *b1 ms*: batch-1 latency, *b32 ms*: one batch of "
+        "model (OpenVINO), or the layers the tool swapped (PyTorch); OpenVINO runs what stays float in bf16 by "
+        "default on a CPU with native bf16 (AVX512-BF16, AMX): its rows say so, and *OpenVINO FP32* then forces "
+        "float32; *b1 ms*: batch-1 latency, *b32 ms*: one batch of "
         "32 (medians over "
         f"{results['repeats']} runs after {results['warmup']} warm-up runs, {SLOW_REPEATS} runs after one for a runtime "
         f"slower than {SLOW_SECONDS:.0f} s per batch; seeded random inputs). The rows come from the commands above, run "
@@ -678,6 +696,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="keep the rows of the last run (a row measured again replaces its old one)")
     parser.add_argument("--resume", action="store_true",
                         help="with --append: measure only the rows the last run does not have")
+    parser.add_argument("--redo", nargs="+", default=[], metavar="PEER",
+                        help="with --resume: measure these peers again (`float`: the float baselines)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of a peer that fails")
     args = parser.parse_args(argv)
     if args.resume and not args.append:
@@ -704,7 +724,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for key in args.models:
             if not args.append:
                 results["models"].pop(key, None)
-            done = {_key(r) for r in results["models"].get(key, {}).get("rows", [])} if args.resume else set()
+            done = {_key(r) for r in results["models"].get(key, {}).get("rows", [])
+                    if r["peer"] not in args.redo} if args.resume else set()
             bench = build(key, root, Path(tmp), args)
             log(f"[{key}] {bench.num_calib()} calibration images"
                 + (f", {sum(len(y) for _, y in bench.evals)} evaluation images" if bench.evals else ""))

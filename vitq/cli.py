@@ -49,6 +49,9 @@ DEFAULT_BATCH = 64
 DEFAULT_BATCH_DENSE = 8  # 660 tokens an image: a batch of 64 allocates gigabytes of attention maps
 #: detection: torchvision resizes the shorter side to 800 by default (a 16-pixel ViT: ~4,000 tokens an image)
 DEFAULT_BATCH_DETECTION = 2
+OV_PRECISION_HELP = ("OpenVINO model: the precision of what stays float (LayerNorm, softmax, GELU; every product of "
+                     "a float model); default OpenVINO's own, which is bf16 on a CPU with native bf16 (AVX512-BF16, "
+                     "AMX) and f32 elsewhere")
 #: dense tasks: their images are large (CamVid at 352×480: 660 tokens, 3.4× an ImageNet image's 196)
 DEFAULT_NUM_CALIB_DENSE = 64
 
@@ -177,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write metrics.json here (a file path)")
     e.add_argument("--threads", type=_positive_int, default=None,
                    help="exported model: ONNX Runtime or OpenVINO threads")
+    e.add_argument("--ov-precision", choices=["f32", "bf16", "f16"], default=None, help=OV_PRECISION_HELP)
 
     x = sub.add_parser("export", help="export a run's quantized model to ONNX (QDQ: integer kernels in ONNX Runtime) "
                                        "or OpenVINO IR")
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_positive_int, default=2, help="untimed runs first")
     b.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: the libraries')")
     b.add_argument("--int-format", choices=["auto", *FORMATS], default="auto")
+    b.add_argument("--ov-precision", choices=["f32", "bf16", "f16"], default=None, help=OV_PRECISION_HELP)
     b.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=None,
                    help="default: every backend whose runtime is installed (OpenVINO: pip install 'vitq[openvino]')")
     b.add_argument("--profile", action="store_true", help="ONNX Runtime's time per op type at the largest batch")
@@ -852,8 +857,11 @@ def _eval_onnx(args: argparse.Namespace) -> int:
         raise VitqError("vitq eval needs --eval DIR (the images to evaluate on)")
     if Path(args.model).suffix.lower() == ".xml":
         from .export.openvino import OpenVinoModel
-        onnx_model = OpenVinoModel(args.model, threads=args.threads)
+        onnx_model = OpenVinoModel(args.model, threads=args.threads, precision=args.ov_precision)
     else:
+        if args.ov_precision:
+            raise VitqError("--ov-precision applies to an OpenVINO model (.xml); this is an ONNX file run in "
+                            "ONNX Runtime")
         onnx_model = OnnxModel(args.model, threads=args.threads)
     runtime = getattr(onnx_model, "runtime", "ONNX Runtime")
     if not onnx_model.meta:
@@ -876,13 +884,25 @@ def _eval_onnx(args: argparse.Namespace) -> int:
     metrics = evaluate_onnx(onnx_model, loader, reference=reference, progress=not args.quiet)
     metrics = {"model": str(args.model), "int_format": onnx_model.meta.get("int_format"),
                **{k: meta.get(k) for k in ("recipe", "protocol", "w_bits", "a_bits")}, "seed": seed, **metrics,
-               **_skipped_images(eval=skipped)}
+               **_runtime_precision(onnx_model), **_skipped_images(eval=skipped)}
     key = "openvino" if runtime == "OpenVINO" else "onnx"
     row = [(f"{runtime} top-1", metrics[f"{key}_top1"]), (f"{runtime} top-5", metrics[f"{key}_top5"])]
     if reference is not None:
         row += [("PyTorch simulated top-1", metrics["reference_top1"]), ("Δ top-1", metrics["top1_diff"]),
                 ("agreement", metrics["agreement"])]
     return _report_runtime_eval(args, metrics, row)
+
+
+def _runtime_precision(model: Any) -> Dict[str, Any]:
+    """An OpenVINO model's precision for its float parts (OpenVINO picks bf16 on some CPUs), said on
+    the console and recorded in the metrics; nothing for ONNX Runtime (always float32)."""
+    precision = getattr(model, "inference_precision", None)
+    if precision is None:
+        return {}
+    if precision != "f32":
+        print(f"OpenVINO runs the float parts (LayerNorm, softmax, GELU) in {precision} on this CPU "
+              "(its default here); --ov-precision f32 keeps them in float32", file=sys.stderr)
+    return {"openvino_precision": precision}
 
 
 def _report_runtime_eval(args: argparse.Namespace, metrics: Dict[str, Any], row: List[Tuple[str, float]]) -> int:
@@ -922,7 +942,7 @@ def _eval_runtime_segmentation(args: argparse.Namespace, runtime_model: Any, run
                **{k: meta.get(k) for k in ("recipe", "protocol", "w_bits", "a_bits")}, "seed": seed,
                **evaluate_onnx_segmentation(runtime_model, loader, reference=reference, ignore_index=data.ignore_index,
                                             classes=data.classes or meta.get("classes"), progress=not args.quiet),
-               **_skipped_images(eval=skipped)}
+               **_runtime_precision(runtime_model), **_skipped_images(eval=skipped)}
     row = [(f"{runtime} mIoU", metrics[f"{key}_miou"]), (f"{runtime} pixel acc", metrics[f"{key}_pixel_acc"])]
     if reference is not None:
         row += [("PyTorch simulated mIoU", metrics["reference_miou"]), ("Δ mIoU", metrics["miou_diff"]),
@@ -965,6 +985,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         float_model, qmodel, data_config=loaded.data_config, batch_sizes=args.batch_sizes, repeats=args.repeats,
         warmup=args.warmup, threads=args.threads, int_format=args.int_format, workdir=args.keep,
         backends=args.backends, profile=args.profile, meta=meta, progress=not args.quiet,
+        ov_precision=args.ov_precision,
     )
     result = {"model": loaded.name, "arch": loaded.arch, "plan": plan_note, **result}
     out = Path(args.out).expanduser()

@@ -84,6 +84,19 @@ def gemm_precisions(compiled) -> Dict[str, Any]:
     return {"integer": integer, "float": total - integer, "by_layer": {k: dict(v) for k, v in by_layer.items()}}
 
 
+PRECISIONS = ("f32", "bf16", "f16")
+
+
+def inference_precision(compiled) -> str:
+    """``f32``, ``bf16`` or ``f16``: the precision a compiled OpenVINO model runs its float parts in."""
+    try:
+        value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception:  # a device without the property
+        return "f32"
+    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(name, name)
+
+
 class OpenVinoModel(ExportedModel):
     """An exported model in OpenVINO (CPU), with the preprocessing recorded at export.
 
@@ -95,13 +108,20 @@ class OpenVinoModel(ExportedModel):
             or an ``.onnx`` file, which OpenVINO reads directly.
         threads: inference threads (default: OpenVINO's own choice, all cores).
         device: the OpenVINO device (``CPU``; ``GPU`` for an Intel GPU).
+        precision: the precision of the parts that stay float (LayerNorm, softmax, GELU, and every
+            matrix product of a float model): ``f32``, ``bf16`` or ``f16``; ``None`` (default) leaves
+            OpenVINO's own choice, which is **bf16 on a CPU with native bf16** (AVX512-BF16, AMX) and
+            f32 elsewhere. :attr:`inference_precision` says which one the compiled model runs.
     """
 
     runtime = "OpenVINO"
     export_command = "vitq export --format openvino"
 
-    def __init__(self, path: Pathish, *, threads: Optional[int] = None, device: str = "CPU") -> None:
+    def __init__(self, path: Pathish, *, threads: Optional[int] = None, device: str = "CPU",
+                 precision: Optional[str] = None) -> None:
         ov = _openvino()
+        if precision is not None and precision not in PRECISIONS:
+            raise VitqError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise VitqError(f"OpenVINO model {self.path} does not exist" if not self.path.exists()
@@ -117,12 +137,15 @@ class OpenVinoModel(ExportedModel):
         config: Dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
         try:
             self.compiled = core.compile_model(model, device, config)
         except Exception as err:
             raise VitqError(f"OpenVINO cannot compile {self.path} for {device}: "
                             f"{str(err).splitlines()[0][:300]}") from None
         self.request = self.compiled.create_infer_request()
+        self.inference_precision = inference_precision(self.compiled)
 
     def _meta(self, model) -> Dict[str, Any]:
         if self.path.suffix.lower() == ".onnx":
@@ -180,7 +203,7 @@ def export_openvino(
     report.path = path
     report.runtime = "openvino"
     runtime = OpenVinoModel(path)
-    report.extra["openvino"] = runtime.gemms()
+    report.extra["openvino"] = {**runtime.gemms(), "precision": runtime.inference_precision}
     report.sizes["openvino_bytes"] = path.stat().st_size + path.with_suffix(".bin").stat().st_size
     if verify:
         report.verification = _verify_against(model, runtime, sample, report.input_size)

@@ -86,6 +86,7 @@ def bench_speed(
     profile: bool = False,
     meta: Optional[Dict[str, Any]] = None,
     progress: bool = True,
+    ov_precision: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Time the float and the quantized model in PyTorch and in ONNX Runtime.
 
@@ -103,6 +104,9 @@ def bench_speed(
             run the same ONNX files, converted by OpenVINO; ``ov_int8`` is checked against the
             simulated model like ONNX Runtime's.
         profile: add ONNX Runtime's per-op-type time of both ONNX models at the largest batch.
+        ov_precision: OpenVINO's precision for what stays float (``f32``, ``bf16``, ``f16``; default
+            OpenVINO's own, bf16 on a CPU with native bf16): see :class:`vitq.export.openvino.OpenVinoModel`.
+            The result's ``openvino.precision`` records what ran.
 
     The result's ``runtime_choice`` names the faster int8 runtime at the largest batch when both
     ran, with their accuracy against the simulated model.
@@ -144,9 +148,9 @@ def bench_speed(
             from .onnx_export import _verify_against
 
             if "ov_fp32" in backends:
-                runners["ov_fp32"] = OpenVinoModel(fp_report.path, threads=threads)
+                runners["ov_fp32"] = OpenVinoModel(fp_report.path, threads=threads, precision=ov_precision)
             if "ov_int8" in backends:
-                runners["ov_int8"] = OpenVinoModel(q_report.path, threads=threads)
+                runners["ov_int8"] = OpenVinoModel(q_report.path, threads=threads, precision=ov_precision)
                 ov_gemms = runners["ov_int8"].gemms()
                 ov_check = _verify_against(quantized_model.eval(), runners["ov_int8"], None, input_size)
         timings: Dict[str, Dict[str, Any]] = {name: {} for name in runners}
@@ -202,6 +206,9 @@ def bench_speed(
         }
         if "ov_int8" in runners:
             result["openvino"] = {"gemms": ov_gemms, "verification": ov_check}
+        for name in ("ov_fp32", "ov_int8"):
+            if name in runners:
+                result.setdefault("openvino", {}).setdefault("precision", {})[name] = runners[name].inference_precision
         if {"ort_int8", "ov_int8"} <= set(timings):
             result["runtime_choice"] = runtime_choice(timings, q_report.verification, ov_check, max(batch_sizes))
         if profile:
@@ -245,9 +252,13 @@ def speed_table(result: Dict[str, Any]) -> str:
     batches = [str(b) for b in result["batch_sizes"]]
     head = ["backend"] + [f"batch {b}: ms (img/s)" for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(batches)]
+    precision = result.get("openvino", {}).get("precision", {})
     for name, per_batch in result["timings"].items():
         cells = [f"{per_batch[b]['median_ms']:.1f} ({per_batch[b]['images_per_s']:.1f})" for b in batches]
-        lines.append(f"| {BACKENDS[name]} | " + " | ".join(cells) + " |")
+        label = BACKENDS[name]
+        if precision.get(name, "f32") != "f32":  # OpenVINO's default on a CPU with native bf16
+            label += f" (float parts in {precision[name]})"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for key, label in (("int8_vs_ort_fp32", "ORT int8 speed-up vs ORT FP32"),
                        ("int8_vs_pytorch_fp32", "ORT int8 speed-up vs PyTorch FP32"),
                        ("ov_int8_vs_ov_fp32", "OpenVINO int8 speed-up vs OpenVINO FP32"),
