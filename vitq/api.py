@@ -311,10 +311,18 @@ def quantize(
     converted = start_plan is not None
     skipped = []
     with kept_on_its_device(model):  # stages run the float model on `device`; the caller's stays where it is
-        for config in recipe.stages:
+        for written in recipe.stages:
+            config, outside = written.at_bits(w_bits, a_bits)
+            if config is not written:  # its by_bits entry for this bit-width
+                ctx.record.setdefault("by_bits", {})[config.name] = f"w{w_bits}a{a_bits}"
             stage = config.build()
             if ctx.from_plan and not stage.needs_calibrated:
                 skipped.append(config.name)
+                continue
+            if outside:  # the recipe runs this stage at other bit-widths only
+                ctx.log(f"{config.name}: skipped ({outside}: it runs at {config.gate.describe()})")
+                ctx.record[config.name] = {**config.settings.to_dict(), "skipped": outside}
+                ctx.record.setdefault("skipped_stages", {})[config.name] = outside
                 continue
             if stage.needs_calibrated and not converted:
                 convert(qmodel)  # raises, naming the point, when a calibrating stage is missing before
@@ -340,7 +348,8 @@ def quantize(
         plan_meta["input_bits"] = plan.meta["input_bits"]
     if start_plan is not None:
         plan_meta["start_plan"] = {"recipe": plan.meta.get("recipe"), "skipped_stages": skipped}
-    for key in ("search", "opt_m", "greedy_mp", "reparam", "gptq", "bias_correct", "reconstruct"):
+    for key in ("search", "opt_m", "greedy_mp", "reparam", "gptq", "bias_correct", "reconstruct", "skipped_stages",
+                "by_bits"):
         if key in ctx.record:
             plan_meta[key] = ctx.record[key]
     if "smooth" in ctx.record:  # the smoothed pairs themselves go into meta["smooth"] (plan_from_model)

@@ -80,17 +80,47 @@ def test_library_export_matches_simulated_model(tmp_path):
         export_openvino(q, tmp_path / "m.onnx")
 
 
+def test_openvino_precision_is_chosen_recorded_and_checked(export_run, image_folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8)
+    q = vitq.quantize(model, "minmax", [torch.randn(4, 3, 32, 32)], w_bits=8, a_bits=8, progress=False).model
+    report = export_openvino(q, tmp_path / "m.xml", int_format="u8u8")
+    default = OpenVinoModel(tmp_path / "m.xml", threads=1)
+    assert report.extra["openvino"]["precision"] == default.inference_precision in ("f32", "bf16", "f16")
+    exact = OpenVinoModel(tmp_path / "m.xml", threads=1, precision="f32")
+    assert exact.inference_precision == "f32"
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = q(x)
+    # float32 float parts: no further from the simulated model than OpenVINO's default precision
+    assert (exact(x) - ref).abs().max() <= (default(x) - ref).abs().max() + 1e-5
+    with pytest.raises(VitqError, match="f32, bf16, f16"):
+        OpenVinoModel(tmp_path / "m.xml", precision="fp8")
+
+    xml = tmp_path / "run.xml"
+    assert main(["export", str(export_run), "--format", "openvino", "--out", str(xml), "--quiet"]) == 0
+    capsys.readouterr()
+    rc = main(["eval", str(xml), "--eval", str(image_folder), "--ov-precision", "f32", "--quiet"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["openvino_precision"] == "f32"
+    onnx = tmp_path / "run.onnx"
+    assert main(["export", str(export_run), "--out", str(onnx), "--quiet"]) == 0
+    err = run_error(capsys, ["eval", str(onnx), "--eval", str(image_folder), "--ov-precision", "f32"])
+    assert "--ov-precision applies to an OpenVINO model" in err
+
+
 def test_bench_speed_openvino_backends(export_run, checkpoint, tmp_path, capsys):
     out = tmp_path / "speed.json"
     rc = main(["bench-speed", str(checkpoint), "--plan", str(export_run), "--batch-sizes", "2", "--repeats", "1",
                "--warmup", "1", "--threads", "1", "--backends", "ort_int8", "ov_fp32", "ov_int8",
-               "--out", str(out), "--quiet"])
+               "--ov-precision", "f32", "--out", str(out), "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     result = json.loads(out.read_text())
     assert set(result["timings"]) == {"ort_int8", "ov_fp32", "ov_int8"}
     assert result["runtime_choice"]["runtime"] in ("onnxruntime", "openvino")
     assert result["openvino"]["gemms"]["integer"] > 0
+    assert result["openvino"]["precision"] == {"ov_fp32": "f32", "ov_int8": "f32"}
     assert "OpenVINO int8" in captured.out
 
 

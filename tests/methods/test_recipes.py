@@ -39,3 +39,57 @@ def test_bad_recipe_files(tmp_path, text, match):
 def test_unknown_recipe_name():
     with pytest.raises(VitqError, match="unknown recipe 'omsee'"):
         load_recipe("omsee")
+
+
+def test_every_stage_has_a_bit_width_gate_and_settings_by_bit_width():
+    """The framework's gate (``min_w_bits`` ... ``max_a_bits``) and ``by_bits`` apply to any stage:
+    outside the gate the stage is skipped and the plan says why; at a ``by_bits`` bit-width its
+    settings are the replaced ones; both survive the recipe's round trip and ``--set``."""
+    import timm
+    import torch
+
+    from vitq.api import quantize
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=10).eval()
+    data = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    spec = {"name": "t", "stages": ["calibrate", {"gptq": {"damp": 0.01, "max_w_bits": 6,
+                                                           "by_bits": {"w4a8": {"damp": 0.1}, "w8a8": {"max_w_bits": 8}}}}]}
+    recipe = load_recipe(spec)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    written = recipe.to_dict()["stages"][1]["gptq"]
+    assert written["max_w_bits"] == 6 and written["by_bits"] == spec["stages"][1]["gptq"]["by_bits"]
+    assert "min_w_bits" not in written  # the gate's defaults are not written out
+
+    plain = quantize(model, load_recipe({"name": "p", "stages": ["calibrate"]}), data, w_bits=7, a_bits=8,
+                     progress=False)
+    gated = quantize(model, recipe, data, w_bits=7, a_bits=8, progress=False)
+    assert gated.plan.meta["gptq"]["skipped"] == "w_bits 7 > 6"
+    assert gated.plan.meta["skipped_stages"] == {"gptq": "w_bits 7 > 6"}
+    x = data[0]
+    with torch.no_grad():
+        assert torch.equal(gated.model(x), plain.model(x))
+    at4 = quantize(model, recipe, data, w_bits=4, a_bits=8, progress=False)
+    assert at4.plan.meta["gptq"]["damp"] == 0.1 and at4.plan.meta["by_bits"] == {"gptq": "w4a8"}
+    assert "skipped" not in at4.plan.meta["gptq"]
+    opened = quantize(model, recipe, data, w_bits=8, a_bits=8, progress=False)  # by_bits opens the gate there
+    assert "skipped" not in opened.plan.meta["gptq"] and opened.plan.meta["gptq"]["damp"] == 0.01
+    at6 = quantize(model, recipe, data, w_bits=6, a_bits=6, progress=False)
+    assert at6.plan.meta["gptq"]["damp"] == 0.01 and "by_bits" not in at6.plan.meta
+
+    widened = recipe.with_overrides({"gptq": {"max_w_bits": 8}})
+    assert widened.stage("gptq").gate.max_w_bits == 8 and widened.stage("gptq").by_bits == recipe.stage("gptq").by_bits
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"max_a_bits": 9}, "gptq.max_a_bits must be an integer from 2 to 8"),
+    ({"min_a_bits": 6, "max_a_bits": 4}, "min_a_bits .6. is above max_a_bits .4."),
+    ({"by_bits": {"w4": {}}}, "wXaY"),
+    ({"by_bits": {"w4a4": {"damp": 0}}}, "by_bits.w4a4.*damp"),
+    ({"by_bits": {"w4a4": {"min_w_bits": 1}}}, "by_bits.w4a4.*min_w_bits"),
+    ({"by_bits": {"w4a4": {"by_bits": {}}}}, "cannot nest"),
+    ({"dampp": 0.1}, "unknown key.*and for every stage: min_w_bits, max_w_bits, min_a_bits, max_a_bits, by_bits"),
+])
+def test_bad_gates_and_by_bits_are_refused_by_name(settings, match):
+    with pytest.raises(VitqError, match=match):
+        load_recipe({"name": "x", "stages": ["calibrate", {"gptq": settings}]})

@@ -87,16 +87,17 @@ class BiasCorrectSettings(StageSettings):
         exclude: regular expressions; layers whose name matches one (``re.search``) are left as
             they are, e.g. ``["attn\\.qkv$"]``.
         strength: the fraction of the measured shift that is removed (1: all of it).
-        min_a_bits: skip the stage when the run's activations have fewer bits. On DeiT-Tiny
-            (``benchmarks/accuracy.py --select``: two folds of 50 calibration images, each scored on
-            the other 50) the correction lowered the held-out KL at A8, left it level at A6 and raised
-            it at A4, where the shifts measured on the calibration images do not carry over.
+
+    The recommended recipe runs it at 8-bit activations only (``min_a_bits: 8``, the gate every stage
+    has: :class:`vitq.methods.stages.StageGate`): on DeiT-Tiny (``benchmarks/accuracy.py --select``:
+    two folds of 50 calibration images, each scored on the other 50) the correction lowered the
+    held-out KL at A8, left it level at A6 and raised it at A4, where the shifts measured on the
+    calibration images do not carry over.
     """
 
     convs: bool = True
     exclude: List[str] = field(default_factory=list)
     strength: float = 1.0
-    min_a_bits: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.convs, bool):
@@ -111,8 +112,6 @@ class BiasCorrectSettings(StageSettings):
         if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or \
                 not 0 < self.strength <= 1:
             raise VitqError(f"bias_correct.strength must be a number in (0, 1], got {self.strength!r}")
-        if isinstance(self.min_a_bits, bool) or not isinstance(self.min_a_bits, int) or not 2 <= self.min_a_bits <= 8:
-            raise VitqError(f"bias_correct.min_a_bits must be an integer from 2 to 8, got {self.min_a_bits!r}")
 
 
 @STAGES.register("bias_correct")
@@ -125,10 +124,6 @@ class BiasCorrectStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         s: BiasCorrectSettings = self.settings
-        if ctx.a_bits < s.min_a_bits:
-            ctx.log(f"bias_correct: skipped, the activations have {ctx.a_bits} bits (min_a_bits {s.min_a_bits})")
-            ctx.record["bias_correct"] = {**s.to_dict(), "layers": 0, "skipped": f"a_bits {ctx.a_bits} < {s.min_a_bits}"}
-            return
         model = ctx.model.to(ctx.device)
         kinds = (QuantLinear, QuantConv2d) if s.convs else (QuantLinear,)
         names = {m: n for n, m in model.named_modules()}

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -131,14 +130,15 @@ class ReconstructSettings(StageSettings):
             its rounding and the grid point next to it towards the float weight, starting from its
             rounding; false: round the model's current weights as if they were float, which after
             GPTQ already lie on the grid, so that each can only stay or move one step up.
-        min_w_bits, max_w_bits, min_a_bits: skip the stage when the run's weights have fewer or
-            more bits, or its activations fewer (the recommended recipe reconstructs only where the
-            choice on held-out calibration images found it helps; see its YAML).
         holdout: fraction of the calibration images kept out of each block's training (0: none):
             a block whose output error on them is not lower after training than before keeps the
             rounding and activation scales it had (a guard against fitting a few images).
-        by_bits: settings that replace the others at one bit-width, keyed ``wXaY`` (``{w4a4:
-            {min_a_bits: 4, holdout: 0.2}}``); the gate above is then read from the replaced ones.
+
+    The bit-widths it runs at, and settings of one bit-width, are the framework's (every stage has
+    them: :class:`vitq.methods.stages.StageConfig`): the recommended recipe reconstructs at 4 or more
+    weight bits with 6 or more activation bits (``min_w_bits: 4, min_a_bits: 6``), and at W4A4 with
+    a holdout (``by_bits: {w4a4: {min_a_bits: 4, holdout: 0.2}}``), where the choice on held-out
+    calibration images found it helps (see its YAML).
     """
 
     iterations: int = 200
@@ -149,34 +149,9 @@ class ReconstructSettings(StageSettings):
     warmup: float = 0.2
     drop_prob: float = 0.5
     from_float: bool = True
-    min_w_bits: int = 2
-    max_w_bits: int = 8
-    min_a_bits: int = 2
     holdout: float = 0.0
-    by_bits: Optional[Dict[str, Dict[str, Any]]] = None
 
     def __post_init__(self) -> None:
-        if self.by_bits is not None:
-            if not isinstance(self.by_bits, dict):
-                raise VitqError(f"reconstruct.by_bits must map wXaY to settings, got {self.by_bits!r}")
-            for key, changes in self.by_bits.items():
-                if not re.fullmatch(r"w[2-8]a[2-8]", str(key)) or not isinstance(changes, dict):
-                    raise VitqError(f"reconstruct.by_bits: {key!r} must be wXaY (bits 2-8) with a mapping of "
-                                    f"settings, e.g. w4a4: {{holdout: 0.2}}")
-                if "by_bits" in changes:
-                    raise VitqError("reconstruct.by_bits cannot nest by_bits")
-                try:  # the keys and the values
-                    ReconstructSettings.from_dict(changes, f"reconstruct.by_bits.{key}")
-                except VitqError as err:  # name where, once
-                    where = f"reconstruct.by_bits.{key}"
-                    raise VitqError(str(err) if where in str(err) else f"{where}: {err}") from None
-        for key in ("min_w_bits", "max_w_bits", "min_a_bits"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-                raise VitqError(f"reconstruct.{key} must be an integer from 2 to 8, got {value!r}")
-        if self.min_w_bits > self.max_w_bits:
-            raise VitqError(f"reconstruct.min_w_bits ({self.min_w_bits}) is above max_w_bits ({self.max_w_bits}): "
-                            "no bit-width would be reconstructed")
         for key in ("iterations", "batch_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -204,18 +179,6 @@ class ReconstructStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         s: ReconstructSettings = self.settings
-        override = (s.by_bits or {}).get(f"w{ctx.w_bits}a{ctx.a_bits}")
-        if override:
-            s = s.replace(**override)
-        outside = [why for why, out in ((f"w_bits {ctx.w_bits} < {s.min_w_bits}", ctx.w_bits < s.min_w_bits),
-                                        (f"w_bits {ctx.w_bits} > {s.max_w_bits}", ctx.w_bits > s.max_w_bits),
-                                        (f"a_bits {ctx.a_bits} < {s.min_a_bits}", ctx.a_bits < s.min_a_bits)) if out]
-        if outside:
-            why = ", ".join(outside)
-            ctx.log(f"reconstruct: skipped ({why}: weights {s.min_w_bits}-{s.max_w_bits} bits and activations "
-                    f"{s.min_a_bits} or more are reconstructed)")
-            ctx.record["reconstruct"] = {**s.to_dict(), "blocks": 0, "skipped": why}
-            return
         model = ctx.model.to(ctx.device)
         float_model = ctx.float_model.to(ctx.device).eval()
         adapter = find_adapter(model)

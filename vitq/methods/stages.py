@@ -7,9 +7,10 @@ built-in ``calibrate`` stage sets every quantizer from statistics; refiners (``s
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -134,11 +135,68 @@ class CalibrateStage(Stage):
 
 
 @dataclass(frozen=True)
+class StageGate:
+    """The bit-widths a stage runs at, for every stage: outside them it is skipped, the model left
+    as the stages before it made it, and the plan says why (``meta[STAGE]["skipped"]``).
+
+    Written among the stage's settings in a recipe: ``{reconstruct: {iterations: 200, min_w_bits: 4,
+    min_a_bits: 6}}``. The run's nominal bits (``--w-bits``/``--a-bits``) are compared.
+    """
+
+    min_w_bits: int = 2
+    max_w_bits: int = 8
+    min_a_bits: int = 2
+    max_a_bits: int = 8
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "StageGate":
+        gate = cls(**data)
+        for key, value in asdict(gate).items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+                raise VitqError(f"{where}.{key} must be an integer from 2 to 8, got {value!r}")
+        for kind in ("w", "a"):
+            lo, hi = getattr(gate, f"min_{kind}_bits"), getattr(gate, f"max_{kind}_bits")
+            if lo > hi:
+                raise VitqError(f"{where}.min_{kind}_bits ({lo}) is above max_{kind}_bits ({hi}): "
+                                "no bit-width would run the stage")
+        return gate
+
+    def outside(self, w_bits: int, a_bits: int) -> str:
+        """Why a run at ``w_bits``/``a_bits`` skips the stage (empty when it runs)."""
+        return ", ".join(why for why, out in (
+            (f"w_bits {w_bits} < {self.min_w_bits}", w_bits < self.min_w_bits),
+            (f"w_bits {w_bits} > {self.max_w_bits}", w_bits > self.max_w_bits),
+            (f"a_bits {a_bits} < {self.min_a_bits}", a_bits < self.min_a_bits),
+            (f"a_bits {a_bits} > {self.max_a_bits}", a_bits > self.max_a_bits)) if out)
+
+    def describe(self) -> str:
+        return (f"weights {self.min_w_bits}-{self.max_w_bits} bits, activations {self.min_a_bits}-"
+                f"{self.max_a_bits} bits")
+
+
+GATE_KEYS = tuple(StageGate.__dataclass_fields__)
+BY_BITS = "by_bits"
+
+
+def _split(data: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any], Any]:
+    """A stage entry's mapping as (its own settings, gate keys, by_bits)."""
+    data = dict(data or {})
+    by_bits = data.pop(BY_BITS, None)
+    gate = {k: data.pop(k) for k in GATE_KEYS if k in data}
+    return data, gate, by_bits
+
+
+@dataclass(frozen=True)
 class StageConfig:
-    """One entry of a recipe's ``stages`` list: a stage name and its validated settings."""
+    """One entry of a recipe's ``stages`` list: a stage name, its validated settings, and what the
+    framework reads for every stage: its bit-width gate (:class:`StageGate`) and ``by_bits``,
+    settings (the gate's included) that replace the others at one bit-width, keyed ``wXaY``
+    (``{reconstruct: {min_a_bits: 6, by_bits: {w4a4: {min_a_bits: 4, holdout: 0.2}}}}``)."""
 
     name: str
     settings: StageSettings
+    gate: StageGate = field(default_factory=StageGate)
+    by_bits: Optional[Dict[str, Dict[str, Any]]] = None
 
     @classmethod
     def parse(cls, entry: Any, where: str) -> "StageConfig":
@@ -150,17 +208,67 @@ class StageConfig:
         else:
             raise VitqError(f"{where}: each stage is a name or a one-key mapping {{name: settings}}, got {entry!r}")
         stage = STAGES.get(name)
-        return cls(name, stage.Settings.from_dict(data, f"{where}: stage {name!r}"))
+        if data is not None and not isinstance(data, Mapping):
+            raise VitqError(f"{where}: the settings of stage {name!r} must be a mapping, got {data!r}")
+        return cls._build(name, stage.Settings, data or {}, f"{where}: stage {name!r}")
+
+    @classmethod
+    def _build(cls, name: str, settings_type: type, data: Mapping[str, Any], where: str) -> "StageConfig":
+        own, gate_data, by_bits = _split(data)
+        try:
+            settings = settings_type.from_dict(own, where)
+        except VitqError as err:
+            if "unknown key" not in str(err):
+                raise
+            raise VitqError(f"{err}; and for every stage: {', '.join(GATE_KEYS)}, {BY_BITS}") from None
+        try:
+            gate = StageGate.from_dict(gate_data, name)
+        except VitqError as err:
+            raise VitqError(f"{where}: {err}") from None
+        if by_bits is not None:
+            if not isinstance(by_bits, Mapping):
+                raise VitqError(f"{where}: {name}.by_bits must map wXaY to settings, got {by_bits!r}")
+            by_bits = {str(k): dict(v) if isinstance(v, Mapping) else v for k, v in by_bits.items()}
+            for key, changes in by_bits.items():
+                if not re.fullmatch(r"w[2-8]a[2-8]", key) or not isinstance(changes, dict):
+                    raise VitqError(f"{where}: {name}.by_bits: {key!r} must be wXaY (bits 2-8) with a mapping of "
+                                    f"settings, e.g. w4a4: {{min_a_bits: 4}}")
+                if BY_BITS in changes:
+                    raise VitqError(f"{where}: {name}.by_bits cannot nest by_bits")
+                inner = f"{name}.by_bits.{key}"
+                try:  # its keys and values, as they will be read at that bit-width
+                    cls._build(name, settings_type, {**settings.to_dict(), **gate_data, **changes}, inner)
+                except VitqError as err:
+                    raise VitqError(str(err) if inner in str(err) else f"{where}: {inner}: {err}") from None
+        return cls(name, settings, gate, by_bits or None)
+
+    def at_bits(self, w_bits: int, a_bits: int) -> Tuple["StageConfig", str]:
+        """This stage as a run at ``w_bits``/``a_bits`` reads it (its ``by_bits`` entry applied), and
+        why the run skips it (empty when it runs)."""
+        config = self
+        changes = (self.by_bits or {}).get(f"w{w_bits}a{a_bits}")
+        if changes:
+            config = StageConfig._build(self.name, type(self.settings), {**self._flat(), **changes},
+                                        f"{self.name}.by_bits.w{w_bits}a{a_bits}")
+        return config, config.gate.outside(w_bits, a_bits)
+
+    def _flat(self) -> Dict[str, Any]:
+        """Settings and non-default gate keys in one mapping (no by_bits)."""
+        default = StageGate()
+        return {**self.settings.to_dict(),
+                **{k: v for k, v in asdict(self.gate).items() if v != getattr(default, k)}}
 
     def build(self) -> Stage:
         return STAGES.get(self.name)(self.settings)
 
     def to_dict(self) -> Any:
-        data = self.settings.to_dict()
+        data = self._flat()
+        if self.by_bits:
+            data[BY_BITS] = self.by_bits
         if data == type(self.settings)().to_dict() and self.name == "calibrate":
             return self.name  # plain calibration reads as before its settings existed
         return {self.name: data} if data else self.name
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "StageConfig":
-        data = {**self.settings.to_dict(), **overrides}
-        return StageConfig(self.name, type(self.settings).from_dict(data, f"--set {self.name}"))
+        data = {**self._flat(), **({BY_BITS: self.by_bits} if self.by_bits else {}), **overrides}
+        return StageConfig._build(self.name, type(self.settings), data, f"--set {self.name}")
