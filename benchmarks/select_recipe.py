@@ -38,6 +38,8 @@ halves). ``--images-cache DIR`` keeps the generated images between invocations.
 ``--model cifar`` runs the same choice on the CIFAR-10 ViT (its 256 seed-0 calibration images in
 halves of 128), to see whether what was chosen on DeiT-Tiny holds on another model.
 
+A variant may start from another built-in recipe by naming it first: ``recommended-int,+reconstruct``.
+
 (``no-X`` is written for ``-X``, which argparse would take for an option.) Results:
 benchmarks/results/recipe_selection.json and a section of benchmarks/RESULTS.md.
 """
@@ -70,10 +72,14 @@ CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "unif
 
 
 def variant(name: str) -> Dict[str, Any]:
-    """The recommended recipe's YAML with the named changes (comma-separated) applied."""
-    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
+    """The recommended recipe's YAML (or the built-in recipe named first, e.g. ``recommended-int,+reconstruct``)
+    with the named changes (comma-separated) applied."""
+    changes = [c for c in name.split(",") if c]
+    base = changes.pop(0) if changes and (Path(vitq.recipes.__file__).parent / f"{changes[0]}.yaml").exists() \
+        else "recommended"
+    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / f"{base}.yaml").read_text())
     spec["name"] = name
-    for change in [c for c in name.split(",") if c and c != "recommended"]:
+    for change in changes:
         change = "-" + change[3:] if change.startswith("no-") else change  # no-X: -X (see the docstring)
         if change.startswith("-") and change[1:] in STAGE_NAMES:  # -STAGE: without that stage
             spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and change[1:] in st)
