@@ -353,14 +353,15 @@ def vitq_ort(bench: Bench, w: int, a: int, recipe: str = "recommended", protocol
     return Deployed(run, "ONNX Runtime", seconds, _file_bytes(path), gemms, note=f"{fmt.upper()}")
 
 
-def vitq_openvino(bench: Bench, w: int, a: int, recipe: str = "recommended") -> Deployed:
+def vitq_openvino(bench: Bench, w: int, a: int, recipe: str = "recommended", precision: Optional[str] = None
+                  ) -> Deployed:
     from vitq.export.openvino import onnx_to_openvino
 
     path, result, seconds = _vitq_onnx(bench, recipe, w, a)
     xml = onnx_to_openvino(path, path.with_suffix(".xml"))
     import openvino as ov
 
-    run, gemms, precision = _ov_runner(ov.Core().read_model(str(xml)), bench.threads)
+    run, gemms, precision = _ov_runner(ov.Core().read_model(str(xml)), bench.threads, precision)
     return Deployed(run, "OpenVINO", seconds, _file_bytes(xml, xml.with_suffix(".bin")), gemms,
                     note=_precision_note(precision))
 
@@ -419,10 +420,13 @@ PEERS: Dict[str, Tuple[str, str, Callable[..., Deployed]]] = {
     "vitq-int-w7": ("vitq `recommended-int`", "p1 with 7-bit weights (what ONNX Runtime's reduce_range does on a CPU "
                     "without VNNI): exact in the faster U8S8 kernels; QDQ export", vitq_int_w7),
     "vitq-openvino": ("vitq `recommended`", "the same plan's export, converted to OpenVINO", vitq_openvino),
+    "vitq-openvino-f32": ("vitq `recommended`", "the same plan's export in OpenVINO with what stays float in float32 "
+                          "(`--ov-precision f32`; the same as the row above on a CPU without native bf16)",
+                          lambda b, w, a: vitq_openvino(b, w, a, precision="f32")),
     "vitq-simulated": ("vitq `recommended`", "the same plan, simulated (fake-quant) in PyTorch", vitq_simulated),
 }
 # vitq-int-w7 answers the int16 saturation of a CPU without VNNI; with VNNI 8-bit weights are exact in U8S8
-DEFAULT_PEERS = [p for p in PEERS if p not in ("vitq-simulated", "brevitas-uniform")
+DEFAULT_PEERS = [p for p in PEERS if p not in ("vitq-simulated", "brevitas-uniform", "vitq-openvino-f32")
                  + (("vitq-int-w7",) if cpu_info().vnni else ())]
 LABELS = {
     "ort-static-default": "ORT static (defaults)", "ort-static-minmax": "ORT static MinMax",
@@ -430,7 +434,8 @@ LABELS = {
     "ort-dynamic": "ORT dynamic", "nncf": "NNCF", "torchao": "torchao", "brevitas": "Brevitas",
     "brevitas-uniform": "Brevitas, first/last at the same bits", "vitq-omse": "vitq omse (p1)",
     "vitq": "vitq recommended (p1)", "vitq-p4": "vitq recommended (p4)", "vitq-int": "vitq recommended-int (p1)",
-    "vitq-int-p4": "vitq recommended-int (p4)", "vitq-int-w7": "vitq recommended-int (p1), 7-bit weights", "vitq-openvino": "vitq recommended (p1) in OpenVINO",
+    "vitq-int-p4": "vitq recommended-int (p4)", "vitq-int-w7": "vitq recommended-int (p1), 7-bit weights",
+    "vitq-openvino": "vitq recommended (p1) in OpenVINO", "vitq-openvino-f32": "vitq recommended (p1) in OpenVINO, f32",
     "vitq-simulated": "vitq recommended (p1), simulated",
 }
 
