@@ -206,6 +206,15 @@ BITS = ["w8a8", "w6a6", "w4a8", "w4a4"]
 DATA_FREE = ["clamp", "psaq", "gaussian"]
 
 
+def recipe_sha(method: str) -> str:
+    """A short digest of the built-in recipe ``method`` as it is now (its stages and settings)."""
+    import hashlib
+
+    from vitq.recipes import load_recipe
+
+    return hashlib.sha256(json.dumps(load_recipe(method).to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _load_rows() -> List[Dict[str, Any]]:
     return json.loads(RESULTS_JSON.read_text())["rows"] if RESULTS_JSON.exists() else []
 
@@ -230,7 +239,9 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     test = scan_segmentation(camvid, "test").sample(num_eval, seed)
     eval_batches = list(segmentation_loader(test, loaded.data_config, 8))
     rows = _load_rows() if append else []
-    done = {(r["method"], r["bits"], r.get("data_free"), r["num_calib"]) for r in rows}
+    # a row counts as measured only with the recipe as it is now: a changed recipe is measured again
+    done = {(r["method"], r["bits"], r.get("data_free"), r["num_calib"]) for r in rows
+            if r.get("recipe_sha") == recipe_sha(r["method"])}
     # data-free rows (W4A8, the recommended recipe) beside real images of the same number
     plan = [(m, b, None, len(calib)) for b in bits for m in methods]
     if data_free:
@@ -260,12 +271,14 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
         metrics, _ = vitq.evaluate_segmentation(loaded.model, result.model, eval_batches,
                                                 ignore_index=test.ignore_index, classes=test.classes, device="cpu",
                                                 progress=False)
-        row = {"method": method, "bits": bits_name, "data_free": generator, "num_calib": count,
+        row = {"method": method, "recipe_sha": recipe_sha(method), "bits": bits_name, "data_free": generator,
+               "num_calib": count,
                "gen_iterations": df_iterations if generator else None, **metrics,
                "quantize_seconds": round(quantize_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
                "stage_seconds": result.record.get("stage_seconds"), "peak_mib": memory.mib,
                "generation_seconds": (result.record.get("data_free") or {}).get("seconds")}
-        rows.append(row)
+        rows = [r for r in rows if (r["method"], r["bits"], r.get("data_free"), r["num_calib"])
+                != (method, bits_name, generator, count)] + [row]  # replaces a row of an older recipe
         _save_rows(rows, extra)
         print(f"  mIoU float {row['fp_miou']:.2f} quantized {row['quant_miou']:.2f}, pixel agreement "
               f"{row['pixel_agreement']:.2f}, {row['quantize_seconds']} s + eval {row['eval_seconds']} s", flush=True)
@@ -287,7 +300,8 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
         "",
         "Command: `python benchmarks/segmentation.py --bench --model DIR/model.pth --append` (data-free rows: "
         "the recommended recipe at W4A8 on generated images, CPU budget `--df-images 16 --df-iterations 50`, beside "
-        "real images of the same number). Peak MiB: the whole process's resident memory while the row quantized, "
+        "real images of the same number). A row names its recipe's version when it was not measured with the recipe "
+        "as it is now (`--append` measures such rows again). Peak MiB: the whole process's resident memory while the row quantized, "
         "which includes what earlier rows of the same invocation left allocated.",
         "",
         f"| method | bits | calibration images | test mIoU (float {fp:.2f}) | Δ | pixel agreement | KL | quantize s | peak MiB |",
@@ -296,7 +310,9 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
     for r in rows:
         source = (f"{r['num_calib']} data-free {r['data_free']} ({r['gen_iterations']} steps)" if r.get("data_free")
                   else f"{r['num_calib']} real")
-        lines.append(f"| {r['method']} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
+        method = r["method"] if r.get("recipe_sha") == recipe_sha(r["method"]) else \
+            f"{r['method']} ({'an earlier version of the recipe' if r.get('recipe_sha') else 'recipe version not recorded'})"
+        lines.append(f"| {method} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
                      f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
                      f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
     shown = [r for r in rows if r["bits"] == "w4a8" and not r.get("data_free") and r["num_calib"] == extra["num_calib"]]
