@@ -420,6 +420,8 @@ PEERS: Dict[str, Tuple[str, str, Callable[..., Deployed]]] = {
     "vitq-int-w7": ("vitq `recommended-int`", "p1 with 7-bit weights (what ONNX Runtime's reduce_range does on a CPU "
                     "without VNNI): exact in the faster U8S8 kernels; QDQ export", vitq_int_w7),
     "vitq-openvino": ("vitq `recommended`", "the same plan's export, converted to OpenVINO", vitq_openvino),
+    "vitq-int-openvino": ("vitq `recommended-int`", "p1, its export converted to OpenVINO",
+                          lambda b, w, a: vitq_openvino(b, w, a, "recommended-int")),
     "vitq-openvino-f32": ("vitq `recommended`", "the same plan's export in OpenVINO with what stays float in float32 "
                           "(`--ov-precision f32`; the same as the row above on a CPU without native bf16)",
                           lambda b, w, a: vitq_openvino(b, w, a, precision="f32")),
@@ -435,7 +437,8 @@ LABELS = {
     "brevitas-uniform": "Brevitas, first/last at the same bits", "vitq-omse": "vitq omse (p1)",
     "vitq": "vitq recommended (p1)", "vitq-p4": "vitq recommended (p4)", "vitq-int": "vitq recommended-int (p1)",
     "vitq-int-p4": "vitq recommended-int (p4)", "vitq-int-w7": "vitq recommended-int (p1), 7-bit weights",
-    "vitq-openvino": "vitq recommended (p1) in OpenVINO", "vitq-openvino-f32": "vitq recommended (p1) in OpenVINO, f32",
+    "vitq-openvino": "vitq recommended (p1) in OpenVINO", "vitq-int-openvino": "vitq recommended-int (p1) in OpenVINO",
+    "vitq-openvino-f32": "vitq recommended (p1) in OpenVINO, f32",
     "vitq-simulated": "vitq recommended (p1), simulated",
 }
 
