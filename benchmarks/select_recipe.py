@@ -21,6 +21,7 @@ used. Variants (comma-joined changes to the recommended recipe):
   rounding GPTQ's weights as if float, the behaviour before 2026-12-02); ``no-reconstruct``: without it
   (the recommended recipe reconstructs at some bit-widths since 2026-12-02: rows named
   ``recommended`` before then ran without it);
+- ``sym-weights``: symmetric weight grids (zero point 0) instead of asymmetric ones;
 - ``flip-aug``: every stage calibrated on the 50 images and their mirror images;
 - ``STAGE.KEY=VALUE``: one setting of a stage already in the recipe (after ``+reconstruct`` when that
   adds the stage), e.g. ``+reconstruct,reconstruct.drop_prob=0``; VALUE is a number, a list written
@@ -68,7 +69,7 @@ from vitq.recipes.recipe import setting_value  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
 STAGE_NAMES = ("reparam", "opt_m", "gptq", "reconstruct", "bias_correct")
-CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "uniform-probs", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs")
+CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "uniform-probs", "sym-weights", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs")
 
 
 def variant(name: str) -> Dict[str, Any]:
@@ -84,6 +85,8 @@ def variant(name: str) -> Dict[str, Any]:
         if change.startswith("-") and change[1:] in STAGE_NAMES:  # -STAGE: without that stage
             spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and change[1:] in st)
                               and st != change[1:]]
+        elif change == "sym-weights":  # symmetric weight grids (zero point 0: OpenVINO's int8 kernels need it)
+            spec["weights"]["symmetric"] = True
         elif change == "uniform-probs":
             spec.pop("kinds", None)
         elif change == "gptq-float":
