@@ -228,7 +228,10 @@ def _ov_runner(model, threads: int, precision: Optional[str] = None):
         return np.array(request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[output])
 
     g = gemm_precisions(compiled)
-    return run, f"{g['integer']}/{g['integer'] + g['float']}", inference_precision(compiled)
+    gemms = f"{g['integer']}/{g['integer'] + g['float']}"
+    if g.get("weight_only"):
+        gemms += f" ({g['weight_only']} weight-only)"
+    return run, gemms, inference_precision(compiled)
 
 
 def _precision_note(precision: str) -> str:

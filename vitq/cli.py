@@ -826,8 +826,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         others = [f"{lay['name']} ({lay['precision']})" for lay in report.layers if lay not in report.integer_layers]
         if args.format == "openvino":
             ov = report.extra["openvino"]
-            print(f"integer matrix products in OpenVINO: {ov['integer']} of {ov['integer'] + ov['float']} "
-                  f"({ov['by_layer']})")
+            print(f"integer matrix products in OpenVINO: {ov['integer']} of {ov['integer'] + ov['float']}"
+                  + (f", {ov['weight_only']} with integer weights computed in float" if ov.get("weight_only") else "")
+                  + f" ({ov['by_layer']})")
         else:
             print(f"integer matrix products: {len(report.integer_layers)} of {len(report.layers)} "
                   f"(float: {', '.join(others) or 'none'})")
@@ -1007,7 +1008,9 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         print(f"matrix products left in float32 (ONNX Runtime): {', '.join(floats)}")
     if "openvino" in result:
         ov, v = result["openvino"]["gemms"], result["openvino"]["verification"]
-        print(f"OpenVINO int8: {ov['integer']} of {ov['integer'] + ov['float']} matrix products in integer kernels; "
+        print(f"OpenVINO int8: {ov['integer']} of {ov['integer'] + ov['float']} matrix products in integer kernels"
+              + (f" ({ov['weight_only']} more with integer weights computed in float)" if ov.get("weight_only") else "")
+              + "; "
               f"vs PyTorch simulated ({v['num_images']} {v['inputs']}): max |Δ logit| {v['max_abs_diff']:.3g}, "
               f"top-1 agreement {v['agreement']:.1f} %")
     if "runtime_choice" in result:

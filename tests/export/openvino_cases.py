@@ -35,11 +35,11 @@ def test_export_openvino_then_eval(export_run, image_folder, tmp_path, capsys):
     report = json.loads(xml.with_suffix(".export.json").read_text())
     assert report["runtime"] == "openvino" and report["plan"]["w_bits"] == 4
     ov = report["openvino"]
-    # every linear layer of the tiny ViT (patch embedding, qkv, proj, fc1, fc2 per block, head) in integer kernels
-    linear = {**ov["by_layer"].get("Convolution", {})}
-    for precision, n in ov["by_layer"]["FullyConnected"].items():
-        linear[precision] = linear.get(precision, 0) + n
-    assert linear.get("u8", 0) + linear.get("i8", 0) >= 26 and ov["integer"] >= 26
+    # every linear layer of the tiny ViT (patch embedding, qkv, proj, fc1, fc2 per block, head) keeps integer
+    # weights; the default recipe's asymmetric weights may run as OpenVINO's weight-only compression
+    assert ov["integer"] + ov["weight_only"] >= 26
+    if ov["weight_only"]:
+        assert any("weight-only compression" in w for w in report["warnings"])
     assert "OpenVINO vs PyTorch" in captured.out
     assert report["verification"]["max_abs_diff"] < 0.2 * report["verification"]["max_abs_logit"] + 1e-3
 
@@ -69,7 +69,7 @@ def test_library_export_matches_simulated_model(tmp_path):
     model = timm.create_model("test_vit", img_size=32, patch_size=8)
     q = vitq.quantize(model, "minmax", [torch.randn(4, 3, 32, 32)], w_bits=8, a_bits=8, progress=False).model
     report = export_openvino(q, tmp_path / "m.xml", int_format="u8u8")
-    assert report.extra["openvino"]["integer"] > 0
+    assert report.extra["openvino"]["integer"] + report.extra["openvino"]["weight_only"] > 0
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = q(x)
@@ -78,6 +78,23 @@ def test_library_export_matches_simulated_model(tmp_path):
     assert (got - ref).abs().max() < 0.1 * ref.abs().max()
     with pytest.raises(VitqError, match=r"\.xml"):
         export_openvino(q, tmp_path / "m.onnx")
+
+
+def test_symmetric_weights_run_in_integer_kernels_and_zero_points_are_counted_as_weight_only(tmp_path):
+    """OpenVINO computes a product in int8 only when its weights are symmetric; weights with zero
+    points are stored as integers but decompressed (weight-only), and the count says which."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8)
+    counts = {}
+    for symmetric in (True, False):
+        recipe = {"name": "t", "weights": {"observer": "minmax", "symmetric": symmetric},
+                  "activations": {"observer": "minmax", "symmetric": False}, "stages": ["calibrate"]}
+        q = vitq.quantize(model, recipe, [torch.randn(4, 3, 32, 32)], w_bits=8, a_bits=8, protocol="p4",
+                          progress=False).model
+        counts[symmetric] = export_openvino(q, tmp_path / f"m{symmetric}.xml", verify=False).extra["openvino"]
+    # p4: the 26 linear layers (patch embedding, 4 per block, head); attention stays float
+    assert counts[True]["integer"] == 26 and counts[True]["weight_only"] == 0
+    assert counts[False]["integer"] + counts[False]["weight_only"] == 26
 
 
 def test_openvino_precision_is_chosen_recorded_and_checked(export_run, image_folder, tmp_path, capsys):
@@ -92,8 +109,9 @@ def test_openvino_precision_is_chosen_recorded_and_checked(export_run, image_fol
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = q(x)
-    # float32 float parts: no further from the simulated model than OpenVINO's default precision
-    assert (exact(x) - ref).abs().max() <= (default(x) - ref).abs().max() + 1e-5
+    # (which of the two lands closer to the simulated model is not fixed: a value on a step boundary
+    # rounds either way; benchmarks/peers.py measures both on real images)
+    assert (exact(x) - ref).abs().max() < 0.1 * ref.abs().max()
     with pytest.raises(VitqError, match="f32, bf16, f16"):
         OpenVinoModel(tmp_path / "m.xml", precision="fp8")
 

@@ -176,7 +176,10 @@ class ExportReport:
             lines += ["## OpenVINO", "",
                       f"This OpenVINO model was converted from the ONNX graph above. OpenVINO compiled "
                       f"{ov['integer']} of {ov['integer'] + ov['float']} matrix products into integer (u8/i8) "
-                      f"kernels ({kinds}).", ""]
+                      f"kernels ({kinds})."
+                      + (f" {ov['weight_only']} of the others store integer weights but compute in float "
+                         "(weight-only compression of weights with zero points)." if ov.get("weight_only") else ""),
+                      ""]
         v = self.verification
         runtime = "OpenVINO" if self.runtime == "openvino" else "ONNX Runtime"
         if v:

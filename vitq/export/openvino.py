@@ -65,23 +65,41 @@ def onnx_to_openvino(onnx_path: Pathish, xml_path: Pathish) -> Path:
     return xml_path
 
 
-def gemm_precisions(compiled) -> Dict[str, Any]:
-    """The matrix products of a compiled OpenVINO model with the precision each runs in.
+def _compute_precision(info) -> str:
+    """The precision a compiled node computes in: the suffix of its ``primitiveType`` (``undef_I8``,
+    ``brgemm_avx512_amx_bf16``), else its ``runtimePrecision``."""
+    if "primitiveType" in info:
+        return info["primitiveType"].astype(str).rsplit("_", 1)[-1].lower()
+    return info["runtimePrecision"].astype(str).lower() if "runtimePrecision" in info else "?"
 
-    Returns ``{"integer": n, "float": m, "by_layer": {layer type: {precision: count}}}``, read from
-    the runtime model (``layerType`` and ``runtimePrecision`` of each node).
+
+def gemm_precisions(compiled) -> Dict[str, Any]:
+    """The matrix products of a compiled OpenVINO model with the precision each computes in.
+
+    Returns ``{"integer": n, "weight_only": k, "float": m, "by_layer": {layer type: {precision:
+    count}}}``, read from the runtime model. A product counts as integer when its kernel computes in
+    i8/u8 (``primitiveType``); ``weight_only`` counts those whose weights are stored as integers
+    (``runtimePrecision`` i8/u8) but which compute in float: OpenVINO treats weights with zero
+    points (asymmetric grids) as weight compression and decompresses them, so such a product gains
+    memory, not integer arithmetic.
     """
     by_layer: Dict[str, Counter] = {}
+    weight_only = 0
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         layer = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
         if layer not in GEMM_LAYERS:
             continue
-        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
-        by_layer.setdefault(layer, Counter())[precision.lower()] += 1
+        precision = _compute_precision(info)
+        stored = info["runtimePrecision"].astype(str).lower() if "runtimePrecision" in info else "?"
+        if precision not in INTEGER_PRECISIONS and stored in INTEGER_PRECISIONS:
+            weight_only += 1
+            precision = f"{precision} (weights {stored})"
+        by_layer.setdefault(layer, Counter())[precision] += 1
     integer = sum(n for c in by_layer.values() for p, n in c.items() if p in INTEGER_PRECISIONS)
     total = sum(sum(c.values()) for c in by_layer.values())
-    return {"integer": integer, "float": total - integer, "by_layer": {k: dict(v) for k, v in by_layer.items()}}
+    return {"integer": integer, "weight_only": weight_only, "float": total - integer,
+            "by_layer": {k: dict(v) for k, v in by_layer.items()}}
 
 
 PRECISIONS = ("f32", "bf16", "f16")
@@ -204,6 +222,13 @@ def export_openvino(
     report.runtime = "openvino"
     runtime = OpenVinoModel(path)
     report.extra["openvino"] = {**runtime.gemms(), "precision": runtime.inference_precision}
+    weight_only = report.extra["openvino"]["weight_only"]
+    if weight_only:
+        report.warnings.append(
+            f"OpenVINO runs {weight_only} matrix products whose weights have zero points (asymmetric grids) as "
+            f"weight-only compression: the weights are stored as integers but decompressed and multiplied in "
+            f"{runtime.inference_precision}. For integer kernels quantize with symmetric weights (a recipe with "
+            f"`weights: {{symmetric: true}}`); ONNX Runtime runs these products in integer kernels either way")
     report.sizes["openvino_bytes"] = path.stat().st_size + path.with_suffix(".bin").stat().st_size
     if verify:
         report.verification = _verify_against(model, runtime, sample, report.input_size)
