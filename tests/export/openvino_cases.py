@@ -95,6 +95,30 @@ def test_symmetric_weights_run_in_integer_kernels_and_zero_points_are_counted_as
     # p4: the 26 linear layers (patch embedding, 4 per block, head); attention stays float
     assert counts[True]["integer"] == 26 and counts[True]["weight_only"] == 0
     assert counts[False]["integer"] + counts[False]["weight_only"] == 26
+    assert counts[False]["folded_weights"] == counts[False]["integer"]  # 8-bit codes fold only where they fit
+
+
+def test_weights_below_8_bits_fold_their_zero_points_exactly_and_run_in_integer_kernels(tmp_path):
+    from vitq.export import OnnxModel, export_onnx
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8)
+    recipe = {"name": "t", "weights": {"observer": "minmax", "symmetric": False},
+              "activations": {"observer": "minmax", "symmetric": False}, "stages": ["calibrate"]}
+    q = vitq.quantize(model, recipe, [torch.randn(4, 3, 32, 32)], w_bits=4, a_bits=8, protocol="p4",
+                      progress=False).model
+    report = export_openvino(q, tmp_path / "m.xml", verify=False)
+    ov = report.extra["openvino"]
+    assert ov["folded_weights"] == 26 and ov["integer"] == 26 and ov["weight_only"] == 0
+    assert not any("weight-only" in w for w in report.warnings)
+    # the same grid: folded and plain ONNX files give the same logits in ONNX Runtime
+    folded = export_onnx(q, tmp_path / "f.onnx", verify=False, fold_weight_zero_points=True, int_format="u8s8")
+    plain = export_onnx(q, tmp_path / "p.onnx", verify=False, int_format="u8s8")
+    assert sum("zero points folded" in p.note for p in folded.points) == 26
+    assert not any("zero points folded" in p.note for p in plain.points)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    a, b = OnnxModel(tmp_path / "f.onnx", threads=1)(x), OnnxModel(tmp_path / "p.onnx", threads=1)(x)
+    assert (a - b).abs().max() < 1e-4
 
 
 def test_openvino_precision_is_chosen_recorded_and_checked(export_run, image_folder, tmp_path, capsys):

@@ -178,7 +178,10 @@ class ExportQuantizer(nn.Module):
 class _IntWeight:
     """Mixin of the export forms of QuantLinear/QuantConv2d: the weight as integer codes."""
 
-    def _lower_weight(self, fmt: IntFormat, transpose: bool) -> Optional[PointExport]:
+    def _lower_weight(self, fmt: IntFormat, transpose: bool, fold: Optional[int] = None) -> Optional[PointExport]:
+        """``fold``: when set, weights with zero points are re-encoded as ``codes - zero point`` with
+        zero point 0 where every such code lies within ±``fold`` (an exact re-encoding of the same
+        grid: OpenVINO runs only zero-point-free weights in integer kernels)."""
         quantizer: Quantizer = self.weight_quantizer
         spec = quantizer.spec
         self.int_weight = quantizer.enabled and spec.enabled
@@ -200,6 +203,11 @@ class _IntWeight:
             codes = quantize_affine(weight, scale, zp, *spec.qrange)
             scale, zp = scale.reshape(()), zp.reshape(())
         codes = codes + shift
+        self.folded = False
+        if fold is not None and signed:
+            centred = codes - (zp.round() + shift).reshape(shape if scale.numel() > 1 else ())
+            if zp.abs().max() > 0 and centred.abs().max() <= fold:
+                codes, zp, shift, self.folded = centred, torch.zeros_like(zp), 0, True
         if transpose:  # MatMul(x, Wᵀ) keeps the output channels on the last axis
             codes = codes.reshape(codes.shape[0], -1).t()
             axis = 1 - axis
@@ -291,10 +299,11 @@ _EXPORT_FORMS = {
 }
 
 
-def lower(model: nn.Module, fmt: IntFormat) -> Tuple[nn.Module, List[PointExport]]:
+def lower(model: nn.Module, fmt: IntFormat, fold_weight_zero_points: Optional[int] = None
+          ) -> Tuple[nn.Module, List[PointExport]]:
     """A copy of a converted quantized ``model`` in export form, and how each quant point is exported.
 
-    ``model`` itself is not changed.
+    ``model`` itself is not changed. ``fold_weight_zero_points``: see :meth:`_IntWeight._lower_weight`.
     """
     model = copy.deepcopy(model).eval().cpu()
     points: List[PointExport] = []
@@ -307,10 +316,12 @@ def lower(model: nn.Module, fmt: IntFormat) -> Tuple[nn.Module, List[PointExport
         if isinstance(module, _IntWeight):
             if isinstance(module, ExportConv2d):
                 module.w_patchify = module.can_patchify()
-            point = module._lower_weight(fmt, transpose=isinstance(module, ExportLinear) or module.w_patchify)
+            point = module._lower_weight(fmt, transpose=isinstance(module, ExportLinear) or module.w_patchify,
+                                         fold=fold_weight_zero_points)
             if point is not None:
+                note = "zero points folded into the codes (an exact symmetric re-encoding)" if module.folded else ""
                 points.append(PointExport(f"{name}.weight_quantizer", point.role, point.spec, point.form,
-                                          point.container))
+                                          point.container, note))
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, Quantizer):

@@ -258,6 +258,7 @@ def export_onnx(
     sample: Optional[torch.Tensor] = None,
     verify: bool = True,
     cpu: Optional[CpuInfo] = None,
+    fold_weight_zero_points: bool = False,
 ) -> ExportReport:
     """Write ``model`` as an ONNX file: QDQ integer form for a quantized model, float otherwise.
 
@@ -274,6 +275,11 @@ def export_onnx(
             seeded random images).
         verify: run the verification.
         cpu: the CPU to choose the format for (default: this one).
+        fold_weight_zero_points: store weights that have zero points (asymmetric grids) as
+            ``codes - zero point`` with zero point 0 wherever that is exact and cannot saturate
+            (every code within ±127 with VNNI, ±64 without, in a signed container): OpenVINO runs
+            only zero-point-free weights in integer kernels (:func:`vitq.export.export_openvino`
+            sets it). Weights below 8 bits always fold; 8-bit ones only when their codes allow.
 
     Returns:
         an :class:`ExportReport`; ``report.save()`` writes it beside the file.
@@ -304,7 +310,8 @@ def export_onnx(
     if quantized:
         w_bits, a_bits = _gemm_bits(model)
         fmt: Optional[IntFormat] = choose_format(int_format, w_bits, cpu, max_act_bits=a_bits)
-        lowered, points = lower(model, fmt)
+        fold = (127 if cpu.vnni else 64) if fold_weight_zero_points else None
+        lowered, points = lower(model, fmt, fold)
     else:
         fmt, points = None, []
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())

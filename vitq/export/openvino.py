@@ -216,19 +216,21 @@ def export_openvino(
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         report = export_onnx(model, onnx_path, int_format=int_format, data_config=data_config, meta=meta,
-                             sample=sample, verify=False)
+                             sample=sample, verify=False, fold_weight_zero_points=True)
         onnx_to_openvino(onnx_path, path)
     report.path = path
     report.runtime = "openvino"
     runtime = OpenVinoModel(path)
     report.extra["openvino"] = {**runtime.gemms(), "precision": runtime.inference_precision}
+    report.extra["openvino"]["folded_weights"] = sum("zero points folded" in p.note for p in report.points)
     weight_only = report.extra["openvino"]["weight_only"]
     if weight_only:
         report.warnings.append(
             f"OpenVINO runs {weight_only} matrix products whose weights have zero points (asymmetric grids) as "
             f"weight-only compression: the weights are stored as integers but decompressed and multiplied in "
-            f"{runtime.inference_precision}. For integer kernels quantize with symmetric weights (a recipe with "
-            f"`weights: {{symmetric: true}}`); ONNX Runtime runs these products in integer kernels either way")
+            f"{runtime.inference_precision} (their 8-bit codes span too wide a range to fold the zero points exactly). "
+            f"For integer kernels quantize with symmetric weights (a recipe with `weights: {{symmetric: true}}`) or "
+            f"7-bit weights; ONNX Runtime runs these products in integer kernels either way")
     report.sizes["openvino_bytes"] = path.stat().st_size + path.with_suffix(".bin").stat().st_size
     if verify:
         report.verification = _verify_against(model, runtime, sample, report.input_size)
