@@ -341,11 +341,15 @@ def _vitq_plan(bench: Bench, recipe: str, w: int, a: int, protocol: str = "p1"):
     return bench.cache[key]
 
 
-def _vitq_onnx(bench: Bench, recipe: str, w: int, a: int, protocol: str = "p1") -> Tuple[Path, Any, float]:
+def _vitq_onnx(bench: Bench, recipe: str, w: int, a: int, protocol: str = "p1", fold: bool = False
+               ) -> Tuple[Path, Any, float]:
+    """The plan's QDQ export; ``fold``: as `vitq export --format openvino` writes it (weight zero points folded
+    into the codes where exact)."""
     result, seconds = _vitq_plan(bench, recipe, w, a, protocol)
-    path = bench.workdir / f"{bench.key}-vitq-{recipe}-{protocol}-w{w}a{a}.onnx"
+    path = bench.workdir / f"{bench.key}-vitq-{recipe}-{protocol}-w{w}a{a}{'-fold' if fold else ''}.onnx"
     if not path.exists():
-        export_onnx(result.model, path, data_config=bench.loaded.data_config, meta=result.plan.meta, verify=False)
+        export_onnx(result.model, path, data_config=bench.loaded.data_config, meta=result.plan.meta, verify=False,
+                    fold_weight_zero_points=fold)
     return path, result, seconds
 
 
@@ -360,7 +364,7 @@ def vitq_openvino(bench: Bench, w: int, a: int, recipe: str = "recommended", pre
                   ) -> Deployed:
     from vitq.export.openvino import onnx_to_openvino
 
-    path, result, seconds = _vitq_onnx(bench, recipe, w, a)
+    path, result, seconds = _vitq_onnx(bench, recipe, w, a, fold=True)
     xml = onnx_to_openvino(path, path.with_suffix(".xml"))
     import openvino as ov
 
@@ -385,6 +389,12 @@ def vitq_int_w7(bench: Bench, w: int, a: int) -> Deployed:
         raise Unsupported("a W8A8 row only: 7-bit weights are the W8A8 setting for the U8S8 kernels of a CPU without "
                           "VNNI")
     return vitq_ort(bench, 7, 8, "recommended-int")
+
+
+def vitq_int_w7_openvino(bench: Bench, w: int, a: int) -> Deployed:
+    if (w, a) != (8, 8):
+        raise Unsupported("a W8A8 row only: 7-bit weights, whose zero points always fold into int8 codes")
+    return vitq_openvino(bench, 7, 8, "recommended-int")
 
 
 # name: (tool, settings, function)
@@ -422,16 +432,20 @@ PEERS: Dict[str, Tuple[str, str, Callable[..., Deployed]]] = {
                     lambda b, w, a: vitq_ort(b, w, a, "recommended-int", "p4")),
     "vitq-int-w7": ("vitq `recommended-int`", "p1 with 7-bit weights (what ONNX Runtime's reduce_range does on a CPU "
                     "without VNNI): exact in the faster U8S8 kernels; QDQ export", vitq_int_w7),
-    "vitq-openvino": ("vitq `recommended`", "the same plan's export, converted to OpenVINO", vitq_openvino),
+    "vitq-openvino": ("vitq `recommended`", "the same plan's export for OpenVINO (`vitq export --format openvino`: "
+                      "weight zero points folded where exact)", vitq_openvino),
     "vitq-int-openvino": ("vitq `recommended-int`", "p1, its export converted to OpenVINO",
                           lambda b, w, a: vitq_openvino(b, w, a, "recommended-int")),
+    "vitq-int-w7-openvino": ("vitq `recommended-int`", "p1 with 7-bit weights, whose zero points fold exactly into "
+                             "int8 codes: OpenVINO's integer kernels", vitq_int_w7_openvino),
     "vitq-openvino-f32": ("vitq `recommended`", "the same plan's export in OpenVINO with what stays float in float32 "
                           "(`--ov-precision f32`; the same as the row above on a CPU without native bf16)",
                           lambda b, w, a: vitq_openvino(b, w, a, precision="f32")),
     "vitq-simulated": ("vitq `recommended`", "the same plan, simulated (fake-quant) in PyTorch", vitq_simulated),
 }
 # vitq-int-w7 answers the int16 saturation of a CPU without VNNI; with VNNI 8-bit weights are exact in U8S8
-DEFAULT_PEERS = [p for p in PEERS if p not in ("vitq-simulated", "brevitas-uniform", "vitq-openvino-f32")
+DEFAULT_PEERS = [p for p in PEERS if p not in ("vitq-simulated", "brevitas-uniform", "vitq-openvino-f32",
+                                               "vitq-int-w7-openvino")
                  + (("vitq-int-w7",) if cpu_info().vnni else ())]
 LABELS = {
     "ort-static-default": "ORT static (defaults)", "ort-static-minmax": "ORT static MinMax",
@@ -442,6 +456,7 @@ LABELS = {
     "vitq-int-p4": "vitq recommended-int (p4)", "vitq-int-w7": "vitq recommended-int (p1), 7-bit weights",
     "vitq-openvino": "vitq recommended (p1) in OpenVINO", "vitq-int-openvino": "vitq recommended-int (p1) in OpenVINO",
     "vitq-openvino-f32": "vitq recommended (p1) in OpenVINO, f32",
+    "vitq-int-w7-openvino": "vitq recommended-int (p1), 7-bit weights, in OpenVINO",
     "vitq-simulated": "vitq recommended (p1), simulated",
 }
 
