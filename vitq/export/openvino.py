@@ -66,11 +66,19 @@ def onnx_to_openvino(onnx_path: Pathish, xml_path: Pathish) -> Path:
 
 
 def _compute_precision(info) -> str:
-    """The precision a compiled node computes in: the suffix of its ``primitiveType`` (``undef_I8``,
-    ``brgemm_avx512_amx_bf16``), else its ``runtimePrecision``."""
-    if "primitiveType" in info:
-        return info["primitiveType"].astype(str).rsplit("_", 1)[-1].lower()
-    return info["runtimePrecision"].astype(str).lower() if "runtimePrecision" in info else "?"
+    """The precision a compiled node computes in, read from its ``primitiveType`` (``undef_I8``,
+    ``brgemm_avx512_amx_bf16``): a float suffix means float arithmetic, an i8/u8/s8 part integer
+    arithmetic; a kernel name that says neither falls back to ``runtimePrecision``."""
+    stored = info["runtimePrecision"].astype(str).lower() if "runtimePrecision" in info else "?"
+    if "primitiveType" not in info:
+        return stored
+    kernel = info["primitiveType"].astype(str).lower()
+    suffix = kernel.rsplit("_", 1)[-1]
+    if suffix in ("f32", "fp32", "bf16", "f16", "fp16"):
+        return suffix
+    if any(part in INTEGER_PRECISIONS or part in ("s8", "int8") for part in kernel.split("_")):
+        return "i8" if "i8" in kernel or "s8" in kernel else "u8"
+    return stored
 
 
 def gemm_precisions(compiled) -> Dict[str, Any]:
