@@ -53,10 +53,11 @@ class _SoftRound(nn.Module):
     ``W`` is the weight to round (the float one); ``start``, when given, is a rounding already
     chosen (GPTQ's, which may lie more than one step from W): each weight then chooses between
     that grid point and its neighbour towards the float weight, and training begins at the
-    chosen one.
+    chosen one, ``margin`` of a step from it towards the neighbour (1e-4: at it; 0.5: undecided).
     """
 
-    def __init__(self, weight: Tensor, quantizer: Quantizer, start: Optional[Tensor] = None) -> None:
+    def __init__(self, weight: Tensor, quantizer: Quantizer, start: Optional[Tensor] = None,
+                 margin: float = 1e-4) -> None:
         super().__init__()
         spec = quantizer.spec
         shape = (-1,) + (1,) * (weight.ndim - 1) if quantizer.scale.numel() > 1 else ()
@@ -71,6 +72,8 @@ class _SoftRound(nn.Module):
             self.register_buffer("floor", torch.where(base < chosen, chosen - 1, chosen))
             base = chosen
         rest = (base - self.floor).clamp(1e-4, 1 - 1e-4)
+        if start is not None:
+            rest = rest.clamp(margin, 1 - margin)
         # V such that h(V) equals the fractional part: training starts at the float weight
         self.V = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.hard = False
@@ -130,6 +133,10 @@ class ReconstructSettings(StageSettings):
             its rounding and the grid point next to it towards the float weight, starting from its
             rounding; false: round the model's current weights as if they were float, which after
             GPTQ already lie on the grid, so that each can only stay or move one step up.
+        start_margin: where the soft rounding of a weight a stage already rounded (GPTQ) starts, in
+            grid steps from that rounding towards the other choice: 1e-4 starts at the rounding, from
+            where Adam at ``lr`` 1e-3 cannot reach the other choice in 200 iterations (its V would
+            have to move about 2.4); 0.5 starts undecided.
         holdout: fraction of the calibration images kept out of each block's training (0: none):
             a block whose output error on them is not lower after training than before keeps the
             rounding and activation scales it had (a guard against fitting a few images).
@@ -149,6 +156,7 @@ class ReconstructSettings(StageSettings):
     warmup: float = 0.2
     drop_prob: float = 0.5
     from_float: bool = True
+    start_margin: float = 1e-4
     holdout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -163,6 +171,9 @@ class ReconstructSettings(StageSettings):
                 raise VitqError(f"reconstruct.{key} must be a number from {lo} to {hi}, got {value!r}")
         if self.lr <= 0:
             raise VitqError("reconstruct.lr must be positive")
+        if isinstance(self.start_margin, bool) or not isinstance(self.start_margin, (int, float)) or \
+                not 1e-4 <= self.start_margin <= 0.5:
+            raise VitqError(f"reconstruct.start_margin must be a number from 0.0001 to 0.5, got {self.start_margin!r}")
         if not isinstance(self.from_float, bool):
             raise VitqError(f"reconstruct.from_float must be true or false, got {self.from_float!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
@@ -190,6 +201,7 @@ class ReconstructStage(Stage):
         generator = torch.Generator().manual_seed(ctx.seed)
         losses: Dict[str, List[float]] = {}
         held: Dict[str, List[float]] = {}
+        codes: Dict[str, float] = {}  # per block: the fraction of its weights whose rounding training changed
         reverted: List[str] = []
         changed: List[str] = []
         prev_q = prev_f = xq = xf = None
@@ -212,8 +224,10 @@ class ReconstructStage(Stage):
             if check is not None:
                 with torch.no_grad():
                     held_before = float(F.mse_loss(block(inputs[check], **xq[0][1]), target[check]))
-            before, after = self._train(block, inputs[train], target[train], xq[0][1], s, generator, floats)
+            before, after, moved, total = self._train(block, inputs[train], target[train], xq[0][1], s,
+                                                      generator, floats)
             losses[name] = [round(before, 6), round(after, 6)]
+            codes[name] = round(moved / max(1, total), 6)
             if check is not None:
                 with torch.no_grad():
                     held_after = float(F.mse_loss(block(inputs[check], **xq[0][1]), target[check]))
@@ -221,13 +235,15 @@ class ReconstructStage(Stage):
                 if held_after >= held_before:  # no better on images it never saw: keep what it had
                     _restore(block, saved)
                     reverted.append(name)
+                    codes[name] = 0.0
                     prev_q, prev_f = block, fblock
                     continue
             changed += [f"{names[m]}.weight" for m in block.modules()
                         if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled]
             prev_q, prev_f = block, fblock
         mark_changed(model, changed)
-        ctx.record["reconstruct"] = {**s.to_dict(), "blocks": len(blocks), "block_mse": losses}
+        ctx.record["reconstruct"] = {**s.to_dict(), "blocks": len(blocks), "block_mse": losses,
+                                     "changed_codes": codes}
         if s.holdout:
             ctx.record["reconstruct"].update(held_out_mse=held, reverted=reverted)
             if reverted:
@@ -237,7 +253,8 @@ class ReconstructStage(Stage):
     @staticmethod
     def _train(block: nn.Module, inputs: Tensor, target: Tensor, kwargs, s: ReconstructSettings, generator,
                floats: Optional[Dict[nn.Module, Tensor]] = None):
-        """Train one block; returns its output MSE against the float block before and after.
+        """Train one block; returns its output MSE against the float block before and after, and how
+        many of its weights training moved to another grid point, out of how many.
         ``floats``: each layer's float weight, rounded from the layer's current one (:class:`_SoftRound`)."""
         layers = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled
                   and m.weight_quantizer.spec.kind_entry.plain_grid]
@@ -246,10 +263,12 @@ class ReconstructStage(Stage):
         with torch.no_grad():
             before = float(F.mse_loss(block(inputs, **kwargs), target))
         rounders = []
+        start = {layer: layer.weight.detach().clone() for layer in layers}
         for layer in layers:
             if floats is not None and floats[layer].shape == layer.weight.shape and \
                     not torch.equal(floats[layer], layer.weight):  # a stage (GPTQ) rounded it: start there
-                rounder = _SoftRound(floats[layer], layer.weight_quantizer, start=layer.weight)
+                rounder = _SoftRound(floats[layer], layer.weight_quantizer, start=layer.weight,
+                                     margin=s.start_margin)
             else:
                 rounder = _SoftRound(layer.weight, layer.weight_quantizer)
             parametrize.register_parametrization(layer, "weight", rounder, unsafe=True)
@@ -307,6 +326,7 @@ class ReconstructStage(Stage):
                 q.scale = q.scale.detach()
         with torch.no_grad():
             after = float(F.mse_loss(block(inputs, **kwargs), target))
-        return before, after
+            moved = sum(int((layer.weight != start[layer]).sum()) for layer in layers)
+        return before, after, moved, sum(w.numel() for w in start.values())
 
 
