@@ -183,6 +183,12 @@ def render(results) -> None:
     write_section("## Recipe parts by bit-width: chosen on calibration images", lines)
 
 
+def moved_codes(result) -> dict:
+    """The fraction of the weights whose rounding block reconstruction changed (mean over blocks)."""
+    codes = result.plan.meta.get("reconstruct", {}).get("changed_codes")
+    return {"reconstruct_changed_codes": round(sum(codes.values()) / len(codes), 5)} if codes else {}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", default=None)
@@ -213,11 +219,13 @@ def main(argv=None) -> int:
         for w, a in parse_bits(args.bits):
             for name in args.variants:
                 t0 = time.perf_counter()
-                qmodel = quantize(model, variant(name), [generated], w_bits=w, a_bits=a, progress=False).model
+                result = quantize(model, variant(name), [generated], w_bits=w, a_bits=a, progress=False)
+                qmodel = result.model
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [every], device="cpu", progress=False, fp_logits=fp_all)
                 row = {"model": "imagenet", "data_free": args.data_free, "bits": f"W{w}A{a}", "variant": name,
-                       "held_kl": round(h["kl"], 4), "held_agreement": h["agreement"], "seconds": round(seconds, 1)}
+                       "held_kl": round(h["kl"], 4), "held_agreement": h["agreement"], "seconds": round(seconds, 1),
+                       **moved_codes(result)}
                 print(row, flush=True)
                 results["rows"].append(row)
                 RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
@@ -233,11 +241,12 @@ def main(argv=None) -> int:
                 images = fit[0]
                 if "flip-aug" in name.split(","):
                     images = torch.cat([images, images.flip(-1)])
-                qmodel = quantize(model, recipe, [images], w_bits=w, a_bits=a, progress=False).model
+                result = quantize(model, recipe, [images], w_bits=w, a_bits=a, progress=False)
+                qmodel = result.model
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=fp[1 - fold])
                 row = {"model": args.model, "bits": f"W{w}A{a}", "fold": fold, "variant": name, "held_kl": round(h["kl"], 4),
-                       "held_agreement": h["agreement"], "seconds": round(seconds, 1)}
+                       "held_agreement": h["agreement"], "seconds": round(seconds, 1), **moved_codes(result)}
                 print(row, flush=True)
                 results["rows"].append(row)
                 RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
