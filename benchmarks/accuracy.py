@@ -196,6 +196,27 @@ METHODS.update({
                                        "images, no image refresh; 1 pass on the CPU, the paper's 10); its W3A8 row "
                                        "started from the recipe with log√2 probabilities at every bit-width"),
 })
+def _recommended_with(name: str, **reconstruct) -> Dict[str, Any]:
+    """The recommended recipe's YAML as shipped, its reconstruction's settings changed."""
+    import yaml
+
+    import vitq.recipes
+
+    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
+    spec["name"] = name
+    for st in spec["stages"]:
+        if isinstance(st, dict) and "reconstruct" in st:
+            st["reconstruct"].update(reconstruct)
+    return spec
+
+
+METHODS["recommended, reconstruction at GPTQ's rounding"] = (
+    _recommended_with("recommended, reconstruction at GPTQ's rounding", lr=0.001, start_margin=0.0001),
+    "the recommended recipe until 2026-12-03: its block reconstruction started each weight's soft rounding at "
+    "GPTQ's choice and trained it with Adam at lr 0.001, from where no weight reaches the other grid point in 200 "
+    "iterations (0 of DeiT-Tiny's weights moved at W4A8): it trained the activation scales only")
+
+
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",
                   "+reparam+seq+gptq-ao")
 DEFAULT_METHODS = ("omse", "pmse", "pmse+log√2", "+reparam", "repq-vit", "repq-vit@32", "+reparam+gptq",
