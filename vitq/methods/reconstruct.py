@@ -201,7 +201,7 @@ class ReconstructStage(Stage):
         generator = torch.Generator().manual_seed(ctx.seed)
         losses: Dict[str, List[float]] = {}
         held: Dict[str, List[float]] = {}
-        codes: Dict[str, float] = {}  # per block: the fraction of its weights whose rounding training changed
+        codes: Dict[str, float] = {}  # per block: the fraction of its weights rounded otherwise than before
         reverted: List[str] = []
         changed: List[str] = []
         prev_q = prev_f = xq = xf = None
@@ -254,7 +254,8 @@ class ReconstructStage(Stage):
     def _train(block: nn.Module, inputs: Tensor, target: Tensor, kwargs, s: ReconstructSettings, generator,
                floats: Optional[Dict[nn.Module, Tensor]] = None):
         """Train one block; returns its output MSE against the float block before and after, and how
-        many of its weights training moved to another grid point, out of how many.
+        many of its weights end on another grid point than the rounding they started from (GPTQ's, or
+        the nearest one of a float weight), out of how many.
         ``floats``: each layer's float weight, rounded from the layer's current one (:class:`_SoftRound`)."""
         layers = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled
                   and m.weight_quantizer.spec.kind_entry.plain_grid]
@@ -263,7 +264,8 @@ class ReconstructStage(Stage):
         with torch.no_grad():
             before = float(F.mse_loss(block(inputs, **kwargs), target))
         rounders = []
-        start = {layer: layer.weight.detach().clone() for layer in layers}
+        with torch.no_grad():  # the rounding training starts from: GPTQ's, or the nearest grid point of a float weight
+            start = {layer: layer.weight_quantizer(layer.weight).detach().clone() for layer in layers}
         for layer in layers:
             if floats is not None and floats[layer].shape == layer.weight.shape and \
                     not torch.equal(floats[layer], layer.weight):  # a stage (GPTQ) rounded it: start there
