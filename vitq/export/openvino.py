@@ -77,7 +77,7 @@ def _compute_precision(info) -> str:
     if suffix in ("f32", "fp32", "bf16", "f16", "fp16"):
         return suffix
     if any(part in INTEGER_PRECISIONS or part in ("s8", "int8") for part in kernel.split("_")):
-        return "i8" if "i8" in kernel or "s8" in kernel else "u8"
+        return "u8" if "u8" in kernel.split("_") else "i8"
     return stored
 
 
