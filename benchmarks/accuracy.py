@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -315,7 +315,29 @@ def _peak(rows: List[Dict[str, Any]]) -> str:
     return f"{max(values):.0f}" if values else "—"
 
 
-def table(rows: List[Dict[str, Any]], methods) -> List[str]:
+SUITES = ("selection", "imagenet", "cifar", "data_free")
+MARKS = "†‡§¶"
+
+
+def machine_marks(results: Dict[str, Any]) -> Dict[str, str]:
+    """A mark for each machine that rows were measured on other than the file's own ``machine`` (the
+    machine of the rows that carry none, which are left unmarked)."""
+    default, seen = results.get("machine"), []
+    for key in SUITES:
+        for r in results.get(key, {}).get("rows", []):
+            m = r.get("machine", default)
+            if m != default and m not in seen:
+                seen.append(m)
+    return {m: MARKS[i] if i < len(MARKS) else f"[{i + 1}]" for i, m in enumerate(seen)}
+
+
+def _marked(name: str, rows: List[Dict[str, Any]], marks: Dict[str, str]) -> str:
+    found = sorted({marks[r["machine"]] for r in rows if r.get("machine") in marks})
+    return f"{name} {''.join(found)}" if found else name
+
+
+def table(rows: List[Dict[str, Any]], methods, marks: Optional[Dict[str, str]] = None) -> List[str]:
+    marks = marks or {}
     out = ["| bits | method | seeds | top-1 | Δ vs FP | agreement | KL | quantize s (per stage) | peak RSS MiB |",
            "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for w, a in sorted({(r["w_bits"], r["a_bits"]) for r in rows}, key=lambda b: (-b[0], -b[1])):
@@ -327,7 +349,7 @@ def table(rows: List[Dict[str, Any]], methods) -> List[str]:
             stages = {k: statistics.mean(r["stage_seconds"].get(k, 0.0) for r in sel)  # mean over the seeds
                       for k in sel[0]["stage_seconds"]}
             per_stage = ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
-            out.append(f"| W{w}A{a} | {method} | {len(sel)} | {_mean_std([r['top1'] for r in sel])} | "
+            out.append(f"| W{w}A{a} | {_marked(method, sel, marks)} | {len(sel)} | {_mean_std([r['top1'] for r in sel])} | "
                        f"{_mean_std(delta, '+.2f')} | {_mean_std([r['agreement'] for r in sel])} | "
                        f"{_mean_std([r['kl'] for r in sel], '.4f')} | "
                        f"{statistics.mean(r['quantize_seconds'] for r in sel):.0f} ({per_stage}) | "
@@ -339,8 +361,12 @@ def write_markdown(results: Dict[str, Any]) -> None:
     commands = "; ".join(f"`{c}`" for c in results.get("commands", []))
     listed = results.get("methods", list(DEFAULT_METHODS))
     methods = [m for m in METHODS if m in listed]  # the order of METHODS: each adds to the one above
+    marks = machine_marks(results)
+    where = "".join(f"; rows marked {mark}: {m}" for m, mark in marks.items())
     lines = ["## Accuracy at low bits: RepQ-ViT reproduced, GPTQ, the recommended recipe (issue 12)", "",
-             f"Commands (in order): {commands}  ", f"Machine: {results['machine']}  ", f"Date: {results['date']}", "",
+             f"Commands (in order): {commands}  ",
+             f"Machine: {results['machine']}{' (unmarked rows)' if marks else ''}{where}  ",
+             f"Date: {results['date']}", "",
              "Protocol p1 with the image input at 8 bits (RepQ-ViT's quant points: weights per output channel; "
              "the inputs of every linear layer, q, k, v and the post-softmax probabilities per tensor; LayerNorm "
              "and softmax in float). Methods, each described by what it adds:", ""]
@@ -361,7 +387,7 @@ def write_markdown(results: Dict[str, Any]) -> None:
                   "data-dependent stages (OPT-m, GPTQ) fit images whose activations are not the real ones.", "",
                   "| bits | method | images | top-1 | agreement | KL | gen s | quantize s |", "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in sorted(df["rows"], key=lambda r: (-r["w_bits"], -r["a_bits"], r["method"], r.get("source", ""))):
-            lines.append(f"| W{r['w_bits']}A{r['a_bits']} | {r['method']} | {r.get('source', '?')} | {r['top1']:.2f} | "
+            lines.append(f"| W{r['w_bits']}A{r['a_bits']} | {_marked(r['method'], [r], marks)} | {r.get('source', '?')} | {r['top1']:.2f} | "
                          f"{r['agreement']:.2f} | {r['kl']:.4f} | {r.get('gen_seconds', 0):.0f} | "
                          f"{r['quantize_seconds']:.0f} |")
         lines.append("")
@@ -371,19 +397,19 @@ def write_markdown(results: Dict[str, Any]) -> None:
                   "DeiT-Tiny calibrated on 50 of the 100 calibration images and scored on the other "
                   f"{sel['num_eval']} (none of the 900 evaluation images): the recipe with the lowest KL here "
                   "is the recommended one.", "", *table(sel["rows"], [m for m in METHODS if
-                                                                        any(r["method"] == m for r in sel["rows"])]),
+                                                                        any(r["method"] == m for r in sel["rows"])], marks),
                   ""]
     if results.get("imagenet"):
         i = results["imagenet"]
         lines += [f"### ImageNet DeiT-Tiny (`deit_tiny_imagenet`), `imagenet-sample/`: 100 calibration images "
                   f"(seeded class-balanced split, seed 0), the other {i['num_eval']} for evaluation", "",
                   f"Float top-1: {i['rows'][0]['fp_top1']:.2f}. One seed: rows compare paired on the same images.",
-                  "", *table(i["rows"], methods), ""]
+                  "", *table(i["rows"], methods, marks), ""]
     if results.get("cifar"):
         c = results["cifar"]
         lines += [f"### CIFAR-10 reference ViT (`vit_cifar10_d6`), 256 calibration images from `cifar10/train`, "
                   f"all {c['num_eval']} `cifar10/test` images, seeds {c['seeds']}", "",
-                  f"Float top-1: {c['rows'][0]['fp_top1']:.2f}.", "", *table(c["rows"], methods), ""]
+                  f"Float top-1: {c['rows'][0]['fp_top1']:.2f}.", "", *table(c["rows"], methods, marks), ""]
     write_section("## Accuracy at low bits", lines)
 
 
@@ -428,7 +454,10 @@ def main(argv=None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     command = ("python benchmarks/accuracy.py " + shlex.join(given)).strip()
     methods = list(results.get("methods", [])) if args.append else []
-    results.update(machine=machine(), date=time.strftime("%Y-%m-%d"),
+    # rows carry the machine they ran on; the file's ``machine`` is that of the rows written before
+    # rows did (kept when appending)
+    results.setdefault("machine", machine())
+    results.update(date=time.strftime("%Y-%m-%d"),
                    methods=methods + [m for m in args.methods if m not in methods],
                    commands=(results.get("commands", []) if args.append else []) + [command])
 
@@ -437,6 +466,7 @@ def main(argv=None) -> int:
         suite.update(meta)
 
         def sink(row: Dict[str, Any]) -> None:
+            row.setdefault("machine", machine())
             key = ("method", "w_bits", "a_bits", "seed", "source")
             suite["rows"] = [r for r in suite["rows"] if [r.get(k) for k in key] != [row.get(k) for k in key]] + [row]
             if not args.dry_run:

@@ -42,8 +42,12 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
+    try:
+        vnni = "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        vnni = False
+    return (f"{cpu}{' with' if vnni else ' without'} AVX512-VNNI, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def in_memory(loader) -> List:

@@ -59,7 +59,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import parse_bits  # noqa: E402
 from selection import calibration_halves, new_results  # noqa: E402
-from foundation import write_section  # noqa: E402
+from foundation import machine, write_section  # noqa: E402
 
 import vitq.recipes  # noqa: E402
 from vitq.api import evaluate, quantize  # noqa: E402
@@ -146,8 +146,18 @@ def generated_images(source: str, assets, cache) -> torch.Tensor:
 
 def render(results) -> None:
     rows = results["rows"]
+    others = list(dict.fromkeys(r["machine"] for r in rows if r.get("machine", results["machine"]) != results["machine"]))
+    marks = {m: "†‡§¶"[i] for i, m in enumerate(others[:4])}
+
+    def secs(rs) -> str:  # the seconds, marked with the machine they ran on when not the file's
+        found = "".join(sorted({marks.get(r.get("machine"), "") for r in rs}))
+        return f"{sum(r['seconds'] for r in rs) / len(rs):.0f}{' ' + found if found else ''}"
+
+    where = "".join(f"; seconds marked {mark}: {m}" for m, mark in marks.items())
     lines = ["## Recipe parts by bit-width: chosen on calibration images (issue 12)", "",
-             f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ", f"Date: {results['date']}", "",
+             f"Command: `{results['command']}`  ",
+             f"Machine: {results['machine']}{' (unmarked seconds)' if marks else ''}{where}  ",
+             f"Date: {results['date']}", "",
              "Each variant of the recommended recipe calibrated on one half of a model's calibration images and "
              "scored on the *other* (held-out); then the halves swap. KL(float ‖ quantized), lower is better; "
              "agreement in %; seconds: `vitq.quantize` on one half."]
@@ -169,7 +179,7 @@ def render(results) -> None:
                 kl = [r["held_kl"] for r in rs]
                 lines.append(f"| {bits} | {name} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
                              f"{sum(r['held_agreement'] for r in rs) / 2:.1f} | "
-                             f"{sum(r['seconds'] for r in rs) / 2:.0f} |")
+                             f"{secs(rs)} |")
     free = [r for r in rows if r.get("data_free")]
     for source in dict.fromkeys(r["data_free"] for r in free):
         mine = [r for r in free if r["data_free"] == source]
@@ -178,7 +188,7 @@ def render(results) -> None:
                   "| bits | variant | KL on the 100 real images | agreement | seconds |", "|---|---|---:|---:|---:|"]
         for r in mine:
             lines.append(f"| {r['bits']} | {r['variant']} | {r['held_kl']:.4f} | {r['held_agreement']:.1f} | "
-                         f"{r['seconds']:.0f} |")
+                         f"{secs([r])} |")
     lines += ["", results.get("conclusion", ""), ""]
     write_section("## Recipe parts by bit-width: chosen on calibration images", lines)
 
@@ -225,7 +235,7 @@ def main(argv=None) -> int:
                 h = evaluate(model, qmodel, [every], device="cpu", progress=False, fp_logits=fp_all)
                 row = {"model": "imagenet", "data_free": args.data_free, "bits": f"W{w}A{a}", "variant": name,
                        "held_kl": round(h["kl"], 4), "held_agreement": h["agreement"], "seconds": round(seconds, 1),
-                       **moved_codes(result)}
+                       **moved_codes(result), "machine": machine()}
                 print(row, flush=True)
                 results["rows"].append(row)
                 RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
@@ -246,7 +256,8 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=fp[1 - fold])
                 row = {"model": args.model, "bits": f"W{w}A{a}", "fold": fold, "variant": name, "held_kl": round(h["kl"], 4),
-                       "held_agreement": h["agreement"], "seconds": round(seconds, 1), **moved_codes(result)}
+                       "held_agreement": h["agreement"], "seconds": round(seconds, 1), **moved_codes(result),
+                       "machine": machine()}
                 print(row, flush=True)
                 results["rows"].append(row)
                 RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")

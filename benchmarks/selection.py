@@ -48,7 +48,10 @@ def new_results(script: str, argv: Optional[List[str]], path: Path, append: bool
     given = argv if argv is not None else sys.argv[1:]
     command = (f"python benchmarks/{script} " + shlex.join(given)).strip()
     previous = json.loads(path.read_text()) if path.exists() else {}
-    results = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+    # rows carry the machine they ran on (``row["machine"]``); the file's ``machine`` is that of the rows
+    # written before rows did, kept when appending
+    results = {"command": command, "machine": previous.get("machine", machine()) if append else machine(),
+               "date": time.strftime("%Y-%m-%d"),
                "rows": list(previous.get("rows", [])) if append else [],
                "conclusion": previous.get("conclusion", "")}
     if append and previous.get("command"):
