@@ -304,6 +304,10 @@ class Suite:
         return row
 
 
+def _seconds(value) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
 def _mean_std(values: List[float], fmt: str = ".2f") -> str:
     if len(values) == 1:
         return format(values[0], fmt)
@@ -380,7 +384,8 @@ def write_markdown(results: Dict[str, Any]) -> None:
     if results.get("data_free"):
         df = results["data_free"]
         lines += ["### Data-free: DeiT-Tiny calibrated on 32 generated images (real images for comparison)", "",
-                  f"32 images per source, 100 generator steps (seed 0), evaluation on the {df['num_eval']} images; "
+                  f"32 images per source, 100 generator steps (seed 0; a source written SOURCE@STEPS: that many "
+                  f"steps, `--df-steps`), evaluation on the {df['num_eval']} images; "
                   "*gen s*: generation seconds on the 2 cores. For comparison, `omse` W4A8 on the same kinds of "
                   "32 images (section \"Data-free calibration\" above): real 72.89, clamp 73.33, psaq 73.78. The "
                   "recommended recipe gains 4 points over omse on real images but not on generated ones: its "
@@ -388,7 +393,7 @@ def write_markdown(results: Dict[str, Any]) -> None:
                   "| bits | method | images | top-1 | agreement | KL | gen s | quantize s |", "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in sorted(df["rows"], key=lambda r: (-r["w_bits"], -r["a_bits"], r["method"], r.get("source", ""))):
             lines.append(f"| W{r['w_bits']}A{r['a_bits']} | {_marked(r['method'], [r], marks)} | {r.get('source', '?')} | {r['top1']:.2f} | "
-                         f"{r['agreement']:.2f} | {r['kl']:.4f} | {r.get('gen_seconds', 0):.0f} | "
+                         f"{r['agreement']:.2f} | {r['kl']:.4f} | {_seconds(r.get('gen_seconds', 0))} | "
                          f"{r['quantize_seconds']:.0f} |")
         lines.append("")
     if results.get("selection"):
@@ -411,6 +416,25 @@ def write_markdown(results: Dict[str, Any]) -> None:
                   f"all {c['num_eval']} `cifar10/test` images, seeds {c['seeds']}", "",
                   f"Float top-1: {c['rows'][0]['fp_top1']:.2f}.", "", *table(c["rows"], methods, marks), ""]
     write_section("## Accuracy at low bits", lines)
+
+
+def cached_images(source: str, loaded, calib, steps: int, cache: Optional[str]) -> Dict[str, Any]:
+    """32 images of ``source`` from DeiT-Tiny (seed 0, ``steps`` generator steps), read from ``cache``
+    (``deit_tiny_{source}_32_s0_{steps}.pt``, its generation seconds beside it in a ``.json``) when an
+    earlier run left them there; made and stored there otherwise."""
+    from data_free import make_images  # noqa: E402  (benchmarks/data_free.py)
+
+    path = Path(cache) / f"deit_tiny_{source}_32_s0_{steps}.pt" if cache and source != "real" else None
+    if path is not None and path.exists():
+        side = path.with_suffix(".json")
+        seconds = json.loads(side.read_text())["seconds"] if side.exists() else None
+        return {"images": torch.load(path), "seconds": seconds}
+    made = make_images(source, loaded, 32, 0, steps, calib)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(made["images"], path)
+        path.with_suffix(".json").write_text(json.dumps({"seconds": round(made["seconds"], 1), "machine": machine()}))
+    return made
 
 
 def deit_tiny_split(root: Path, num_eval):
@@ -439,6 +463,12 @@ def main(argv=None) -> int:
     parser.add_argument("--data-free", nargs="+", default=None, metavar="SOURCE",
                         help="DeiT-Tiny calibrated on 32 images from each source (real, gaussian, psaq, clamp: "
                              "100 generator steps, seed 0, as benchmarks/data_free.py) instead of the 100 real ones")
+    parser.add_argument("--df-steps", type=int, default=100,
+                        help="--data-free: generator steps (default 100, the CPU budget; vitq's default is 500); rows "
+                             "made with other than 100 name their source SOURCE@STEPS")
+    parser.add_argument("--images-cache", default=None,
+                        help="--data-free: keep the generated images (and their generation seconds) in this folder "
+                             "(the same files as benchmarks/select_recipe.py --images-cache)")
     parser.add_argument("--render", action="store_true", help="rewrite the RESULTS.md section from accuracy.json")
     parser.add_argument("--select", action="store_true",
                         help="choose the recommended recipe on calibration images only: DeiT-Tiny calibrated on 50 "
@@ -476,17 +506,16 @@ def main(argv=None) -> int:
         return sink
 
     if args.data_free:
-        from data_free import make_images  # noqa: E402  (benchmarks/data_free.py)
-
         loaded, calib, evalset, eval_batches = deit_tiny_split(root, args.num_eval)
-        made = {src: make_images(src, loaded, 32, 0, 100, calib) for src in args.data_free}
+        made = {src if src == "real" or args.df_steps == 100 else f"{src}@{args.df_steps}":
+                cached_images(src, loaded, calib, args.df_steps, args.images_cache) for src in args.data_free}
         suite = Suite("data-free", loaded, eval_batches, {}, sink_for("data_free", {"num_eval": len(evalset),
                                                                                    "seeds": [0]}))
         for w, a in parse_bits(args.bits):
             for method in args.methods:
                 for src, m in made.items():
                     suite.calib_sets[0] = [m["images"]]
-                    suite.extra = {"source": src, "gen_seconds": round(m["seconds"], 1)}
+                    suite.extra = {"source": src, "gen_seconds": None if m["seconds"] is None else round(m["seconds"], 1)}
                     suite.run(method, w, a, 0)
         if not args.dry_run:
             print(f"wrote {HERE / 'RESULTS.md'} and {RESULTS_JSON}")
