@@ -33,8 +33,9 @@ activations (``opt_m.points``); the rows measured at 8-bit activations before th
 
 ``--data-free SOURCE`` (``clamp``, ``psaq``, ``gaussian``) chooses for the data-free user: every variant
 is calibrated on the same 32 generated images (100 generator steps, seed 0, as the accuracy benchmark's
-data-free rows) and scored on all 100 real calibration images, which quantization never sees (so no
-halves). ``--images-cache DIR`` keeps the generated images between invocations.
+data-free rows; ``--df-steps N`` for another number) and scored on all 100 real calibration images, which
+quantization never sees (so no halves). ``--images-cache DIR`` keeps the generated images between
+invocations (the same files as ``accuracy.py --images-cache``).
 
 ``--model cifar`` runs the same choice on the CIFAR-10 ViT (its 256 seed-0 calibration images in
 halves of 128), to see whether what was chosen on DeiT-Tiny holds on another model.
@@ -125,23 +126,16 @@ def variant(name: str) -> Dict[str, Any]:
     return spec
 
 
-def generated_images(source: str, assets, cache) -> torch.Tensor:
-    """32 images of ``source`` made from DeiT-Tiny (100 steps, seed 0; the accuracy benchmark's data-free
-    setting), read from ``cache`` when an earlier invocation left them there."""
-    from data_free import make_images  # noqa: E402  (benchmarks/data_free.py)
-    from accuracy import deit_tiny_split  # noqa: E402
+def generated_images(source: str, assets, cache, steps: int = 100) -> torch.Tensor:
+    """32 images of ``source`` made from DeiT-Tiny (``steps`` generator steps, seed 0; 100 is the accuracy
+    benchmark's data-free setting), read from ``cache`` when an earlier invocation left them there."""
+    from accuracy import cached_images, deit_tiny_split  # noqa: E402
 
-    path = Path(cache) / f"deit_tiny_{source}_32_s0_100.pt" if cache else None
-    if path is not None and path.exists():
-        return torch.load(path)
     loaded, calib, _, _ = deit_tiny_split(assets_dir(assets), 0)
-    t0 = time.perf_counter()
-    images = make_images(source, loaded, 32, 0, 100, calib)["images"]
-    print(f"generated 32 {source} images in {time.perf_counter() - t0:.0f} s", flush=True)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(images, path)
-    return images
+    made = cached_images(source, loaded, calib, steps, cache)
+    if made["seconds"] is not None:
+        print(f"32 {source} images ({steps} steps) took {made['seconds']:.0f} s to make", flush=True)
+    return made["images"]
 
 
 def render(results) -> None:
@@ -183,8 +177,10 @@ def render(results) -> None:
     free = [r for r in rows if r.get("data_free")]
     for source in dict.fromkeys(r["data_free"] for r in free):
         mine = [r for r in free if r["data_free"] == source]
-        lines += ["", f"### DeiT-Tiny calibrated on 32 generated images ({source}, 100 generator steps, seed 0), scored "
-                  "on all 100 real calibration images (`--data-free " + source + "`)", "",
+        name, _, steps = source.partition("@")
+        option = f"--data-free {name}" + (f" --df-steps {steps}" if steps else "")
+        lines += ["", f"### DeiT-Tiny calibrated on 32 generated images ({name}, {steps or 100} generator steps, seed 0), "
+                  f"scored on all 100 real calibration images (`{option}`)", "",
                   "| bits | variant | KL on the 100 real images | agreement | seconds |", "|---|---|---:|---:|---:|"]
         for r in mine:
             lines.append(f"| {r['bits']} | {r['variant']} | {r['held_kl']:.4f} | {r['held_agreement']:.1f} | "
@@ -210,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data-free", choices=["clamp", "psaq", "gaussian"], default=None,
                         help="calibrate on 32 generated images, score on all 100 real calibration images")
     parser.add_argument("--images-cache", default=None, help="--data-free: keep the generated images in this folder")
+    parser.add_argument("--df-steps", type=int, default=100,
+                        help="--data-free: generator steps (rows made with other than 100 name their source SOURCE@STEPS)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--append", action="store_true", help="keep the rows already in the JSON")
     parser.add_argument("--render", action="store_true", help="rewrite the RESULTS.md section from the JSON")
@@ -223,7 +221,8 @@ def main(argv=None) -> int:
     if args.data_free:
         if args.model != "imagenet":
             parser.error("--data-free is measured on DeiT-Tiny (--model imagenet)")
-        generated = generated_images(args.data_free, args.assets, args.images_cache)
+        generated = generated_images(args.data_free, args.assets, args.images_cache, args.df_steps)
+        source = args.data_free if args.df_steps == 100 else f"{args.data_free}@{args.df_steps}"
         every = (torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))
         fp_all = torch.cat([fp[0], fp[1]])
         for w, a in parse_bits(args.bits):
@@ -233,7 +232,7 @@ def main(argv=None) -> int:
                 qmodel = result.model
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [every], device="cpu", progress=False, fp_logits=fp_all)
-                row = {"model": "imagenet", "data_free": args.data_free, "bits": f"W{w}A{a}", "variant": name,
+                row = {"model": "imagenet", "data_free": source, "bits": f"W{w}A{a}", "variant": name,
                        "held_kl": round(h["kl"], 4), "held_agreement": h["agreement"], "seconds": round(seconds, 1),
                        **moved_codes(result), "machine": machine()}
                 print(row, flush=True)
