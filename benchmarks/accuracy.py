@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import in_memory, machine, write_section  # noqa: E402
+from foundation import machine_marks as foundation_marks  # noqa: E402
 
 from vitq.api import evaluate, quantize  # noqa: E402
 from vitq.data import assets_dir, balanced_subset, load_images, make_loader, scan_folder  # noqa: E402
@@ -320,19 +321,12 @@ def _peak(rows: List[Dict[str, Any]]) -> str:
 
 
 SUITES = ("selection", "imagenet", "cifar", "data_free")
-MARKS = "†‡§¶"
 
 
 def machine_marks(results: Dict[str, Any]) -> Dict[str, str]:
     """A mark for each machine that rows were measured on other than the file's own ``machine`` (the
     machine of the rows that carry none, which are left unmarked)."""
-    default, seen = results.get("machine"), []
-    for key in SUITES:
-        for r in results.get(key, {}).get("rows", []):
-            m = r.get("machine", default)
-            if m != default and m not in seen:
-                seen.append(m)
-    return {m: MARKS[i] if i < len(MARKS) else f"[{i + 1}]" for i, m in enumerate(seen)}
+    return foundation_marks(results.get("machine"), [r for key in SUITES for r in results.get(key, {}).get("rows", [])])
 
 
 def _marked(name: str, rows: List[Dict[str, Any]], marks: Dict[str, str]) -> str:

@@ -50,6 +50,13 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
+def machine_marks(default: str, rows) -> Dict[str, str]:
+    """A mark (†, ‡, ...) for each machine that ``rows`` were measured on other than ``default`` (the
+    machine of the rows that carry none, left unmarked)."""
+    seen = list(dict.fromkeys(r["machine"] for r in rows if r.get("machine", default) != default))
+    return {m: "†‡§¶"[i] if i < 4 else f"[{i + 1}]" for i, m in enumerate(seen)}
+
+
 def in_memory(loader) -> List:
     """Decode and preprocess once; every configuration then sees the very same tensors."""
     return [(x, y) for x, y in loader]

@@ -60,7 +60,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import parse_bits  # noqa: E402
 from selection import calibration_halves, new_results  # noqa: E402
-from foundation import machine, write_section  # noqa: E402
+from foundation import machine, machine_marks, write_section  # noqa: E402
 
 import vitq.recipes  # noqa: E402
 from vitq.api import evaluate, quantize  # noqa: E402
@@ -140,8 +140,7 @@ def generated_images(source: str, assets, cache, steps: int = 100) -> torch.Tens
 
 def render(results) -> None:
     rows = results["rows"]
-    others = list(dict.fromkeys(r["machine"] for r in rows if r.get("machine", results["machine"]) != results["machine"]))
-    marks = {m: "†‡§¶"[i] for i, m in enumerate(others[:4])}
+    marks = machine_marks(results["machine"], rows)
 
     def secs(rs) -> str:  # the seconds, marked with the machine they ran on when not the file's
         found = "".join(sorted({marks.get(r.get("machine"), "") for r in rs}))
