@@ -23,9 +23,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import in_memory, machine, write_section  # noqa: E402
@@ -415,22 +416,46 @@ def write_markdown(results: Dict[str, Any]) -> None:
     write_section("## Accuracy at low bits", lines)
 
 
-def cached_images(source: str, loaded, calib, steps: int, cache: Optional[str]) -> Dict[str, Any]:
-    """32 images of ``source`` from DeiT-Tiny (seed 0, ``steps`` generator steps), read from ``cache``
-    (``deit_tiny_{source}_32_s0_{steps}.pt``, its generation seconds beside it in a ``.json``) when an
-    earlier run left them there; made and stored there otherwise."""
+def parse_gen_settings(pairs: Sequence[str]) -> Dict[str, Any]:
+    """``KEY=VALUE`` generator settings (``--df-setting``), VALUE read as YAML (``label_smoothing=0.3``)."""
+    settings = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--df-setting wants KEY=VALUE, got {pair!r}")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
+def df_source(source: str, steps: int, settings: Optional[Dict[str, Any]] = None) -> str:
+    """The name a data-free row gives its images: ``clamp`` for the benchmark's 100 steps and no other
+    setting, else ``clamp@500`` and ``,KEY=VALUE`` for each generator setting (``clamp@500,label_smoothing=0.3``)."""
+    if source == "real":
+        return source
+    name = source if steps == 100 and not settings else f"{source}@{steps}"
+    return name + "".join(f",{k}={v}" for k, v in sorted((settings or {}).items()))
+
+
+def cached_images(source: str, loaded, calib, steps: int, cache: Optional[str],
+                  settings: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """32 images of ``source`` from DeiT-Tiny (seed 0, ``steps`` generator steps, other generator
+    ``settings``), read from ``cache`` (``deit_tiny_{source}_32_s0_{steps}[_KEY-VALUE...].pt``, its
+    generation seconds beside it in a ``.json``) when an earlier run left them there; made and stored
+    there otherwise."""
     from data_free import make_images  # noqa: E402  (benchmarks/data_free.py)
 
-    path = Path(cache) / f"deit_tiny_{source}_32_s0_{steps}.pt" if cache and source != "real" else None
+    tail = "".join(f"_{k}-{v}" for k, v in sorted((settings or {}).items()))
+    path = Path(cache) / f"deit_tiny_{source}_32_s0_{steps}{tail}.pt" if cache and source != "real" else None
     if path is not None and path.exists():
         side = path.with_suffix(".json")
         seconds = json.loads(side.read_text())["seconds"] if side.exists() else None
         return {"images": torch.load(path), "seconds": seconds}
-    made = make_images(source, loaded, 32, 0, steps, calib)
+    made = make_images(source, loaded, 32, 0, steps, calib, settings=settings)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(made["images"], path)
-        path.with_suffix(".json").write_text(json.dumps({"seconds": round(made["seconds"], 1), "machine": machine()}))
+        path.with_suffix(".json").write_text(json.dumps({"seconds": round(made["seconds"], 1), "machine": machine(),
+                                                         "settings": settings or {}, "stats": made.get("stats")}))
     return made
 
 
@@ -463,6 +488,9 @@ def main(argv=None) -> int:
     parser.add_argument("--df-steps", type=int, default=100,
                         help="--data-free: generator steps (default 100, the CPU budget; vitq's default is 500); rows "
                              "made with other than 100 name their source SOURCE@STEPS")
+    parser.add_argument("--df-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="--data-free: a generator setting (repeatable; e.g. label_smoothing=0.3); rows name "
+                             "their source SOURCE@STEPS,KEY=VALUE")
     parser.add_argument("--images-cache", default=None,
                         help="--data-free: keep the generated images (and their generation seconds) in this folder "
                              "(the same files as benchmarks/select_recipe.py --images-cache)")
@@ -504,8 +532,9 @@ def main(argv=None) -> int:
 
     if args.data_free:
         loaded, calib, evalset, eval_batches = deit_tiny_split(root, args.num_eval)
-        made = {src if src == "real" or args.df_steps == 100 else f"{src}@{args.df_steps}":
-                cached_images(src, loaded, calib, args.df_steps, args.images_cache) for src in args.data_free}
+        settings = parse_gen_settings(args.df_setting)
+        made = {df_source(src, args.df_steps, settings):
+                cached_images(src, loaded, calib, args.df_steps, args.images_cache, settings) for src in args.data_free}
         suite = Suite("data-free", loaded, eval_batches, {}, sink_for("data_free", {"num_eval": len(evalset),
                                                                                    "seeds": [0]}))
         for w, a in parse_bits(args.bits):

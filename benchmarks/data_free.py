@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -42,13 +42,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_images(source: str, loaded, n: int, seed: int, iterations: int, real_pool, device: str = "cpu"
-                ) -> Dict[str, Any]:
+def make_images(source: str, loaded, n: int, seed: int, iterations: int, real_pool, device: str = "cpu",
+                settings: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     if source == "real":
         subset = balanced_subset(real_pool, n, seed=seed, what="calibration images")
         images = torch.cat([x for x, _ in make_loader(subset, loaded.data_config, 64)])
         return {"images": images, "seconds": 0.0}
-    settings = {} if source == "gaussian" else {"iterations": iterations}
+    settings = {} if source == "gaussian" else {"iterations": iterations, **(settings or {})}
     result = create_generator(source, settings).generate(loaded.model, n, loaded.data_config, seed=seed,
                                                          device=device, progress=False)
     stats = image_stats(loaded.model, result.images, result.targets)

@@ -33,7 +33,7 @@ activations (``opt_m.points``); the rows measured at 8-bit activations before th
 
 ``--data-free SOURCE`` (``clamp``, ``psaq``, ``gaussian``) chooses for the data-free user: every variant
 is calibrated on the same 32 generated images (100 generator steps, seed 0, as the accuracy benchmark's
-data-free rows; ``--df-steps N`` for another number) and scored on all 100 real calibration images, which
+data-free rows; ``--df-steps N`` for another number, ``--df-setting KEY=VALUE`` for another generator setting) and scored on all 100 real calibration images, which
 quantization never sees (so no halves). ``--images-cache DIR`` keeps the generated images between
 invocations (the same files as ``accuracy.py --images-cache``).
 
@@ -126,13 +126,14 @@ def variant(name: str) -> Dict[str, Any]:
     return spec
 
 
-def generated_images(source: str, assets, cache, steps: int = 100) -> torch.Tensor:
-    """32 images of ``source`` made from DeiT-Tiny (``steps`` generator steps, seed 0; 100 is the accuracy
-    benchmark's data-free setting), read from ``cache`` when an earlier invocation left them there."""
+def generated_images(source: str, assets, cache, steps: int = 100, settings=None) -> torch.Tensor:
+    """32 images of ``source`` made from DeiT-Tiny (``steps`` generator steps, seed 0, other generator
+    ``settings``; 100 steps is the accuracy benchmark's data-free setting), read from ``cache`` when an
+    earlier invocation left them there."""
     from accuracy import cached_images, deit_tiny_split  # noqa: E402
 
     loaded, calib, _, _ = deit_tiny_split(assets_dir(assets), 0)
-    made = cached_images(source, loaded, calib, steps, cache)
+    made = cached_images(source, loaded, calib, steps, cache, settings)
     if made["seconds"] is not None:
         print(f"32 {source} images ({steps} steps) took {made['seconds']:.0f} s to make", flush=True)
     return made["images"]
@@ -176,9 +177,14 @@ def render(results) -> None:
     free = [r for r in rows if r.get("data_free")]
     for source in dict.fromkeys(r["data_free"] for r in free):
         mine = [r for r in free if r["data_free"] == source]
-        name, _, steps = source.partition("@")
-        option = f"--data-free {name}" + (f" --df-steps {steps}" if steps else "")
-        lines += ["", f"### DeiT-Tiny calibrated on 32 generated images ({name}, {steps or 100} generator steps, seed 0), "
+        name, _, rest = source.partition("@")
+        name, *pairs = name.split(",")
+        steps, *more = rest.split(",") if rest else ("", )
+        option = (f"--data-free {name}" + (f" --df-steps {steps}" if steps else "")
+                  + "".join(f" --df-setting {p}" for p in pairs + more))
+        what = ", ".join(pairs + more)
+        lines += ["", f"### DeiT-Tiny calibrated on 32 generated images ({name}, {steps or 100} generator steps"
+                  f"{', ' + what if what else ''}, seed 0), "
                   f"scored on all 100 real calibration images (`{option}`)", "",
                   "| bits | variant | KL on the 100 real images | agreement | seconds |", "|---|---|---:|---:|---:|"]
         for r in mine:
@@ -207,6 +213,9 @@ def main(argv=None) -> int:
     parser.add_argument("--images-cache", default=None, help="--data-free: keep the generated images in this folder")
     parser.add_argument("--df-steps", type=int, default=100,
                         help="--data-free: generator steps (rows made with other than 100 name their source SOURCE@STEPS)")
+    parser.add_argument("--df-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="--data-free: a generator setting (repeatable; e.g. label_smoothing=0.3); rows name "
+                             "their source SOURCE@STEPS,KEY=VALUE")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--append", action="store_true", help="keep the rows already in the JSON")
     parser.add_argument("--render", action="store_true", help="rewrite the RESULTS.md section from the JSON")
@@ -220,8 +229,11 @@ def main(argv=None) -> int:
     if args.data_free:
         if args.model != "imagenet":
             parser.error("--data-free is measured on DeiT-Tiny (--model imagenet)")
-        generated = generated_images(args.data_free, args.assets, args.images_cache, args.df_steps)
-        source = args.data_free if args.df_steps == 100 else f"{args.data_free}@{args.df_steps}"
+        from accuracy import df_source, parse_gen_settings  # noqa: E402
+
+        settings = parse_gen_settings(args.df_setting)
+        generated = generated_images(args.data_free, args.assets, args.images_cache, args.df_steps, settings)
+        source = df_source(args.data_free, args.df_steps, settings)
         every = (torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))
         fp_all = torch.cat([fp[0], fp[1]])
         for w, a in parse_bits(args.bits):

@@ -30,3 +30,12 @@ def test_rows_from_other_machines_are_marked_and_the_files_own_rows_are_not():
 def test_a_file_of_one_machine_has_no_marks():
     results = {"machine": "AMD", "imagenet": {"rows": [_row("omse"), _row("recommended", "AMD")]}}
     assert accuracy.machine_marks(results) == {}
+
+
+def test_data_free_rows_name_their_generator_steps_and_settings():
+    assert accuracy.df_source("real", 500, {"label_smoothing": 0.3}) == "real"
+    assert accuracy.df_source("clamp", 100) == "clamp"
+    assert accuracy.df_source("clamp", 500) == "clamp@500"
+    settings = accuracy.parse_gen_settings(["label_smoothing=0.3", "ce_weight=0.5"])
+    assert settings == {"label_smoothing": 0.3, "ce_weight": 0.5}
+    assert accuracy.df_source("clamp", 100, settings) == "clamp@100,ce_weight=0.5,label_smoothing=0.3"

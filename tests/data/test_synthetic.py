@@ -70,6 +70,29 @@ def test_generators_lower_their_loss_and_keep_images_in_range(name, make):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_label_smoothing_stops_the_images_at_the_smoothed_confidence():
+    """The cross-entropy's optimum with smoothing ε over K classes is a target probability of
+    1 − ε + ε/K: the images are no longer pushed towards certainty."""
+    model = tiny_vit()
+    with torch.no_grad():  # a head with logits wide enough that certainty is within reach
+        model.head.weight.mul_(30)
+    cfg = load_model(model).data_config
+
+    def confidence(eps):
+        settings = {"iterations": 60, "lr": 0.1, "patch_weight": 0.0, "tv_weight": 0.0, "jitter": 0.0,
+                    "flip": False, "label_smoothing": eps}
+        made = create_generator("clamp", settings).generate(model, 4, cfg, seed=0, progress=False)
+        with torch.no_grad():
+            probs = model(made.images).softmax(-1)
+        return probs.gather(1, made.targets[:, None]).mean().item()
+
+    sharp, smoothed = confidence(0.0), confidence(0.6)
+    assert sharp > 0.9
+    assert abs(smoothed - (1 - 0.6 + 0.6 / 4)) < 0.1
+    with pytest.raises(VitqError, match="label_smoothing"):
+        GeneratorSettings(label_smoothing=1.0)
+
+
 def test_same_seed_same_images():
     model = tiny_vit()
     cfg = load_model(model).data_config

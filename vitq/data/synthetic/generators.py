@@ -44,6 +44,9 @@ class GeneratorSettings:
         warmup: warm-up steps (at most a tenth of ``iterations``).
         batch_size: images optimised together; more images are made batch after batch.
         ce_weight: weight of the cross-entropy to random target classes (the output loss).
+        label_smoothing: the cross-entropy's label smoothing ε: the target class gets 1 − ε of the
+            target distribution, so the images stop at about that confidence in their class instead of
+            being pushed towards a softmax of 1 (images far more confident than real ones).
         tv_weight: weight of the total-variation prior.
         jitter: random roll of up to this fraction of the image side, each step.
         flip: random horizontal flips, each step.
@@ -57,6 +60,7 @@ class GeneratorSettings:
     warmup: int = 100
     batch_size: int = 32
     ce_weight: float = 1.0
+    label_smoothing: float = 0.0
     tv_weight: float = 0.05
     jitter: float = 0.0625
     flip: bool = True
@@ -82,6 +86,9 @@ class GeneratorSettings:
             raise VitqError(f"positives must be fewer than the {self.window**2 - 1} neighbours of a window")
         if self.negatives not in ("window", "image"):
             raise VitqError(f"negatives must be 'window' or 'image', got {self.negatives!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise VitqError(f"label_smoothing is the probability moved off the target class, in [0, 1), "
+                            f"got {self.label_smoothing!r}")
         if not 0 <= self.jitter < 0.5:
             raise VitqError(f"jitter is a fraction of the image side in [0, 0.5), got {self.jitter}")
 
@@ -257,7 +264,7 @@ class Generator:
                 logits = model(inp)
                 loss = s.tv_weight * total_variation(x).mean()
                 if head:
-                    loss = loss + s.ce_weight * F.cross_entropy(logits, targets)
+                    loss = loss + s.ce_weight * F.cross_entropy(logits, targets, label_smoothing=s.label_smoothing)
                 if self.uses_grids and s.patch_weight:
                     loss = loss + s.patch_weight * self.patch_loss(grids)
                 if adversary is not None and adversary_weight:
