@@ -93,6 +93,21 @@ def test_label_smoothing_stops_the_images_at_the_smoothed_confidence():
         GeneratorSettings(label_smoothing=1.0)
 
 
+def test_bfloat16_autocast_generates_float32_images_and_lowers_the_loss():
+    model = tiny_vit()
+    cfg = load_model(model).data_config
+    settings = {"iterations": 30, "batch_size": 3, "lr": 0.1, "precision": "bfloat16"}
+    result = create_generator("clamp", settings).generate(model, 3, cfg, seed=0, progress=False)
+    assert result.images.dtype == torch.float32 and torch.isfinite(result.images).all()
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])
+    assert next(model.parameters()).dtype == torch.float32
+    reference = create_generator("clamp", {**settings, "precision": "float32"}).generate(
+        model, 3, cfg, seed=0, progress=False)
+    assert not torch.equal(reference.images, result.images)  # the setting reached the forward pass
+    with pytest.raises(VitqError, match="precision"):
+        GeneratorSettings(precision="int8")
+
+
 def test_same_seed_same_images():
     model = tiny_vit()
     cfg = load_model(model).data_config
