@@ -124,6 +124,29 @@ def test_bfloat16_autocast_generates_float32_images_and_lowers_the_loss():
         GeneratorSettings(precision="int8")
 
 
+def test_roughness_exact_on_a_ramp():
+    from vitq.data.synthetic.losses import roughness
+
+    ramp = torch.arange(4.0).repeat(1, 2, 4, 1)  # x[..., i, j] = j: steps of 1 across, 0 down
+    assert roughness(ramp).item() == pytest.approx(3.0)  # across 1, down 0, both diagonals 1
+    assert roughness(2 * ramp).item() == pytest.approx(6.0)
+
+
+def test_tv_target_holds_the_images_roughness_psaq_style():
+    from vitq.data.synthetic.losses import roughness
+
+    model = tiny_vit()
+    cfg = load_model(model).data_config
+    only_prior = {"iterations": 80, "lr": 0.05, "ce_weight": 0.0, "patch_weight": 0.0, "jitter": 0.0, "flip": False}
+    start = roughness(create_generator("clamp", {**only_prior, "iterations": 1, "lr": 1e-9}).generate(
+        model, 4, cfg, progress=False).images).item()
+    held = roughness(create_generator("clamp", {**only_prior, "tv_target": 1.5}).generate(
+        model, 4, cfg, progress=False).images).item()
+    assert start > 3 and abs(held - 1.5) < 0.2
+    with pytest.raises(VitqError, match="tv_target"):
+        GeneratorSettings(tv_target=0.0)
+
+
 def test_same_seed_same_images():
     model = tiny_vit()
     cfg = load_model(model).data_config

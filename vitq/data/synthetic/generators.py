@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ...errors import VitqError, reject_unknown_keys
 from ...models.adapters import find_adapter, kept_on_its_device, scores_last
 from ...registry import Registry
-from .losses import patch_contrastive_loss, patch_similarity_entropy, total_variation
+from .losses import PSAQ_TV_SCALE, patch_contrastive_loss, patch_similarity_entropy, roughness, total_variation
 
 Tensor = torch.Tensor
 
@@ -48,6 +48,12 @@ class GeneratorSettings:
             target distribution, so the images stop at about that confidence in their class instead of
             being pushed towards a softmax of 1 (images far more confident than real ones).
         tv_weight: weight of the total-variation prior.
+        tv_target: with it, PSAQ-ViT's form of the prior: the images' roughness (:func:`roughness`,
+            the root-mean-square difference of neighbouring pixels over four directions) is held at
+            this value by ``tv_weight · PSAQ_TV_SCALE · |roughness − tv_target|`` (PSAQ's ``0.05 ·
+            |TV − v|`` at its batch of 32 images at 224 pixels, v = PSAQ_TV_SCALE · tv_target; its v of
+            2500-3000 is 1.14-1.37 here, real ImageNet images about 1.5). Without it (None) the mean
+            squared neighbour difference is minimised with weight ``tv_weight``.
         jitter: random roll of up to this fraction of the image side, each step.
         flip: random horizontal flips, each step.
         patch_weight: weight of the patch loss (PSAQ entropy or CLAMP contrastive).
@@ -65,6 +71,7 @@ class GeneratorSettings:
     ce_weight: float = 1.0
     label_smoothing: float = 0.0
     tv_weight: float = 0.05
+    tv_target: Optional[float] = None
     jitter: float = 0.0625
     flip: bool = True
     patch_weight: float = 1.0
@@ -93,6 +100,8 @@ class GeneratorSettings:
         if not 0 <= self.label_smoothing < 1:
             raise VitqError(f"label_smoothing is the probability moved off the target class, in [0, 1), "
                             f"got {self.label_smoothing!r}")
+        if self.tv_target is not None and not self.tv_target > 0:
+            raise VitqError(f"tv_target is a roughness (about 1.5 for real images), positive, got {self.tv_target!r}")
         if self.precision not in ("float32", "bfloat16", "float16"):
             raise VitqError(f"precision must be 'float32', 'bfloat16' or 'float16', got {self.precision!r}")
         if not 0 <= self.jitter < 0.5:
@@ -272,7 +281,8 @@ class Generator:
                 with amp:
                     logits = model(inp)
                 logits = logits.float() if torch.is_tensor(logits) else logits
-                loss = s.tv_weight * total_variation(x).mean()
+                loss = (s.tv_weight * total_variation(x).mean() if s.tv_target is None
+                        else s.tv_weight * PSAQ_TV_SCALE * (roughness(x) - s.tv_target).abs())
                 if head:
                     loss = loss + s.ce_weight * F.cross_entropy(logits, targets, label_smoothing=s.label_smoothing)
                 if self.uses_grids and s.patch_weight:

@@ -97,3 +97,18 @@ def total_variation(x: Tensor) -> Tensor:
     dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).mean(dim=(1, 2, 3))
     dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).mean(dim=(1, 2, 3))
     return dh + dw
+
+
+#: √(32·3·224·223): the square root of the number of neighbour differences per direction in PSAQ-ViT's
+#: batch of 32 images at 224 pixels, the size its total-variation target was set for
+PSAQ_TV_SCALE = 2190.0
+
+
+def roughness(x: Tensor) -> Tensor:
+    """The images' roughness, a scalar for the batch: the root-mean-square difference of neighbouring
+    pixels, summed over the horizontal, vertical and both diagonal directions. ``PSAQ_TV_SCALE ·
+    roughness`` is PSAQ-ViT's total variation of a batch of 32 images at 224 pixels (the sum of the
+    four difference tensors' norms). Real ImageNet images at 224 pixels, normalised: about 1.5."""
+    diffs = (x[:, :, :, 1:] - x[:, :, :, :-1], x[:, :, 1:, :] - x[:, :, :-1, :],
+             x[:, :, 1:, 1:] - x[:, :, :-1, :-1], x[:, :, 1:, :-1] - x[:, :, :-1, 1:])
+    return sum(d.pow(2).mean().sqrt() for d in diffs)
