@@ -107,8 +107,9 @@ PSAQ_TV_SCALE = 2190.0
 def roughness(x: Tensor) -> Tensor:
     """The images' roughness, a scalar for the batch: the root-mean-square difference of neighbouring
     pixels, summed over the horizontal, vertical and both diagonal directions. ``PSAQ_TV_SCALE ·
-    roughness`` is, within a part in 450, PSAQ-ViT's total variation of a batch of 32 images at 224 pixels (the sum of the
-    four difference tensors' norms). Real ImageNet images at 224 pixels, normalised: about 1.5."""
+    roughness`` is, within a part in 450, PSAQ-ViT's total variation of a batch of 32 images at 224
+    pixels (the sum of the four difference tensors' norms). Real ImageNet images at 224 pixels,
+    normalised: about 1.5."""
     diffs = (x[:, :, :, 1:] - x[:, :, :, :-1], x[:, :, 1:, :] - x[:, :, :-1, :],
              x[:, :, 1:, 1:] - x[:, :, :-1, :-1], x[:, :, 1:, :-1] - x[:, :, :-1, 1:])
     return sum(d.pow(2).mean().sqrt() for d in diffs)
