@@ -177,12 +177,11 @@ def render(results) -> None:
     free = [r for r in rows if r.get("data_free")]
     for source in dict.fromkeys(r["data_free"] for r in free):
         mine = [r for r in free if r["data_free"] == source]
-        name, _, rest = source.partition("@")
-        name, *pairs = name.split(",")
-        steps, *more = rest.split(",") if rest else ("", )
+        name, _, rest = source.partition("@")  # accuracy.df_source's names: clamp, clamp@500, clamp@500,KEY=VALUE
+        steps, *pairs = rest.split(",") if rest else ("",)
         option = (f"--data-free {name}" + (f" --df-steps {steps}" if steps else "")
-                  + "".join(f" --df-setting {p}" for p in pairs + more))
-        what = ", ".join(pairs + more)
+                  + "".join(f" --df-setting {p}" for p in pairs))
+        what = ", ".join(pairs)
         lines += ["", f"### DeiT-Tiny calibrated on 32 generated images ({name}, {steps or 100} generator steps"
                   f"{', ' + what if what else ''}, seed 0), "
                   f"scored on all 100 real calibration images (`{option}`)", "",
