@@ -2,6 +2,7 @@
 
     python benchmarks/segmentation.py --build-model --out DIR [--assets DIR]
     python benchmarks/segmentation.py --bench --model DIR/model.pth [--methods ...] [--bits w8a8 ...] [--append]
+    python benchmarks/segmentation.py --render
 
 ``--build-model`` trains the reference model deterministically from ``$VITQ_ASSETS/camvid``: the
 ImageNet DeiT-Tiny (``models/deit_tiny_imagenet.pth``) as a frozen backbone at 352×480 (its position
@@ -355,8 +356,9 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
                      f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
                      f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
     if extra.get("earlier_model_rows"):
-        lines += ["", f"{len(extra['earlier_model_rows'])} rows measured on an earlier build of the reference model "
-                  "are kept in benchmarks/results/segmentation.json (`earlier_model_rows`), out of this table."]
+        lines += ["", f"{len(extra['earlier_model_rows'])} rows measured on another build of the reference model, or "
+                  "before the rows recorded the model file's digest, are kept in benchmarks/results/segmentation.json "
+                  "(`earlier_model_rows`), out of this table."]
     shown = [r for r in rows if r["bits"] == "w4a8" and not r.get("data_free") and r["num_calib"] == extra["num_calib"]]
     if shown:
         names = list(shown[0]["per_class_iou"])
@@ -386,6 +388,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-eval", type=int, default=None, help="default: all of test/")
     parser.add_argument("--append", action="store_true", help="keep the rows measured before; add the missing")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--render", action="store_true", help="rewrite RESULTS.md's section from the stored rows")
     args = parser.parse_args(argv)
     assets = Path(args.assets) if args.assets else assets_dir()
     if args.build_model:
@@ -397,8 +400,13 @@ def main(argv=None) -> int:
             parser.error("--bench needs --model DIR/model.pth")
         bench(Path(args.model), assets, args.methods, args.bits, args.data_free, args.num_calib, args.num_eval,
               args.seed, args.append, args.dry_run, args.df_images, args.df_iterations)
-    if not (args.build_model or args.bench):
-        parser.error("nothing to do: pass --build-model and/or --bench")
+    if args.render:
+        stored = _load()
+        if not stored["rows"]:
+            parser.error(f"--render: no rows in {RESULTS_JSON}")
+        write_results(stored["rows"], {k: v for k, v in stored.items() if k != "rows"})
+    if not (args.build_model or args.bench or args.render):
+        parser.error("nothing to do: pass --build-model, --bench and/or --render")
     return 0
 
 
