@@ -273,7 +273,7 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     rows = [r for r in stored["rows"] if r.get("model_sha") == model_sha]
     # a row counts as measured only with the recipe as it is now: a changed recipe is measured again
     done = {(r["method"], r["bits"], r.get("data_free"), r["num_calib"]) for r in rows
-            if r.get("recipe_sha") == recipe_sha(r["method"])}
+            if r.get("recipe_sha") == recipe_sha(r["method"]) and r["num_eval"] == len(test)}
     # data-free rows (W4A8, the recommended recipe) beside real images of the same number
     plan = [(m, b, None, len(calib)) for b in bits for m in methods]
     if data_free:
@@ -350,6 +350,8 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
     for r in rows:
         source = (f"{r['num_calib']} data-free {r['data_free']} ({r['gen_iterations']} steps)" if r.get("data_free")
                   else f"{r['num_calib']} real")
+        if r["num_eval"] != extra["num_eval"]:  # scored on another number of test images than the header says
+            source += f" (scored on {r['num_eval']} test images)"
         method = r["method"] if r.get("recipe_sha") == recipe_sha(r["method"]) else \
             f"{r['method']} ({'an earlier version of the recipe' if r.get('recipe_sha') else 'recipe version not recorded'})"
         lines.append(f"| {method} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
