@@ -231,17 +231,6 @@ def recipe_sha(method: str) -> str:
                                      default=str).encode()).hexdigest()[:12]
 
 
-def file_sha(path: Path) -> str:
-    """A short digest of the reference model's file: rows of another build are measured again."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
 def _load() -> Dict[str, Any]:
     return json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {"rows": []}
 
@@ -265,7 +254,7 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     calib_batches = [x for x, _ in make_loader(calib, loaded.data_config, 8)]
     test = scan_segmentation(camvid, "test").sample(num_eval, seed)
     eval_batches = list(segmentation_loader(test, loaded.data_config, 8))
-    model_sha = file_sha(model_path)
+    model_sha = loaded.digest  # the float weights' checksum: rows of another build are measured again
     stored = _load() if append else {"rows": []}
     # rows of another build of the reference model (their float mIoU differs) leave the table: they are
     # kept in the JSON under "earlier_model_rows", and this model's rows are measured
@@ -359,7 +348,7 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
                      f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
     if extra.get("earlier_model_rows"):
         lines += ["", f"{len(extra['earlier_model_rows'])} rows measured on another build of the reference model, or "
-                  "before the rows recorded the model file's digest, are kept in benchmarks/results/segmentation.json "
+                  "before the rows recorded the model's checksum, are kept in benchmarks/results/segmentation.json "
                   "(`earlier_model_rows`), out of this table."]
     shown = [r for r in rows if r["bits"] == "w4a8" and not r.get("data_free") and r["num_calib"] == extra["num_calib"]]
     if shown:
