@@ -240,6 +240,28 @@ def _save_rows(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
     RESULTS_JSON.write_text(json.dumps({**extra, "rows": rows}, indent=1) + "\n")
 
 
+def _key(row: Dict[str, Any]) -> Tuple[str, str, Any, int]:
+    return row["method"], row["bits"], row.get("data_free"), row["num_calib"]
+
+
+def _same_model(model_path: Path, model_sha: str, num_test: int):
+    """Whether a stored row was measured on this reference model: on these very weights (the same
+    checksum), or on another build of it. ``--build-model`` is deterministic on one CPU, but its float
+    rounding differs between CPUs (an AMD and an Intel build differ in their last bits); a build is the
+    same model when it scores the same float test mIoU on all test images as this one's card says
+    (3 decimals; the CamVid builds so far: 57.1472 and 57.1473)."""
+    card_path = model_path.with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card_fp = (card.get("metrics") or {}).get("test_miou")
+
+    def same(row: Dict[str, Any]) -> bool:
+        if row.get("model_sha") == model_sha:
+            return True
+        return bool(row.get("model_sha")) and card_fp is not None and row["num_eval"] == num_test and \
+            abs(row["fp_miou"] - card_fp) < 0.002
+    return same
+
+
 def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], data_free: List[str],
           num_calib: int, num_eval: int, seed: int, append: bool, dry_run: bool, df_images: int = 16,
           df_iterations: int = 50) -> List[Dict[str, Any]]:
@@ -254,12 +276,15 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     calib_batches = [x for x, _ in make_loader(calib, loaded.data_config, 8)]
     test = scan_segmentation(camvid, "test").sample(num_eval, seed)
     eval_batches = list(segmentation_loader(test, loaded.data_config, 8))
-    model_sha = loaded.digest  # the float weights' checksum: rows of another build are measured again
+    model_sha = loaded.digest  # the float weights' checksum
+    same_model = _same_model(model_path, model_sha, len(scan_segmentation(camvid, "test")))
     stored = _load() if append else {"rows": []}
-    # rows of another build of the reference model (their float mIoU differs) leave the table: they are
-    # kept in the JSON under "earlier_model_rows", and this model's rows are measured
-    earlier = [r for r in stored.get("earlier_model_rows", []) + stored["rows"] if r.get("model_sha") != model_sha]
-    rows = [r for r in stored["rows"] if r.get("model_sha") == model_sha]
+    # rows of another reference model (or from before the rows recorded the checksum) leave the table:
+    # they are kept in the JSON under "earlier_model_rows". Rows of another build of the same model
+    # (same training, same float test mIoU; see _same_model) stay, and say which build they ran on.
+    earlier = [r for r in stored.get("earlier_model_rows", []) + stored["rows"] if not same_model(r)]
+    rows = [r for r in stored["rows"] if same_model(r)]
+    other_builds = stored.get("other_build_rows", [])
     # a row counts as measured only with the recipe as it is now: a changed recipe is measured again
     done = {(r["method"], r["bits"], r.get("data_free"), r["num_calib"]) for r in rows
             if r.get("recipe_sha") == recipe_sha(r["method"]) and r["num_eval"] == len(test)}
@@ -272,6 +297,8 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
              "evaluation": f"{len(test)} images of camvid test/"}
     if earlier:
         extra["earlier_model_rows"] = earlier
+    if other_builds:
+        extra["other_build_rows"] = other_builds
     for method, bits_name, generator, count in plan:
         if (method, bits_name, generator, count) in done:
             continue
@@ -300,14 +327,45 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
                "quantize_seconds": round(quantize_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
                "stage_seconds": result.record.get("stage_seconds"), "peak_mib": memory.mib,
                "generation_seconds": (result.record.get("data_free") or {}).get("seconds")}
-        rows = [r for r in rows if (r["method"], r["bits"], r.get("data_free"), r["num_calib"])
-                != (method, bits_name, generator, count)] + [row]  # replaces a row of an older recipe
+        key = (method, bits_name, generator, count)
+        for r in rows:  # a row of the same recipe on another build: kept beside it (the builds compared)
+            if _key(r) == key and r["model_sha"] != model_sha and r.get("recipe_sha") == row["recipe_sha"] \
+                    and r["num_eval"] == row["num_eval"]:
+                other_builds = [o for o in other_builds if (_key(o), o["model_sha"]) != (key, r["model_sha"])] + [r]
+                extra["other_build_rows"] = other_builds
+        rows = [r for r in rows if _key(r) != key] + [row]  # replaces a row of an older recipe or another build
         _save_rows(rows, extra)
         print(f"  mIoU float {row['fp_miou']:.2f} quantized {row['quant_miou']:.2f}, pixel agreement "
               f"{row['pixel_agreement']:.2f}, {row['quantize_seconds']} s + eval {row['eval_seconds']} s", flush=True)
     if rows and not dry_run:
         write_results(rows, extra)
     return rows
+
+
+def _build_lines(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> List[str]:
+    """The footnote of rows measured on another build of the reference model, with the rows measured on
+    both builds side by side (how much a build's last bits move a row)."""
+    others = {r["model_sha"]: r for r in rows if r["model_sha"] != extra["model_sha"]}
+    if not others:
+        return []
+    here = [r for r in rows if r["model_sha"] == extra["model_sha"]]
+    text = []
+    for sha, first in others.items():
+        n = sum(r["model_sha"] == sha for r in rows)
+        pairs = [(o, h) for o in extra.get("other_build_rows", []) if o["model_sha"] == sha
+                 for h in here if _key(h) == _key(o)]
+        compared = "; ".join(f"{h['method']} {h['bits'].upper()} {o['quant_miou']:.2f} there, {h['quant_miou']:.2f} here"
+                             for o, h in pairs)
+        float_here = f"{here[0]['fp_miou']:.4f}" if here else "the same"
+        text.append(
+            f"‡ {n} rows ran on another build of the reference model (weights checksum {sha}, built and measured "
+            f"on {first['machine']}): the same `--build-model` command, whose float rounding differs between CPUs, "
+            f"with float test mIoU {first['fp_miou']:.4f} against {float_here} for this table's build "
+            f"({extra['model_sha']})")
+        if compared:
+            text[-1] += f". Rows measured on both builds: {compared}"
+        text[-1] += "."
+    return [""] + text
 
 
 def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
@@ -336,19 +394,29 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
         f"| method | bits | calibration images | test mIoU (float {fp:.2f}) | Δ | pixel agreement | KL | quantize s | peak MiB |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    order = {**{m: i for i, m in enumerate(METHODS)}}
+
+    def place(r):  # the table's order: real images by bit-width and method, then the data-free rows
+        return (r["num_calib"] != extra["num_calib"] or bool(r.get("data_free")),
+                BITS.index(r["bits"]) if r["bits"] in BITS else len(BITS), r["num_calib"],
+                DATA_FREE.index(r["data_free"]) + 1 if r.get("data_free") in DATA_FREE else 0,
+                order.get(r["method"], len(order)))
+    for r in sorted(rows, key=place):
         source = (f"{r['num_calib']} data-free {r['data_free']} ({r['gen_iterations']} steps)" if r.get("data_free")
                   else f"{r['num_calib']} real")
         if r["num_eval"] != extra["num_eval"]:  # scored on another number of test images than the header says
             source += f" (scored on {r['num_eval']} test images)"
         method = r["method"] if r.get("recipe_sha") == recipe_sha(r["method"]) else \
             f"{r['method']} ({'an earlier version of the recipe' if r.get('recipe_sha') else 'recipe version not recorded'})"
+        if r["model_sha"] != extra["model_sha"]:
+            method += " ‡"
         lines.append(f"| {method} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
                      f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
                      f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
+    lines += _build_lines(rows, extra)
     if extra.get("earlier_model_rows"):
-        lines += ["", f"{len(extra['earlier_model_rows'])} rows measured on another build of the reference model, or "
-                  "before the rows recorded the model's checksum, are kept in benchmarks/results/segmentation.json "
+        lines += ["", f"{len(extra['earlier_model_rows'])} rows measured on another reference model (a build whose float test mIoU "
+                  "differs), or before the rows recorded the model's checksum, are kept in benchmarks/results/segmentation.json "
                   "(`earlier_model_rows`), out of this table."]
     shown = [r for r in rows if r["bits"] == "w4a8" and not r.get("data_free") and r["num_calib"] == extra["num_calib"]]
     if shown:

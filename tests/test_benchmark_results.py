@@ -39,3 +39,36 @@ def test_data_free_rows_name_their_generator_steps_and_settings():
     settings = accuracy.parse_gen_settings(["label_smoothing=0.3", "ce_weight=0.5"])
     assert settings == {"label_smoothing": 0.3, "ce_weight": 0.5}
     assert accuracy.df_source("clamp", 100, settings) == "clamp@100,ce_weight=0.5,label_smoothing=0.3"
+
+
+def _seg_row(method, sha, fp=57.1473, quant=56.0, num_eval=233, machine="Xeon"):
+    return dict(method=method, bits="w8a8", data_free=None, num_calib=32, model_sha=sha, fp_miou=fp,
+                quant_miou=quant, num_eval=num_eval, machine=machine)
+
+
+def test_segmentation_rows_of_another_build_count_only_with_the_same_float_miou(tmp_path):
+    import json
+
+    import segmentation
+
+    (tmp_path / "model.json").write_text(json.dumps({"metrics": {"test_miou": 57.147}}))
+    same = segmentation._same_model(tmp_path / "model.pth", "aaaa", num_test=233)
+    assert same(_seg_row("omse", "aaaa", fp=50.0))  # these very weights
+    assert same(_seg_row("omse", "bbbb", fp=57.1473))  # another build, the same float mIoU
+    assert not same(_seg_row("omse", "bbbb", fp=57.38))  # another model
+    assert not same(_seg_row("omse", "bbbb", num_eval=120))  # scored on other images: not comparable
+    assert not same(_seg_row("omse", None))  # from before rows recorded the checksum
+    (tmp_path / "model.json").unlink()  # no card: only the same weights count
+    assert not segmentation._same_model(tmp_path / "model.pth", "aaaa", 233)(_seg_row("omse", "bbbb"))
+
+
+def test_segmentation_table_marks_rows_of_another_build_and_compares_the_rows_of_both():
+    import segmentation
+
+    here = _seg_row("omse", "aaaa", fp=57.1472, quant=56.35, machine="AMD")
+    there = _seg_row("recommended", "bbbb", quant=57.07)
+    extra = {"model_sha": "aaaa", "other_build_rows": [_seg_row("omse", "bbbb", quant=56.32)]}
+    assert segmentation._build_lines([here], extra) == []
+    (line,) = segmentation._build_lines([here, there], extra)[1:]
+    assert line.startswith("‡ 1 rows ran on another build") and "checksum bbbb" in line and "on Xeon" in line
+    assert "57.1473 against 57.1472" in line and "omse W8A8 56.32 there, 56.35 here" in line
