@@ -240,8 +240,10 @@ def _save_rows(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
     RESULTS_JSON.write_text(json.dumps({**extra, "rows": rows}, indent=1) + "\n")
 
 
-def _key(row: Dict[str, Any]) -> Tuple[str, str, Any, int]:
-    return row["method"], row["bits"], row.get("data_free"), row["num_calib"]
+def _key(row: Dict[str, Any]) -> Tuple[str, str, Any, int, Any]:
+    """What a row measures: rows of another generator budget are other rows, not replacements."""
+    generator = row.get("data_free")
+    return row["method"], row["bits"], generator, row["num_calib"], row.get("gen_iterations") if generator else None
 
 
 def _same_model(model_path: Path, model_sha: str, num_test: int):
@@ -286,12 +288,13 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     rows = [r for r in stored["rows"] if same_model(r)]
     other_builds = stored.get("other_build_rows", [])
     # a row counts as measured only with the recipe as it is now: a changed recipe is measured again
-    done = {(r["method"], r["bits"], r.get("data_free"), r["num_calib"]) for r in rows
+    done = {_key(r) for r in rows
             if r.get("recipe_sha") == recipe_sha(r["method"]) and r["num_eval"] == len(test)}
     # data-free rows (W4A8, the recommended recipe) beside real images of the same number
-    plan = [(m, b, None, len(calib)) for b in bits for m in methods]
+    plan = [(m, b, None, len(calib), None) for b in bits for m in methods]
     if data_free:
-        plan += [("recommended", "w4a8", None, df_images)] + [("recommended", "w4a8", g, df_images) for g in data_free]
+        plan += [("recommended", "w4a8", None, df_images, None)] + \
+            [("recommended", "w4a8", g, df_images, df_iterations) for g in data_free]
     extra = {"model": str(model_path), "model_sha": model_sha, "num_calib": len(calib), "num_eval": len(test),
              "calibration": f"{len(calib)} seeded images of camvid/images/train (seed {seed})",
              "evaluation": f"{len(test)} images of camvid test/"}
@@ -299,11 +302,11 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
         extra["earlier_model_rows"] = earlier
     if other_builds:
         extra["other_build_rows"] = other_builds
-    for method, bits_name, generator, count in plan:
-        if (method, bits_name, generator, count) in done:
+    for method, bits_name, generator, count, steps in plan:
+        if (method, bits_name, generator, count, steps) in done:
             continue
         (w, a), = parse_bits([bits_name])
-        print(f"[{method} {bits_name} {count} {'data-free ' + generator if generator else 'real'} images]", flush=True)
+        print(f"[{method} {bits_name} {count} {f'data-free {generator} ({steps} steps)' if generator else 'real'} images]", flush=True)
         if dry_run:
             continue
         started = time.perf_counter()
@@ -327,7 +330,7 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
                "quantize_seconds": round(quantize_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
                "stage_seconds": result.record.get("stage_seconds"), "peak_mib": memory.mib,
                "generation_seconds": (result.record.get("data_free") or {}).get("seconds")}
-        key = (method, bits_name, generator, count)
+        key = _key(row)
         for r in rows:  # a row of the same recipe on another build: kept beside it (the builds compared)
             if _key(r) == key and r["model_sha"] != model_sha and r.get("recipe_sha") == row["recipe_sha"] \
                     and r["num_eval"] == row["num_eval"]:
@@ -399,7 +402,7 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
     def place(r):  # the table's order: real images by bit-width and method, then the data-free rows
         return (r["num_calib"] != extra["num_calib"] or bool(r.get("data_free")),
                 BITS.index(r["bits"]) if r["bits"] in BITS else len(BITS), r["num_calib"],
-                DATA_FREE.index(r["data_free"]) + 1 if r.get("data_free") in DATA_FREE else 0,
+                DATA_FREE.index(r["data_free"]) + 1 if r.get("data_free") in DATA_FREE else 0, r.get("gen_iterations") or 0,
                 order.get(r["method"], len(order)))
     for r in sorted(rows, key=place):
         source = (f"{r['num_calib']} data-free {r['data_free']} ({r['gen_iterations']} steps)" if r.get("data_free")
