@@ -11,7 +11,10 @@ convolutional head (:class:`vitq.models.ViTSegmenter`) trained on ``train/`` wit
 (void ignored), horizontal flips as the only augmentation (the backbone features are computed once
 per image and flip). The head's shape and the number of epochs are chosen by mIoU on ``val/``;
 ``test/`` is scored once, at the end, for the card. Writes ``DIR/model.pth`` (a state_dict),
-``DIR/model.json`` (its vitq model card) and ``DIR/train_log.json``.
+``DIR/model.json`` (its vitq model card) and ``DIR/train_log.json``. On one CPU the build gives the
+same weights every time; on another CPU their last bits differ (an AMD EPYC and an Intel Xeon build
+score the same val 66.781 and test 57.147 mIoU, but have other checksums), so the table keeps rows of
+such builds together and marks them.
 
 ``--bench`` quantizes that model's backbone with each method at each bit-width (calibration: seeded
 train/ images; evaluation: all 233 test/ images) and writes benchmarks/results/segmentation.json
