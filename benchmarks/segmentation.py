@@ -394,6 +394,7 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
         f"real images of the same number; `clamp-vit`: its recipe with the layer-wise search cut to {CLAMP_PASSES} "
         "pass (the paper: 10) on the same real images, so without its image refresh). A row names its recipe's "
         "version when it was not measured with the recipe as it is now (`--append` measures such rows again). "
+        "A data-free row's quantize seconds include generating its images. "
         "Peak MiB: the whole process's resident memory while the row quantized, "
         "which includes what earlier rows of the same invocation left allocated.",
         "",
