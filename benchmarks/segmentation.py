@@ -309,7 +309,8 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
         if (method, bits_name, generator, count, steps) in done:
             continue
         (w, a), = parse_bits([bits_name])
-        print(f"[{method} {bits_name} {count} {f'data-free {generator} ({steps} steps)' if generator else 'real'} images]", flush=True)
+        source = f"data-free {generator} ({steps} steps)" if generator else "real"
+        print(f"[{method} {bits_name} {count} {source} images]", flush=True)
         if dry_run:
             continue
         started = time.perf_counter()
@@ -348,15 +349,22 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     return rows
 
 
+def _build_marks(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> Dict[str, str]:
+    """A mark for each other build of the reference model that rows of the table ran on."""
+    others = list(dict.fromkeys(r["model_sha"] for r in rows if r["model_sha"] != extra["model_sha"]))
+    return {sha: " " + "‡§¶"[i] if i < 3 else f" [build {sha}]" for i, sha in enumerate(others)}
+
+
 def _build_lines(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> List[str]:
     """The footnote of rows measured on another build of the reference model, with the rows measured on
     both builds side by side (how much a build's last bits move a row)."""
-    others = {r["model_sha"]: r for r in rows if r["model_sha"] != extra["model_sha"]}
-    if not others:
+    marks = _build_marks(rows, extra)
+    if not marks:
         return []
     here = [r for r in rows if r["model_sha"] == extra["model_sha"]]
     text = []
-    for sha, first in others.items():
+    for sha, mark in marks.items():
+        first = next(r for r in rows if r["model_sha"] == sha)
         n = sum(r["model_sha"] == sha for r in rows)
         pairs = [(o, h) for o in extra.get("other_build_rows", []) if o["model_sha"] == sha
                  for h in here if _key(h) == _key(o)]
@@ -364,7 +372,7 @@ def _build_lines(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> List[str]
                              for o, h in pairs)
         float_here = f"{here[0]['fp_miou']:.4f}" if here else "the same"
         text.append(
-            f"‡ {n} rows ran on another build of the reference model (weights checksum {sha}, built and measured "
+            f"{mark.strip()} {n} rows ran on another build of the reference model (weights checksum {sha}, built and measured "
             f"on {first['machine']}): the same `--build-model` command, whose float rounding differs between CPUs, "
             f"with float test mIoU {first['fp_miou']:.4f} against {float_here} for this table's build "
             f"({extra['model_sha']})")
@@ -415,8 +423,7 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
             source += f" (scored on {r['num_eval']} test images)"
         method = r["method"] if r.get("recipe_sha") == recipe_sha(r["method"]) else \
             f"{r['method']} ({'an earlier version of the recipe' if r.get('recipe_sha') else 'recipe version not recorded'})"
-        if r["model_sha"] != extra["model_sha"]:
-            method += " ‡"
+        method += _build_marks(rows, extra).get(r["model_sha"], "")
         lines.append(f"| {method} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
                      f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
                      f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")

@@ -72,3 +72,12 @@ def test_segmentation_table_marks_rows_of_another_build_and_compares_the_rows_of
     (line,) = segmentation._build_lines([here, there], extra)[1:]
     assert line.startswith("‡ 1 rows ran on another build") and "checksum bbbb" in line and "on Xeon" in line
     assert "57.1473 against 57.1472" in line and "omse W8A8 56.32 there, 56.35 here" in line
+
+
+def test_segmentation_rows_of_two_other_builds_get_marks_of_their_own():
+    import segmentation
+
+    rows = [_seg_row("omse", "aaaa"), _seg_row("recommended", "bbbb"), _seg_row("mptq-vit", "cccc")]
+    assert segmentation._build_marks(rows, {"model_sha": "aaaa"}) == {"bbbb": " ‡", "cccc": " §"}
+    lines = segmentation._build_lines(rows, {"model_sha": "aaaa"})[1:]
+    assert [line.split(" ")[0] for line in lines] == ["‡", "§"]
