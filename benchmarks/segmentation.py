@@ -279,10 +279,11 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     camvid = assets / "camvid"
     calib = balanced_subset(scan_folder(camvid / "images" / "train", labelled=False), num_calib, seed)
     calib_batches = [x for x, _ in make_loader(calib, loaded.data_config, 8)]
-    test = scan_segmentation(camvid, "test").sample(num_eval, seed)
+    test_all = scan_segmentation(camvid, "test")
+    test = test_all.sample(num_eval, seed)
     eval_batches = list(segmentation_loader(test, loaded.data_config, 8))
     model_sha = loaded.digest  # the float weights' checksum
-    same_model = _same_model(model_path, model_sha, len(scan_segmentation(camvid, "test")))
+    same_model = _same_model(model_path, model_sha, len(test_all))
     stored = _load() if append else {"rows": []}
     # rows of another reference model (or from before the rows recorded the checksum) leave the table:
     # they are kept in the JSON under "earlier_model_rows". Rows of another build of the same model
@@ -416,6 +417,7 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
                 BITS.index(r["bits"]) if r["bits"] in BITS else len(BITS), r["num_calib"],
                 DATA_FREE.index(r["data_free"]) + 1 if r.get("data_free") in DATA_FREE else 0, r.get("gen_iterations") or 0,
                 order.get(r["method"], len(order)))
+    marks = _build_marks(rows, extra)
     for r in sorted(rows, key=place):
         source = (f"{r['num_calib']} data-free {r['data_free']} ({r['gen_iterations']} steps)" if r.get("data_free")
                   else f"{r['num_calib']} real")
@@ -423,7 +425,7 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
             source += f" (scored on {r['num_eval']} test images)"
         method = r["method"] if r.get("recipe_sha") == recipe_sha(r["method"]) else \
             f"{r['method']} ({'an earlier version of the recipe' if r.get('recipe_sha') else 'recipe version not recorded'})"
-        method += _build_marks(rows, extra).get(r["model_sha"], "")
+        method += marks.get(r["model_sha"], "")
         lines.append(f"| {method} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
                      f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
                      f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
