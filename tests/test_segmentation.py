@@ -362,3 +362,30 @@ def test_cli_unreadable_label_map_is_named_before_any_work_or_skipped(seg_checkp
     assert main(args + ["--out", str(tmp_path / "b"), "--skip-bad-images"]) == 0
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["num_eval"] == 2 and metrics["skipped_images"] == {"calib": 0, "eval": 1}
+
+
+@pytest.mark.parametrize("make, recipe, settings", [
+    (tiny_segmenter, "clamp-vit", {"passes": 1, "cycles": 2, "refresh_every": 0, "batch_size": 3}),
+    (tiny_swin_segmenter, "cpt-v", {"passes": 1, "cycles": 2, "batch_size": 3}),
+])
+def test_search_on_a_dense_model_replays_the_unchanged_blocks_exactly(make, recipe, settings, batches, monkeypatch):
+    """Replaying the cached outputs of the blocks before the searched unit gives the very same search
+    (curve and scales, bit for bit) as recomputing them, and skips their work."""
+    from vitq.methods import search
+
+    recipe = vitq.load_recipe(recipe).with_overrides({"search": settings})
+    runs, block_calls = [], []
+    for replay in (True, False):
+        monkeypatch.setattr(search._Objective, "replay_upstream", replay)
+        seg = make()
+        calls = [0]  # the first block's MLP: it computes only when its block is not replayed
+        first = find_adapter(seg).block_parts(find_adapter(seg).blocks(seg)[0][1])["mlp"]
+        first.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        result = vitq.quantize(seg, recipe, batches, w_bits=4, a_bits=8, progress=False)
+        runs.append(result)
+        block_calls.append(calls[0])
+    (replayed, recomputed) = runs
+    assert [p["fitness"] for p in replayed.record["search_curve"]] == [p["fitness"] for p in recomputed.record["search_curve"]]
+    assert replayed.plan.tensors.keys() == recomputed.plan.tensors.keys()
+    assert all(torch.equal(t, recomputed.plan.tensors[k]) for k, t in replayed.plan.tensors.items())
+    assert block_calls[0] < block_calls[1]  # the first block ran far fewer times

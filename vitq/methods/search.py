@@ -17,6 +17,7 @@ mutated by ``|x + U(-r, r)|``, then the worst member is dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -342,6 +343,15 @@ class SearchSettings(StageSettings):
         return out
 
 
+def _clone(out: Any) -> Any:
+    """A copy of a block's output (a tensor or a tuple of them), so nothing downstream can change the cache."""
+    if torch.is_tensor(out):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone(o) for o in out)
+    return out
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the searched layer's output is captured."""
 
@@ -352,7 +362,16 @@ def _rebatch(batches: Sequence[Tensor], size: int, limit: int = 0) -> List[Tenso
 
 
 class _Objective:
-    """Fitness of the model being searched on fixed batches, with float outputs cached."""
+    """Fitness of the model being searched on fixed batches, with float outputs cached.
+
+    Where the adapter cannot compute the output from a block's input (a backbone inside a dense
+    model, whose head reads several blocks), the whole model runs for each fitness, but the blocks
+    before the searched unit's replay their outputs cached at :meth:`focus` (their quantizers do not
+    change while the unit is searched): the same values as recomputing them, at a fraction of the cost.
+    """
+
+    #: replay the unchanged blocks' outputs in whole-model passes (False: recompute them)
+    replay_upstream = True
 
     def __init__(self, settings: SearchSettings, float_model: nn.Module, model: nn.Module,
                  batches: List[Tensor], device: torch.device) -> None:
@@ -371,6 +390,53 @@ class _Objective:
         self.unit: Optional[Unit] = None
         self.float_outputs: List[Tensor] = []
         self.block_inputs: List[Tensor] = []
+        self.upstream: List[Dict[str, Any]] = []  # per batch: the output of each block before the unit's
+
+    def _upstream_outputs(self, block: str, x: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
+        """The quantized model's input to ``block`` and output of every block before it, on batch ``x``."""
+        names = [name for name, _ in self.adapter.blocks(self.model)]
+        before = names[:names.index(block)] if block in names else []
+        outputs: Dict[str, Any] = {}
+        calls: Dict[str, int] = {}
+        captured: List[Tensor] = []
+
+        def keep(mod: nn.Module, args: Any, out: Any, name: str) -> None:
+            outputs[name] = out
+            calls[name] = calls.get(name, 0) + 1
+
+        handles = [self.model.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, name=name: keep(mod, args, out, name)) for name in before]
+
+        def stop(mod: nn.Module, args: Any) -> None:
+            captured.append(args[0])
+            raise _Stop
+
+        handles.append(self.model.get_submodule(block).register_forward_pre_hook(stop))
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if any(n != 1 for n in calls.values()) or len(calls) != len(before):
+            outputs = {}  # a block run twice (or not at all) before the unit's: recompute, do not replay
+        return captured[0], outputs
+
+    @contextlib.contextmanager
+    def _replaying(self, i: int):
+        """Within: the blocks before the unit's return their cached outputs on batch ``i``."""
+        replayed = []
+        try:
+            for name, out in (self.upstream[i].items() if self.upstream else ()):
+                module = self.model.get_submodule(name)
+                # an instance attribute shadows the class's forward; hooks still run
+                module.forward = lambda *args, _out=out, **kwargs: _clone(_out)
+                replayed.append(module)
+            yield
+        finally:
+            for module in replayed:
+                del module.forward
 
     def _block_input(self, block: str, x: Tensor) -> Tensor:
         captured: List[Tensor] = []
@@ -411,11 +477,18 @@ class _Objective:
         """Cache the quantized model's input to the unit's block (the blocks before it do not change
         while the unit is searched) and, for the layer-local fitness, the unit's float outputs."""
         self.unit = unit
-        with torch.no_grad():
-            self.block_inputs = [self._block_input(unit.block, b) for b in self.batches] if unit.block else []
         local = self.loss.scope == "unit"
-        if not self.adapter.can_forward_from and not local:
-            self.block_inputs = []  # a backbone inside a dense model: the output needs the whole model
+        whole = not self.adapter.can_forward_from  # a backbone inside a dense model: the output needs the whole model
+        with torch.no_grad():
+            if unit.block and whole and self.replay_upstream:
+                cached = [self._upstream_outputs(unit.block, b) for b in self.batches]
+                self.block_inputs = [c[0] for c in cached]
+                self.upstream = [c[1] for c in cached]
+            else:
+                self.block_inputs = [self._block_input(unit.block, b) for b in self.batches] if unit.block else []
+                self.upstream = []
+        if whole and not local:
+            self.block_inputs = []
         if not local:
             return
         with torch.no_grad():
@@ -425,7 +498,8 @@ class _Objective:
     def _logits(self, i: int) -> Tensor:
         if self.block_inputs and self.adapter.can_forward_from:
             return scores_last(self.adapter.forward_from(self.model, self.unit.block, self.block_inputs[i]))
-        return scores_last(self.model(self.batches[i]))
+        with self._replaying(i):
+            return scores_last(self.model(self.batches[i]))
 
     def _local(self, i: int, with_logits: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """The unit's output on batch ``i`` (and the logits when asked), from its block's input."""
