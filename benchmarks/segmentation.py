@@ -243,10 +243,11 @@ def _save_rows(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
     RESULTS_JSON.write_text(json.dumps({**extra, "rows": rows}, indent=1) + "\n")
 
 
-def _key(row: Dict[str, Any]) -> Tuple[str, str, Any, int, Any]:
-    """What a row measures: rows of another generator budget are other rows, not replacements."""
+def _key(row: Dict[str, Any]) -> Tuple[str, str, Any, int, Any, Any]:
+    """What a row measures: rows of another generator budget or output loss are other rows, not replacements."""
     generator = row.get("data_free")
-    return row["method"], row["bits"], generator, row["num_calib"], row.get("gen_iterations") if generator else None
+    return (row["method"], row["bits"], generator, row["num_calib"], row.get("gen_iterations") if generator else None,
+            float(row.get("gen_pixel_weight") or 0.0) if generator else None)
 
 
 def _same_model(model_path: Path, model_sha: str, num_test: int):
@@ -269,7 +270,7 @@ def _same_model(model_path: Path, model_sha: str, num_test: int):
 
 def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], data_free: List[str],
           num_calib: int, num_eval: int, seed: int, append: bool, dry_run: bool, df_images: int = 16,
-          df_iterations: int = 50) -> List[Dict[str, Any]]:
+          df_iterations: int = 50, df_pixel_weight: float = 0.0) -> List[Dict[str, Any]]:
     from accuracy import PeakMemory, parse_bits
 
     import vitq
@@ -295,10 +296,11 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     done = {_key(r) for r in rows
             if r.get("recipe_sha") == recipe_sha(r["method"]) and r["num_eval"] == len(test)}
     # data-free rows (W4A8, the recommended recipe) beside real images of the same number
-    plan = [(m, b, None, len(calib), None) for b in bits for m in methods]
-    if data_free:
-        plan += [("recommended", "w4a8", None, df_images, None)] + \
-            [("recommended", "w4a8", g, df_images, df_iterations) for g in data_free]
+    plan = [(m, b, None, len(calib), None, None) for b in bits for m in methods]
+    if data_free:  # the generators' output loss: the per-pixel information loss at --df-pixel-weight (noise has none)
+        plan += [("recommended", "w4a8", None, df_images, None, None)] + \
+            [("recommended", "w4a8", g, df_images, df_iterations, df_pixel_weight if g != "gaussian" else 0.0)
+             for g in data_free]
     extra = {"model": str(model_path), "model_sha": model_sha, "num_calib": len(calib), "num_eval": len(test),
              "calibration": f"{len(calib)} seeded images of camvid/images/train (seed {seed})",
              "evaluation": f"{len(test)} images of camvid test/"}
@@ -306,11 +308,12 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
         extra["earlier_model_rows"] = earlier
     if other_builds:
         extra["other_build_rows"] = other_builds
-    for method, bits_name, generator, count, steps in plan:
-        if (method, bits_name, generator, count, steps) in done:
+    for method, bits_name, generator, count, steps, pixel_weight in plan:
+        if (method, bits_name, generator, count, steps, pixel_weight) in done:
             continue
         (w, a), = parse_bits([bits_name])
-        source = f"data-free {generator} ({steps} steps)" if generator else "real"
+        source = f"data-free {generator} ({steps} steps{f', pixel loss {pixel_weight:g}' if pixel_weight else ''})" \
+            if generator else "real"
         print(f"[{method} {bits_name} {count} {source} images]", flush=True)
         if dry_run:
             continue
@@ -318,7 +321,9 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
         with PeakMemory() as memory:
             if generator:
                 result = vitq.quantize(loaded.model, _recipe(method), None, data_free=generator, num_images=count,
-                                       gen_settings={"iterations": df_iterations, "batch_size": 8}, batch_size=8,
+                                       gen_settings={"iterations": df_iterations, "batch_size": 8,
+                                                     **({"pixel_weight": pixel_weight} if pixel_weight else {})},
+                                       batch_size=8,
                                        w_bits=w, a_bits=a, seed=seed, device="cpu", progress=False)
             else:
                 batches = calib_batches if count == len(calib) else [b for b in torch.cat(calib_batches)[:count].split(8)]
@@ -331,7 +336,8 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
                                                 progress=False)
         row = {"method": method, "recipe_sha": recipe_sha(method), "model_sha": model_sha, "machine": machine(),
                "bits": bits_name, "data_free": generator, "num_calib": count,
-               "gen_iterations": df_iterations if generator else None, **metrics,
+               "gen_iterations": df_iterations if generator else None,
+               **({"gen_pixel_weight": pixel_weight} if pixel_weight else {}), **metrics,
                "quantize_seconds": round(quantize_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
                "stage_seconds": result.record.get("stage_seconds"), "peak_mib": memory.mib,
                "generation_seconds": (result.record.get("data_free") or {}).get("seconds")}
@@ -400,7 +406,8 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
         "",
         "Command: `python benchmarks/segmentation.py --bench --model DIR/model.pth --append` (data-free rows: "
         "the recommended recipe at W4A8 on generated images, CPU budget `--df-images 16 --df-iterations 50`, beside "
-        f"real images of the same number; `clamp-vit`: its recipe with the layer-wise search cut to {CLAMP_PASSES} "
+        "real images of the same number; the generators use no output loss unless a row says \"pixel loss W\": "
+        f"`--df-pixel-weight W`, the per-pixel information loss on the model's scores; `clamp-vit`: its recipe with the layer-wise search cut to {CLAMP_PASSES} "
         "pass (the paper: 10) on the same real images, so without its image refresh). A row names its recipe's "
         "version when it was not measured with the recipe as it is now (`--append` measures such rows again). "
         "A data-free row's quantize seconds include generating its images. "
@@ -416,10 +423,11 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
         return (r["num_calib"] != extra["num_calib"] or bool(r.get("data_free")),
                 BITS.index(r["bits"]) if r["bits"] in BITS else len(BITS), r["num_calib"],
                 DATA_FREE.index(r["data_free"]) + 1 if r.get("data_free") in DATA_FREE else 0, r.get("gen_iterations") or 0,
-                order.get(r["method"], len(order)))
+                r.get("gen_pixel_weight") or 0, order.get(r["method"], len(order)))
     marks = _build_marks(rows, extra)
     for r in sorted(rows, key=place):
-        source = (f"{r['num_calib']} data-free {r['data_free']} ({r['gen_iterations']} steps)" if r.get("data_free")
+        pixel = f", pixel loss {r['gen_pixel_weight']:g}" if r.get("gen_pixel_weight") else ""
+        source = (f"{r['num_calib']} data-free {r['data_free']} ({r['gen_iterations']} steps{pixel})" if r.get("data_free")
                   else f"{r['num_calib']} real")
         if r["num_eval"] != extra["num_eval"]:  # scored on another number of test images than the header says
             source += f" (scored on {r['num_eval']} test images)"
@@ -460,6 +468,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-calib", type=int, default=32)
     parser.add_argument("--df-images", type=int, default=16, help="images of the data-free rows (and their real twin)")
     parser.add_argument("--df-iterations", type=int, default=50, help="generator steps per batch (CPU budget)")
+    parser.add_argument("--df-pixel-weight", type=float, default=0.0,
+                        help="weight of the generators' per-pixel information loss on the model's scores (0: none)")
     parser.add_argument("--num-eval", type=int, default=None, help="default: all of test/")
     parser.add_argument("--append", action="store_true", help="keep the rows measured before; add the missing")
     parser.add_argument("--dry-run", action="store_true")
@@ -474,7 +484,7 @@ def main(argv=None) -> int:
         if not args.model:
             parser.error("--bench needs --model DIR/model.pth")
         bench(Path(args.model), assets, args.methods, args.bits, args.data_free, args.num_calib, args.num_eval,
-              args.seed, args.append, args.dry_run, args.df_images, args.df_iterations)
+              args.seed, args.append, args.dry_run, args.df_images, args.df_iterations, args.df_pixel_weight)
     if args.render:
         stored = _load()
         if not stored["rows"]:

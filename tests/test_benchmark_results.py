@@ -81,3 +81,15 @@ def test_segmentation_rows_of_two_other_builds_get_marks_of_their_own():
     assert segmentation._build_marks(rows, {"model_sha": "aaaa"}) == {"bbbb": " ‡", "cccc": " §"}
     lines = segmentation._build_lines(rows, {"model_sha": "aaaa"})[1:]
     assert [line.split(" ")[0] for line in lines] == ["‡", "§"]
+
+
+def test_segmentation_data_free_rows_of_another_output_loss_or_budget_are_rows_of_their_own():
+    import segmentation
+
+    base = dict(_seg_row("recommended", "aaaa"), data_free="clamp", num_calib=16, gen_iterations=50)
+    keys = {segmentation._key(base), segmentation._key(dict(base, gen_pixel_weight=1.0)),
+            segmentation._key(dict(base, gen_iterations=200))}
+    assert len(keys) == 3
+    assert segmentation._key(dict(base, gen_pixel_weight=0.0)) == segmentation._key(base)  # 0: no pixel loss
+    real = _seg_row("recommended", "aaaa")
+    assert segmentation._key(dict(real, gen_pixel_weight=1.0)) == segmentation._key(real)  # real images: no generator

@@ -322,6 +322,13 @@ def test_cli_data_free_segmentation_says_the_output_loss_was_dropped(seg_checkpo
     assert "without the cross-entropy to random classes" in (out / "report.md").read_text()
     stats = json.loads((out / "stats.json").read_text())
     assert stats["output_loss"] is False and stats["target_hit_rate"] is None
+    # with the per-pixel information loss the images are shaped by the model's scores: no such remark
+    out = tmp_path / "df-pixel"
+    assert main(["quantize", str(seg_checkpoint), "--recipe", "omse", "--data-free", "clamp", "--num-images", "2",
+                 "--iterations", "2", "--gen-settings", '{"pixel_weight": 1}', "--eval", str(seg_set), "--out", str(out),
+                 "--quiet"]) == 0
+    assert json.loads((out / "stats.json").read_text())["output_loss"] is True
+    assert "without the cross-entropy to random classes" not in (out / "report.md").read_text()
 
 
 def test_cli_export_of_a_segmentation_run_and_its_miou_in_onnx_runtime(seg_checkpoint, seg_set, tmp_path, capsys):

@@ -358,7 +358,7 @@ def quantize(
     if made is not None:
         plan_meta.setdefault("calibration", {"data_free": made.generator, "num": len(made.result.images), "seed": seed})
         ctx.record["data_free"] = {"generator": made.generator, "settings": made.settings,
-                                   "seconds": round(made.result.seconds, 2)}
+                                   "seconds": round(made.result.seconds, 2), "output_loss": made.result.output_loss}
         synthetic = made.result
     return QuantizedModel(qmodel, plan_from_model(qmodel, plan_meta), ctx.record, synthetic)
 

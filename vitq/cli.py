@@ -411,7 +411,8 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, generator_name: str
 
 
 HEADLESS_NOTE = ("the model has no image-level classifier: the synthetic images were made without the cross-entropy "
-                 "to random classes, from the patch losses and the image prior alone")
+                 "to random classes, from the patch losses and the image prior alone (a segmentation model can use "
+                 "its per-pixel scores instead: --gen-settings '{\"pixel_weight\": 1}')")
 
 
 SYNTHETIC_FILE = "synthetic.pt"
@@ -423,9 +424,11 @@ def _generate_or_reuse(args: argparse.Namespace, loaded: LoadedModel, recipe, de
     if args.resume and saved.exists():
         data = load_state(saved)
         run.log.info("resume: reusing the %d synthetic images in %s", len(data["images"]), saved)
-        return GenerationResult(data["images"], data["targets"], 0.0)
+        return GenerationResult(data["images"], data["targets"], 0.0,
+                                output_loss=data.get("output_loss", has_class_head(loaded.model)))
     result = _generate(args, loaded, args.data_free, recipe, device, run)
-    atomic_torch_save({"images": result.images.cpu(), "targets": result.targets.cpu()}, saved)
+    atomic_torch_save({"images": result.images.cpu(), "targets": result.targets.cpu(),
+                       "output_loss": result.output_loss}, saved)
     return result
 
 
@@ -638,6 +641,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      __version__, loaded.name, recipe.name, args.w_bits, args.a_bits, protocol.name, device)
         meta = {"model": loaded.identity, "seed": args.seed, "batch_size": args.batch_size}
         refresh: Optional[Refresher] = None
+        headless = False  # data-free images made without an output loss (a model without a head for it)
         if calib is not None:
             run.log.info("calibration: %d images from %s", len(calib), calib.root)
             if task == "detection":  # in the detector's own input form: it resizes and normalises inside
@@ -648,6 +652,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             num_calib, calib_source = len(calib), str(calib.root)
         else:
             generated = _generate_or_reuse(args, loaded, recipe, device, run)
+            headless = not generated.output_loss
             calib_batches = list(generated.images.split(args.batch_size))
             meta["calibration"] = {"data_free": args.data_free, "num": len(generated.images), "seed": args.seed}
             num_calib, calib_source = len(generated.images), f"the {args.data_free} generator (data-free)"
@@ -739,7 +744,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "device": str(device),
             "quant_points": count_quant_points(result.model),
             "float_layers": float_layers(result.model),
-            "remarks": [HEADLESS_NOTE] if args.data_free and not has_class_head(loaded.model) else [],
+            "remarks": [HEADLESS_NOTE] if headless else [],
         }
         run.write_json("metrics.json", metrics)
         run.write_text("report.md", run_report(metrics, notes))

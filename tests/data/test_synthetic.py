@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from conftest import tiny_swin, tiny_vit
 from vitq.cli import main
 from vitq.data.synthetic import GenerationDiverged, GeneratorSettings, create_generator
 from vitq.data.synthetic.io import denormalize
-from vitq.data.synthetic.losses import patch_contrastive_loss, patch_similarity_entropy, total_variation
+from vitq.data.synthetic.losses import (patch_contrastive_loss, patch_similarity_entropy, pixel_information_loss,
+                                        total_variation)
 from vitq.errors import VitqError
 from vitq.models import load_model
 
@@ -259,3 +261,49 @@ def test_cli_refuses_mixed_real_and_synthetic_options(checkpoint, image_folder, 
     assert "--num-calib" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--calib", str(image_folder), "--data-free", "clamp"])
+
+
+def test_pixel_information_loss_exact_on_hand_made_scores():
+    """Pixel entropy minus the entropy of the classes' share: uniform pixels give log K − log K = 0;
+    confident pixels split evenly over K classes give 0 − log K; all confident in one class give 0."""
+    K = 4
+    assert pixel_information_loss(torch.zeros(2, K, 3, 5)).item() == pytest.approx(0.0, abs=1e-6)
+    even = torch.full((2, K, 2, 2), -1e4)
+    for c in range(K):  # each class owns one pixel of each image
+        even[:, c, c // 2, c % 2] = 1e4
+    assert pixel_information_loss(even).item() == pytest.approx(-math.log(K), abs=1e-5)
+    one = torch.full((2, K, 2, 2), -1e4)
+    one[:, 1] = 1e4
+    assert pixel_information_loss(one).item() == pytest.approx(0.0, abs=1e-5)
+    # one pixel at [0.5, 0.5, 0, 0], the other confident in class 2: mean pixel entropy log(2)/2,
+    # shares [0.25, 0.25, 0.5, 0]: entropy 1.5·log 2
+    mixed = torch.tensor([[0.0, 0.0, -1e4, -1e4], [-1e4, -1e4, 1e4, -1e4]]).T.reshape(1, K, 1, 2)
+    assert pixel_information_loss(mixed).item() == pytest.approx(0.5 * math.log(2) - 1.5 * math.log(2), abs=1e-5)
+    with pytest.raises(ValueError, match=r"\[B, K, H, W\]"):
+        pixel_information_loss(torch.zeros(2, K))
+
+
+def test_pixel_weight_shapes_a_segmenters_images_with_its_scores():
+    """With pixel_weight a segmentation model's images are made with its per-pixel information loss
+    (recorded as an output loss), and that loss is lower on them than on images made without it."""
+    import timm
+
+    from vitq.models import ViTSegmenter
+
+    torch.manual_seed(0)
+    seg = ViTSegmenter(timm.create_model("test_vit", img_size=(32, 48), patch_size=8, num_classes=0), [0, 1], 3,
+                       hidden=8).eval()
+    with torch.no_grad():  # a random head's scores are near-uniform: make them depend on the image
+        seg.head[-1].weight.mul_(50)
+    config = {"input_size": (3, 32, 48), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    made = {}
+    for weight in (0.0, 5.0):
+        gen = create_generator("clamp", {"iterations": 20, "batch_size": 4, "pixel_weight": weight})
+        made[weight] = gen.generate(seg, 4, config, seed=0, progress=False)
+    assert not made[0.0].output_loss and made[5.0].output_loss
+    with torch.no_grad():
+        info = {w: pixel_information_loss(seg(r.images)).item() for w, r in made.items()}
+    assert info[5.0] < info[0.0] - 0.05
+    assert not create_generator("gaussian", {"pixel_weight": 1.0}).generate(seg, 2, config, progress=False).output_loss
+    with pytest.raises(VitqError, match="pixel_weight"):
+        GeneratorSettings(pixel_weight=-1.0)

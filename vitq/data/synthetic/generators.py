@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from ...errors import VitqError, reject_unknown_keys
 from ...models.adapters import find_adapter, kept_on_its_device, scores_last
 from ...registry import Registry
-from .losses import PSAQ_TV_SCALE, patch_contrastive_loss, patch_similarity_entropy, roughness, total_variation
+from .losses import (PSAQ_TV_SCALE, patch_contrastive_loss, patch_similarity_entropy, pixel_information_loss, roughness,
+                     total_variation)
 
 Tensor = torch.Tensor
 
@@ -59,6 +60,10 @@ class GeneratorSettings:
         patch_weight: weight of the patch loss (PSAQ entropy or CLAMP contrastive).
         window, positives, tau, negatives: CLAMP's contrastive settings.
         bandwidth, kde_points: PSAQ's kernel density estimate.
+        pixel_weight: for a segmentation model (per-pixel class scores, no image-level class): the
+            weight of :func:`pixel_information_loss`, its output loss in place of the cross-entropy to
+            random classes (confident pixels, every class used across the batch). 0 (the default): a
+            segmentation model's images come from the patch losses and image priors alone.
         precision: the float model's forward and backward in ``float32`` (default), ``bfloat16`` or
             ``float16`` autocast (the images, the losses and Adam stay in float32): bfloat16 is faster
             on a GPU and on CPUs with AMX or AVX512-BF16, slower on CPUs without them.
@@ -81,6 +86,7 @@ class GeneratorSettings:
     negatives: str = "window"
     bandwidth: float = 0.01
     kde_points: int = 10
+    pixel_weight: float = 0.0
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -102,6 +108,9 @@ class GeneratorSettings:
                             f"got {self.label_smoothing!r}")
         if self.tv_target is not None and not self.tv_target > 0:
             raise VitqError(f"tv_target is a roughness (about 1.5 for real images), positive, got {self.tv_target!r}")
+        if not (isinstance(self.pixel_weight, (int, float)) and not isinstance(self.pixel_weight, bool)
+                and math.isfinite(self.pixel_weight) and self.pixel_weight >= 0):
+            raise VitqError(f"pixel_weight must be a finite number of at least 0, got {self.pixel_weight!r}")
         if self.precision not in ("float32", "bfloat16", "float16"):
             raise VitqError(f"precision must be 'float32', 'bfloat16' or 'float16', got {self.precision!r}")
         if not 0 <= self.jitter < 0.5:
@@ -124,9 +133,15 @@ class GenerationResult:
     targets: Tensor
     seconds: float
     losses: List[float] = field(default_factory=list)
-    #: whether the cross-entropy to random classes was part of the loss (not for a model without a
-    #: classification head: a backbone inside a dense model makes images from its patch losses alone)
+    #: whether an output loss was part of the loss: the cross-entropy to random classes for a
+    #: classifier, the per-pixel information loss for a segmentation model given a ``pixel_weight``;
+    #: otherwise (a backbone inside a dense model) the images come from the patch losses alone
     output_loss: bool = True
+
+
+def has_pixel_head(model: nn.Module) -> bool:
+    """Whether ``model`` outputs per-pixel class scores ``[B, K, H, W]`` (a segmentation model)."""
+    return int(getattr(model, "num_classes", 0) or 0) > 0 and getattr(model, "task", None) == "segmentation"
 
 
 def has_class_head(model: nn.Module) -> bool:
@@ -191,7 +206,16 @@ class Generator:
         finally:
             bar.close()
         return GenerationResult(torch.cat(batches), targets, time.perf_counter() - start, losses,
-                                output_loss=has_class_head(model) and self.settings.ce_weight > 0)
+                                output_loss=self.uses_output_loss(model))
+
+    def uses_output_loss(self, model: nn.Module) -> bool:
+        """Whether images for ``model`` are shaped by its output: a classifier's cross-entropy to random
+        classes (``ce_weight``) or a segmentation model's per-pixel information loss (``pixel_weight``)."""
+        if not self.uses_grids:
+            return False
+        if has_class_head(model):
+            return self.settings.ce_weight > 0
+        return has_pixel_head(model) and self.settings.pixel_weight > 0
 
     @property
     def name(self) -> str:
@@ -261,6 +285,7 @@ class Generator:
             else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, iterations - warmup))),
         )
         head = has_class_head(model)
+        pixels = not head and has_pixel_head(model) and s.pixel_weight > 0
         grids: List[Tensor] = []
         hooks = []
         if self.uses_grids:
@@ -285,6 +310,8 @@ class Generator:
                         else s.tv_weight * PSAQ_TV_SCALE * (roughness(x) - s.tv_target).abs())
                 if head:
                     loss = loss + s.ce_weight * F.cross_entropy(logits, targets, label_smoothing=s.label_smoothing)
+                elif pixels:
+                    loss = loss + s.pixel_weight * pixel_information_loss(logits)
                 if self.uses_grids and s.patch_weight:
                     loss = loss + s.patch_weight * self.patch_loss(grids)
                 if adversary is not None and adversary_weight:

@@ -113,3 +113,19 @@ def roughness(x: Tensor) -> Tensor:
     diffs = (x[:, :, :, 1:] - x[:, :, :, :-1], x[:, :, 1:, :] - x[:, :, :-1, :],
              x[:, :, 1:, 1:] - x[:, :, :-1, :-1], x[:, :, 1:, :-1] - x[:, :, :-1, 1:])
     return sum(d.pow(2).mean().sqrt() for d in diffs)
+
+
+def pixel_information_loss(logits: Tensor) -> Tensor:
+    """Information maximisation of a dense model's per-pixel class scores ``[B, K, H, W]``: the mean
+    entropy of each pixel's class distribution minus the entropy of the classes' share over all the
+    batch's pixels (nats). Low when every pixel is confidently one class and every class covers the
+    same share of the batch; it lets a data-free generator shape images with a segmentation head, which
+    has no image-level class to aim at. At most ``log K`` (uniform pixels), at least ``−log K``."""
+    if logits.dim() != 4:
+        raise ValueError(f"per-pixel class scores must be [B, K, H, W], got shape {tuple(logits.shape)}")
+    logp = F.log_softmax(logits.float(), dim=1)
+    p = logp.exp()
+    pixel_entropy = -(p * logp).sum(1).mean()
+    share = p.mean(dim=(0, 2, 3))
+    share_entropy = -(share * share.clamp_min(1e-12).log()).sum()
+    return pixel_entropy - share_entropy
