@@ -405,7 +405,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, generator_name: str
     if stats["mean_confidence"] is not None:
         run.log.info("float model confidence %.3f, %d distinct predicted classes", stats["mean_confidence"],
                      stats["distinct_predicted_classes"])
-    if not result.output_loss:
+    if not result.output_loss and not has_class_head(loaded.model):
         run.log.info(HEADLESS_NOTE)
     return result
 
@@ -652,7 +652,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             num_calib, calib_source = len(calib), str(calib.root)
         else:
             generated = _generate_or_reuse(args, loaded, recipe, device, run)
-            headless = not generated.output_loss
+            headless = not generated.output_loss and not has_class_head(loaded.model)
             calib_batches = list(generated.images.split(args.batch_size))
             meta["calibration"] = {"data_free": args.data_free, "num": len(generated.images), "seed": args.seed}
             num_calib, calib_source = len(generated.images), f"the {args.data_free} generator (data-free)"

@@ -307,3 +307,10 @@ def test_pixel_weight_shapes_a_segmenters_images_with_its_scores():
     assert not create_generator("gaussian", {"pixel_weight": 1.0}).generate(seg, 2, config, progress=False).output_loss
     with pytest.raises(VitqError, match="pixel_weight"):
         GeneratorSettings(pixel_weight=-1.0)
+    # a model without per-pixel scores (a bare backbone's features) or a classifier: named, not ignored
+    backbone = timm.create_model("test_vit", img_size=(32, 48), patch_size=8, num_classes=0).eval()
+    with pytest.raises(VitqError, match=r"per-pixel class scores \[B, K, H, W\].*shape \(2, "):
+        create_generator("clamp", {"iterations": 2, "pixel_weight": 1.0}).generate(backbone, 2, config, progress=False)
+    classifier = timm.create_model("test_vit", img_size=(32, 48), patch_size=8, num_classes=5).eval()
+    with pytest.raises(VitqError, match="ce_weight"):
+        create_generator("clamp", {"iterations": 2, "pixel_weight": 1.0}).generate(classifier, 2, config, progress=False)

@@ -139,11 +139,6 @@ class GenerationResult:
     output_loss: bool = True
 
 
-def has_pixel_head(model: nn.Module) -> bool:
-    """Whether ``model`` outputs per-pixel class scores ``[B, K, H, W]`` (a segmentation model)."""
-    return int(getattr(model, "num_classes", 0) or 0) > 0 and getattr(model, "task", None) == "segmentation"
-
-
 def has_class_head(model: nn.Module) -> bool:
     """Whether ``model`` outputs image-level class scores (a classifier with ``num_classes`` > 0);
     a backbone without head, or a segmentation model, does not: data-free generation drops its
@@ -215,7 +210,7 @@ class Generator:
             return False
         if has_class_head(model):
             return self.settings.ce_weight > 0
-        return has_pixel_head(model) and self.settings.pixel_weight > 0
+        return self.settings.pixel_weight > 0
 
     @property
     def name(self) -> str:
@@ -285,7 +280,10 @@ class Generator:
             else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, iterations - warmup))),
         )
         head = has_class_head(model)
-        pixels = not head and has_pixel_head(model) and s.pixel_weight > 0
+        if head and s.pixel_weight > 0:
+            raise VitqError("pixel_weight is for segmentation models (per-pixel class scores); a classifier's images "
+                            "are shaped by its cross-entropy to random classes (ce_weight): set pixel_weight to 0")
+        pixels = not head and s.pixel_weight > 0
         grids: List[Tensor] = []
         hooks = []
         if self.uses_grids:
@@ -311,6 +309,10 @@ class Generator:
                 if head:
                     loss = loss + s.ce_weight * F.cross_entropy(logits, targets, label_smoothing=s.label_smoothing)
                 elif pixels:
+                    if not (torch.is_tensor(logits) and logits.dim() == 4):
+                        got = f"shape {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
+                        raise VitqError(f"pixel_weight needs per-pixel class scores [B, K, H, W] from the model, got "
+                                        f"{got}: set pixel_weight to 0 for this model")
                     loss = loss + s.pixel_weight * pixel_information_loss(logits)
                 if self.uses_grids and s.patch_weight:
                     loss = loss + s.patch_weight * self.patch_loss(grids)
