@@ -372,8 +372,8 @@ def test_cli_unreadable_label_map_is_named_before_any_work_or_skipped(seg_checkp
 
 
 @pytest.mark.parametrize("make, recipe, settings", [
-    (tiny_segmenter, "clamp-vit", {"passes": 1, "cycles": 2, "refresh_every": 0, "batch_size": 3}),
-    (tiny_swin_segmenter, "cpt-v", {"passes": 1, "cycles": 2, "batch_size": 3}),
+    (tiny_segmenter, "clamp-vit", {"passes": 1, "cycles": 1, "refresh_every": 0, "batch_size": 3, "max_units": 10}),
+    (tiny_swin_segmenter, "cpt-v", {"passes": 1, "cycles": 1, "batch_size": 3}),
 ])
 def test_search_on_a_dense_model_replays_the_unchanged_blocks_exactly(make, recipe, settings, batches, monkeypatch):
     """Replaying the cached outputs of the blocks before the searched unit gives the very same search
