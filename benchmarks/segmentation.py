@@ -243,34 +243,42 @@ def _save_rows(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
     RESULTS_JSON.write_text(json.dumps({**extra, "rows": rows}, indent=1) + "\n")
 
 
-def _key(row: Dict[str, Any]) -> Tuple[str, str, Any, int, Any, Any]:
-    """What a row measures: rows of another generator budget or output loss are other rows, not replacements."""
+def _key(row: Dict[str, Any]) -> Tuple[str, str, Any, int, Any, Any, str]:
+    """What a row measures: rows of another generator budget, output loss or scored split (``val`` rows
+    choose settings, ``test`` rows report) are other rows, not replacements."""
     generator = row.get("data_free")
     return (row["method"], row["bits"], generator, row["num_calib"], row.get("gen_iterations") if generator else None,
-            float(row.get("gen_pixel_weight") or 0.0) if generator else None)
+            float(row.get("gen_pixel_weight") or 0.0) if generator else None, row.get("split", "test"))
 
 
-def _same_model(model_path: Path, model_sha: str, num_test: int):
+def _same_model(model_path: Path, model_sha: str, num_test: int, num_val: int = -1):
     """Whether a stored row was measured on this reference model: on these very weights (the same
     checksum), or on another build of it. ``--build-model`` is deterministic on one CPU, but its float
     rounding differs between CPUs (an AMD and an Intel build differ in their last bits); a build is the
-    same model when it scores the same float test mIoU on all test images as this one's card says
-    (3 decimals; the CamVid builds so far: 57.1472 and 57.1473)."""
+    same model when it scores the same float mIoU on all images of the row's split (test, or val for
+    the rows that choose settings) as this one's card says (3 decimals; the CamVid builds so far:
+    test 57.1472 and 57.1473)."""
     card_path = model_path.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    card_fp = (card.get("metrics") or {}).get("test_miou")
+    metrics = card.get("metrics") or {}
 
     def same(row: Dict[str, Any]) -> bool:
         if row.get("model_sha") == model_sha:
             return True
-        return bool(row.get("model_sha")) and card_fp is not None and row["num_eval"] == num_test and \
+        split = row.get("split", "test")
+        card_fp = metrics.get(f"{split}_miou")
+        count = num_val if split == "val" else num_test
+        return bool(row.get("model_sha")) and card_fp is not None and row["num_eval"] == count and \
             abs(row["fp_miou"] - card_fp) < 0.002
     return same
 
 
 def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], data_free: List[str],
           num_calib: int, num_eval: int, seed: int, append: bool, dry_run: bool, df_images: int = 16,
-          df_iterations: int = 50, df_pixel_weight: float = 0.0) -> List[Dict[str, Any]]:
+          df_iterations: int = 50, df_pixel_weight: float = 0.0, split: str = "test") -> List[Dict[str, Any]]:
+    """The table's rows of ``methods`` × ``bits`` (and the data-free W4A8 rows), scored on ``split``:
+    ``test`` (the reported table) or ``val`` (rows that choose a setting, e.g. ``--df-pixel-weight``,
+    kept apart and never mixed into the reported table)."""
     from accuracy import PeakMemory, parse_bits
 
     import vitq
@@ -280,11 +288,14 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     camvid = assets / "camvid"
     calib = balanced_subset(scan_folder(camvid / "images" / "train", labelled=False), num_calib, seed)
     calib_batches = [x for x, _ in make_loader(calib, loaded.data_config, 8)]
+    if split not in ("test", "val"):
+        raise ValueError(f"split {split!r}: expected 'test' (the reported table) or 'val' (choosing settings)")
     test_all = scan_segmentation(camvid, "test")
-    test = test_all.sample(num_eval, seed)
+    val_all = scan_segmentation(camvid, "val")
+    test = (test_all if split == "test" else val_all).sample(num_eval, seed)  # the images this run scores
     eval_batches = list(segmentation_loader(test, loaded.data_config, 8))
     model_sha = loaded.digest  # the float weights' checksum
-    same_model = _same_model(model_path, model_sha, len(test_all))
+    same_model = _same_model(model_path, model_sha, len(test_all), len(val_all))
     stored = _load() if append else {"rows": []}
     # rows of another reference model (or from before the rows recorded the checksum) leave the table:
     # they are kept in the JSON under "earlier_model_rows". Rows of another build of the same model
@@ -294,27 +305,30 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     other_builds = stored.get("other_build_rows", [])
     # a row counts as measured only with the recipe as it is now: a changed recipe is measured again
     done = {_key(r) for r in rows
-            if r.get("recipe_sha") == recipe_sha(r["method"]) and r["num_eval"] == len(test)}
+            if r.get("recipe_sha") == recipe_sha(r["method"]) and r["num_eval"] == len(test)
+            and r.get("split", "test") == split}
     # data-free rows (W4A8, the recommended recipe) beside real images of the same number
-    plan = [(m, b, None, len(calib), None, None) for b in bits for m in methods]
+    plan = [(m, b, None, len(calib), None, None, split) for b in bits for m in methods]
     if data_free:  # the generators' output loss: the per-pixel information loss at --df-pixel-weight (noise has none)
-        plan += [("recommended", "w4a8", None, df_images, None, None)] + \
-            [("recommended", "w4a8", g, df_images, df_iterations, df_pixel_weight if g != "gaussian" else 0.0)
+        plan += [("recommended", "w4a8", None, df_images, None, None, split)] + \
+            [("recommended", "w4a8", g, df_images, df_iterations, df_pixel_weight if g != "gaussian" else 0.0, split)
              for g in data_free]
-    extra = {"model": str(model_path), "model_sha": model_sha, "num_calib": len(calib), "num_eval": len(test),
+    # the header describes the reported (test) table: a val run keeps what the stored rows say of it
+    num_test = len(test) if split == "test" else stored.get("num_eval", len(test_all))
+    extra = {"model": str(model_path), "model_sha": model_sha, "num_calib": len(calib), "num_eval": num_test,
              "calibration": f"{len(calib)} seeded images of camvid/images/train (seed {seed})",
-             "evaluation": f"{len(test)} images of camvid test/"}
+             "evaluation": f"{num_test} images of camvid test/"}
     if earlier:
         extra["earlier_model_rows"] = earlier
     if other_builds:
         extra["other_build_rows"] = other_builds
-    for method, bits_name, generator, count, steps, pixel_weight in plan:
-        if (method, bits_name, generator, count, steps, pixel_weight) in done:
+    for method, bits_name, generator, count, steps, pixel_weight, _ in plan:
+        if (method, bits_name, generator, count, steps, pixel_weight, split) in done:
             continue
         (w, a), = parse_bits([bits_name])
         source = f"data-free {generator} ({steps} steps{f', pixel loss {pixel_weight:g}' if pixel_weight else ''})" \
             if generator else "real"
-        print(f"[{method} {bits_name} {count} {source} images]", flush=True)
+        print(f"[{method} {bits_name} {count} {source} images, scored on {split}/]", flush=True)
         if dry_run:
             continue
         started = time.perf_counter()
@@ -337,7 +351,8 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
         row = {"method": method, "recipe_sha": recipe_sha(method), "model_sha": model_sha, "machine": machine(),
                "bits": bits_name, "data_free": generator, "num_calib": count,
                "gen_iterations": df_iterations if generator else None,
-               **({"gen_pixel_weight": pixel_weight} if pixel_weight else {}), **metrics,
+               **({"gen_pixel_weight": pixel_weight} if pixel_weight else {}),
+               **({"split": split} if split != "test" else {}), **metrics,
                "quantize_seconds": round(quantize_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
                "stage_seconds": result.record.get("stage_seconds"), "peak_mib": memory.mib,
                "generation_seconds": (result.record.get("data_free") or {}).get("seconds")}
@@ -390,6 +405,10 @@ def _build_lines(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> List[str]
 
 
 def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
+    selection = [r for r in rows if r.get("split", "test") != "test"]  # rows scored on val/ choose settings
+    rows = [r for r in rows if r.get("split", "test") == "test"]
+    if not rows:
+        return
     fp = rows[0]["fp_miou"]
     counts: Dict[str, int] = {}
     for r in rows:
@@ -425,18 +444,30 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
                 DATA_FREE.index(r["data_free"]) + 1 if r.get("data_free") in DATA_FREE else 0, r.get("gen_iterations") or 0,
                 r.get("gen_pixel_weight") or 0, order.get(r["method"], len(order)))
     marks = _build_marks(rows, extra)
-    for r in sorted(rows, key=place):
+    marks.update({r["model_sha"]: f" [build {r['model_sha']}]" for r in selection
+                  if r["model_sha"] != extra["model_sha"] and r["model_sha"] not in marks})
+
+    def line(r: Dict[str, Any], num_eval: int) -> str:
         pixel = f", pixel loss {r['gen_pixel_weight']:g}" if r.get("gen_pixel_weight") else ""
         source = (f"{r['num_calib']} data-free {r['data_free']} ({r['gen_iterations']} steps{pixel})" if r.get("data_free")
                   else f"{r['num_calib']} real")
-        if r["num_eval"] != extra["num_eval"]:  # scored on another number of test images than the header says
-            source += f" (scored on {r['num_eval']} test images)"
+        if r["num_eval"] != num_eval:  # scored on another number of images than the header says
+            source += f" (scored on {r['num_eval']} {r.get('split', 'test')} images)"
         method = r["method"] if r.get("recipe_sha") == recipe_sha(r["method"]) else \
             f"{r['method']} ({'an earlier version of the recipe' if r.get('recipe_sha') else 'recipe version not recorded'})"
         method += marks.get(r["model_sha"], "")
-        lines.append(f"| {method} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
-                     f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
-                     f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
+        return (f"| {method} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
+                f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
+                f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
+    lines += [line(r, extra["num_eval"]) for r in sorted(rows, key=place)]
+    if selection:
+        val_fp = selection[0]["fp_miou"]
+        lines += ["", f"Rows that choose settings, scored on camvid val/ ({selection[0]['num_eval']} images; "
+                  "`--split val`), never on test/:", "",
+                  f"| method | bits | calibration images | val mIoU (float {val_fp:.2f}) | Δ | pixel agreement | KL | "
+                  "quantize s | peak MiB |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [line(r, selection[0]["num_eval"]) for r in sorted(selection, key=place)]
     lines += _build_lines(rows, extra)
     if extra.get("earlier_model_rows"):
         lines += ["", f"{len(extra['earlier_model_rows'])} rows measured on another reference model (a build whose float test mIoU "
@@ -470,7 +501,9 @@ def main(argv=None) -> int:
     parser.add_argument("--df-iterations", type=int, default=50, help="generator steps per batch (CPU budget)")
     parser.add_argument("--df-pixel-weight", type=float, default=0.0,
                         help="weight of the generators' per-pixel information loss on the model's scores (0: none)")
-    parser.add_argument("--num-eval", type=int, default=None, help="default: all of test/")
+    parser.add_argument("--num-eval", type=int, default=None, help="default: all of the scored split")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="score on test/ (the reported table) or val/ (rows that choose a setting, kept apart)")
     parser.add_argument("--append", action="store_true", help="keep the rows measured before; add the missing")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--render", action="store_true", help="rewrite RESULTS.md's section from the stored rows")
@@ -484,7 +517,8 @@ def main(argv=None) -> int:
         if not args.model:
             parser.error("--bench needs --model DIR/model.pth")
         bench(Path(args.model), assets, args.methods, args.bits, args.data_free, args.num_calib, args.num_eval,
-              args.seed, args.append, args.dry_run, args.df_images, args.df_iterations, args.df_pixel_weight)
+              args.seed, args.append, args.dry_run, args.df_images, args.df_iterations, args.df_pixel_weight,
+              args.split)
     if args.render:
         stored = _load()
         if not stored["rows"]:

@@ -93,3 +93,32 @@ def test_segmentation_data_free_rows_of_another_output_loss_or_budget_are_rows_o
     assert segmentation._key(dict(base, gen_pixel_weight=0.0)) == segmentation._key(base)  # 0: no pixel loss
     real = _seg_row("recommended", "aaaa")
     assert segmentation._key(dict(real, gen_pixel_weight=1.0)) == segmentation._key(real)  # real images: no generator
+
+
+def test_segmentation_rows_scored_on_val_choose_settings_and_stay_out_of_the_reported_table(tmp_path, monkeypatch):
+    import json
+
+    import segmentation
+
+    test_row = dict(_seg_row("recommended", "aaaa", quant=52.11), data_free="clamp", num_calib=16, gen_iterations=50,
+                    gen_pixel_weight=1.0, pixel_agreement=93.0, kl=0.09, quantize_seconds=1552.0, peak_mib=900.0)
+    val_row = dict(test_row, split="val", fp_miou=66.781, quant_miou=61.5, num_eval=101)
+    assert segmentation._key(val_row) != segmentation._key(test_row)  # a val row never replaces a test row
+
+    (tmp_path / "model.json").write_text(json.dumps({"metrics": {"test_miou": 57.147, "val_miou": 66.781}}))
+    same = segmentation._same_model(tmp_path / "model.pth", "aaaa", num_test=233, num_val=101)
+    assert same(dict(val_row, model_sha="bbbb"))  # another build: compared with the card's val mIoU
+    assert not same(dict(val_row, model_sha="bbbb", num_eval=233))
+
+    written = {}
+    monkeypatch.setattr(segmentation, "write_section", lambda head, lines: written.setdefault(head, lines))
+    monkeypatch.setattr(segmentation, "recipe_sha", lambda method: None)
+    segmentation.write_results([val_row, test_row], {"model_sha": "aaaa", "num_calib": 32, "num_eval": 233,
+                                                     "calibration": "32 images", "evaluation": "233 images"})
+    lines = written["## Dense prediction"]
+    reported = lines[lines.index(next(x for x in lines if x.startswith("| method"))):]
+    reported = reported[:reported.index("")]
+    assert any("| 52.11 |" in x for x in reported) and not any("61.50" in x for x in reported)
+    assert any("float 57.15" in x for x in reported)  # the header's float is the test split's
+    chosen = lines[lines.index(next(x for x in lines if "scored on camvid val/" in x)):]
+    assert any("val mIoU (float 66.78)" in x for x in chosen) and any("| 61.50 |" in x for x in chosen)

@@ -118,3 +118,47 @@ def test_greedy_mixed_precision_on_cuda(checkpoint, image_folder, tmp_path, caps
     bits = json.loads((out / "bits.json").read_text())
     blocks = bits["scopes"]["blocks"]
     assert blocks["w_bits"]["weighted"] <= 6 + 1e-6 and blocks["a_bits"]["weighted"] <= 6 + 1e-6
+
+
+def _outputs_on(model, x):
+    with torch.no_grad():
+        return model(x.to(next(model.parameters()).device)).cpu()
+
+
+@pytest.mark.parametrize("bits", [(4, 8), (4, 4)])
+def test_recommended_recipe_on_cuda_is_seeded_and_its_plan_reapplies(vit, images, bits, tmp_path):
+    """Every stage of the default recipe (reparameterisation, OPT-m, GPTQ, block reconstruction with
+    its hold-out at W4A4, bias correction at 8-bit activations) on the device."""
+    w, a = bits
+    recipe = vitq.load_recipe("recommended").with_overrides({"reconstruct": {"iterations": 5}})
+    runs = [vitq.quantize(vit, recipe, [images[:3], images[3:]], w_bits=w, a_bits=a, device=DEVICE, seed=0,
+                          progress=False) for _ in range(2)]
+    assert next(runs[0].model.parameters()).device.type == DEVICE
+    skipped = runs[0].plan.meta.get("skipped_stages") or {}
+    assert "gptq" not in skipped and "reconstruct" not in skipped, skipped
+    out = _outputs_on(runs[0].model, images)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, _outputs_on(runs[1].model, images)), "same seed, different model on the device"
+    runs[0].plan.save(tmp_path)
+    plan = Plan.load(tmp_path / "plan.json")
+    assert torch.equal(_outputs_on(apply_plan(vit, plan).to(DEVICE), images), out)  # reloads on the device
+    on_cpu = _outputs_on(apply_plan(vit, plan), images)  # and on the CPU, to float rounding
+    assert (on_cpu - out).abs().mean() < 0.05 * out.abs().mean()
+    assert next(vit.parameters()).device.type == "cpu"
+
+
+def test_segmenter_backbone_on_cuda_scores_miou(tmp_path):
+    from test_segmentation import H, W, tiny_segmenter
+
+    seg = tiny_segmenter()
+    torch.manual_seed(1)
+    calib = [torch.randn(3, 3, H, W) for _ in range(2)]
+    labels = [torch.randint(0, 3, (3, H, W)) for _ in range(2)]
+    result = vitq.quantize(seg, "recommended", calib, w_bits=4, a_bits=8, device=DEVICE, progress=False)
+    assert all(name.startswith("backbone.") for name in result.plan.rules)
+    metrics, _ = vitq.evaluate_segmentation(seg, result.model, list(zip(calib, labels)), num_classes=3,
+                                            device=DEVICE, progress=False)
+    assert 0 <= metrics["quant_miou"] <= 100 and metrics["fp_miou"] > 0
+    result.plan.save(tmp_path)
+    again = apply_plan(seg, Plan.load(tmp_path / "plan.json")).to(DEVICE)
+    assert torch.equal(_outputs_on(again, calib[0]), _outputs_on(result.model, calib[0]))
