@@ -24,7 +24,7 @@ demo: setup
 		--eval $(VITQ_ASSETS)/cifar10/test --num-eval 2000 --device cpu --out runs/demo-w4a8 --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -q --doctest-modules vitq tests
+	$(BIN)/python -m pytest -q --doctest-modules --durations=25 vitq tests
 
 # End-to-end checks on the real models and images of $(VITQ_ASSETS)
 test-slow: setup
