@@ -5,6 +5,7 @@ from vitq.api import quantize
 from vitq.errors import VitqError
 from vitq.methods import Plan, apply_plan, calibrate, convert, plan_from_model, prepare
 from vitq.models import iter_quantizers
+from vitq.recipes import load_recipe
 from vitq.quant.observers import ObserverConfig
 
 
@@ -27,7 +28,8 @@ def test_protocols_choose_the_quant_points(vit):
 @pytest.mark.parametrize("protocol", ["p3", "p4"])
 def test_recipe_kinds_apply_where_the_protocol_quantizes(vit, images, protocol):
     # the recommended recipe picks log-sqrt2 probabilities; p3 and p4 leave them in float: the recipe still runs
-    result = quantize(vit, "recommended", [images], w_bits=4, a_bits=8, protocol=protocol, progress=False)
+    recipe = load_recipe("recommended").with_overrides({"reconstruct": {"iterations": 10}})  # every stage, briefly
+    result = quantize(vit, recipe, [images], w_bits=4, a_bits=8, protocol=protocol, progress=False)
     probs = [q for _, q in iter_quantizers(result.model) if q.role == "attn_probs"]
     assert probs and not any(q.spec.enabled for q in probs)
     assert result.plan.meta["protocol"] == protocol
