@@ -308,10 +308,10 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
             if r.get("recipe_sha") == recipe_sha(r["method"]) and r["num_eval"] == len(test)
             and r.get("split", "test") == split}
     # data-free rows (W4A8, the recommended recipe) beside real images of the same number
-    plan = [(m, b, None, len(calib), None, None, split) for b in bits for m in methods]
+    plan = [(m, b, None, len(calib), None, None) for b in bits for m in methods]
     if data_free:  # the generators' output loss: the per-pixel information loss at --df-pixel-weight (noise has none)
-        plan += [("recommended", "w4a8", None, df_images, None, None, split)] + \
-            [("recommended", "w4a8", g, df_images, df_iterations, df_pixel_weight if g != "gaussian" else 0.0, split)
+        plan += [("recommended", "w4a8", None, df_images, None, None)] + \
+            [("recommended", "w4a8", g, df_images, df_iterations, df_pixel_weight if g != "gaussian" else 0.0)
              for g in data_free]
     # the header describes the reported (test) table: a val run keeps what the stored rows say of it
     num_test = len(test) if split == "test" else stored.get("num_eval", len(test_all))
@@ -322,7 +322,7 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
         extra["earlier_model_rows"] = earlier
     if other_builds:
         extra["other_build_rows"] = other_builds
-    for method, bits_name, generator, count, steps, pixel_weight, _ in plan:
+    for method, bits_name, generator, count, steps, pixel_weight in plan:
         if (method, bits_name, generator, count, steps, pixel_weight, split) in done:
             continue
         (w, a), = parse_bits([bits_name])

@@ -5,8 +5,8 @@ from vitq.api import quantize
 from vitq.errors import VitqError
 from vitq.methods import Plan, apply_plan, calibrate, convert, plan_from_model, prepare
 from vitq.models import iter_quantizers
-from vitq.recipes import load_recipe
 from vitq.quant.observers import ObserverConfig
+from vitq.recipes import load_recipe
 
 
 def roles(qmodel):
