@@ -275,7 +275,8 @@ def _same_model(model_path: Path, model_sha: str, num_test: int, num_val: int = 
 
 def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], data_free: List[str],
           num_calib: int, num_eval: int, seed: int, append: bool, dry_run: bool, df_images: int = 16,
-          df_iterations: int = 50, df_pixel_weight: float = 0.0, split: str = "test") -> List[Dict[str, Any]]:
+          df_iterations: int = 50, df_pixel_weight: float = 0.0, split: str = "test",
+          df_twin: bool = True) -> List[Dict[str, Any]]:
     """The table's rows of ``methods`` × ``bits`` (and the data-free W4A8 rows), scored on ``split``:
     ``test`` (the reported table) or ``val`` (rows that choose a setting, e.g. ``--df-pixel-weight``,
     kept apart and never mixed into the reported table)."""
@@ -310,7 +311,7 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
     # data-free rows (W4A8, the recommended recipe) beside real images of the same number
     plan = [(m, b, None, len(calib), None, None) for b in bits for m in methods]
     if data_free:  # the generators' output loss: the per-pixel information loss at --df-pixel-weight (noise has none)
-        plan += [("recommended", "w4a8", None, df_images, None, None)] + \
+        plan += [("recommended", "w4a8", None, df_images, None, None)] * df_twin + \
             [("recommended", "w4a8", g, df_images, df_iterations, df_pixel_weight if g != "gaussian" else 0.0)
              for g in data_free]
     # the header describes the reported (test) table: a val run keeps what the stored rows say of it
@@ -493,11 +494,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bench", action="store_true", help="the quantization table of --model")
     parser.add_argument("--model", help="--bench: the reference model (DIR/model.pth of --build-model)")
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="*", default=METHODS, help="recipes of the table's rows (none: data-free rows only)")
     parser.add_argument("--bits", nargs="+", default=BITS)
     parser.add_argument("--data-free", nargs="*", default=DATA_FREE, help="generators of the data-free W4A8 rows")
     parser.add_argument("--num-calib", type=int, default=32)
     parser.add_argument("--df-images", type=int, default=16, help="images of the data-free rows (and their real twin)")
+    parser.add_argument("--df-twin", action=argparse.BooleanOptionalAction, default=True,
+                        help="the data-free rows' twin on as many real images (--no-df-twin: the generators' rows alone)")
     parser.add_argument("--df-iterations", type=int, default=50, help="generator steps per batch (CPU budget)")
     parser.add_argument("--df-pixel-weight", type=float, default=0.0,
                         help="weight of the generators' per-pixel information loss on the model's scores (0: none)")
@@ -518,7 +521,7 @@ def main(argv=None) -> int:
             parser.error("--bench needs --model DIR/model.pth")
         bench(Path(args.model), assets, args.methods, args.bits, args.data_free, args.num_calib, args.num_eval,
               args.seed, args.append, args.dry_run, args.df_images, args.df_iterations, args.df_pixel_weight,
-              args.split)
+              args.split, args.df_twin)
     if args.render:
         stored = _load()
         if not stored["rows"]:
