@@ -337,7 +337,7 @@ def bench(model_path: Path, assets: Path, methods: List[str], bits: List[str], d
             if generator:
                 result = vitq.quantize(loaded.model, _recipe(method), None, data_free=generator, num_images=count,
                                        gen_settings={"iterations": df_iterations, "batch_size": 8,
-                                                     **({"pixel_weight": pixel_weight} if pixel_weight else {})},
+                                                     "pixel_weight": pixel_weight},
                                        batch_size=8,
                                        w_bits=w, a_bits=a, seed=seed, device="cpu", progress=False)
             else:
@@ -427,7 +427,9 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
         "Command: `python benchmarks/segmentation.py --bench --model DIR/model.pth --append` (data-free rows: "
         "the recommended recipe at W4A8 on generated images, CPU budget `--df-images 16 --df-iterations 50`, beside "
         "real images of the same number; the generators use no output loss unless a row says \"pixel loss W\": "
-        f"`--df-pixel-weight W`, the per-pixel information loss on the model's scores; `clamp-vit`: its recipe with the layer-wise search cut to {CLAMP_PASSES} "
+        "`--df-pixel-weight W`, the per-pixel information loss on the model's scores, passed explicitly, so a row "
+        "without it has none, whatever vitq's default (since 2026-12-04 weight 1 for a segmentation model, chosen "
+        f"on the val/ rows below); `clamp-vit`: its recipe with the layer-wise search cut to {CLAMP_PASSES} "
         "pass (the paper: 10) on the same real images, so without its image refresh). A row names its recipe's "
         "version when it was not measured with the recipe as it is now (`--append` measures such rows again). "
         "A data-free row's quantize seconds include generating its images. "
@@ -469,6 +471,11 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
                   "quantize s | peak MiB |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         lines += [line(r, selection[0]["num_eval"]) for r in sorted(selection, key=place)]
+        noted = [r for r in sorted(selection, key=place) if r.get("note")]
+        lines += [""] + [f"- {r['method']} {r['bits'].upper()}, {r['num_calib']} "
+                         f"{'data-free ' + r['data_free'] if r.get('data_free') else 'real'}"
+                         f"{', pixel loss %g' % r['gen_pixel_weight'] if r.get('gen_pixel_weight') else ''}: {r['note']}"
+                         for r in noted] if noted else []
     lines += _build_lines(rows, extra)
     if extra.get("earlier_model_rows"):
         lines += ["", f"{len(extra['earlier_model_rows'])} rows measured on another reference model (a build whose float test mIoU "

@@ -190,10 +190,14 @@ def test_search_on_a_dense_model_runs_the_whole_model(batches):
     assert curve and all(np.isfinite(p["fitness"]) for p in curve)
 
 
-def test_data_free_without_a_head_drops_the_output_loss(batches):
+def test_data_free_without_a_head_drops_the_class_loss_for_the_pixel_loss(batches):
     seg = tiny_segmenter()
+    # no image-level class: no cross-entropy to random classes; a segmentation model's per-pixel loss by default
     made = vitq.synthesize(seg, "clamp-vit", generator="clamp", num_images=2, settings={"iterations": 3},
                            progress=False)
+    assert made.result.images.shape == (2, 3, H, W) and made.result.output_loss
+    made = vitq.synthesize(seg, "clamp-vit", generator="clamp", num_images=2,
+                           settings={"iterations": 3, "pixel_weight": 0}, progress=False)
     assert made.result.images.shape == (2, 3, H, W) and not made.result.output_loss
     result = vitq.quantize(seg, "omse", None, data_free="psaq", num_images=2, gen_settings={"iterations": 2},
                            w_bits=8, a_bits=8, progress=False)
@@ -312,23 +316,25 @@ def test_cli_task_mismatch_is_refused(checkpoint, seg_set, tmp_path, capsys):
     assert "classification model" in err and "Traceback" not in err
 
 
-def test_cli_data_free_segmentation_says_the_output_loss_was_dropped(seg_checkpoint, seg_set, tmp_path):
+def test_cli_data_free_segmentation_uses_the_pixel_loss_or_says_the_output_loss_was_dropped(seg_checkpoint, seg_set,
+                                                                                            tmp_path):
+    # by default a segmentation model's images are shaped by its per-pixel scores: no remark
     out = tmp_path / "df"
     rc = main(["quantize", str(seg_checkpoint), "--recipe", "omse", "--data-free", "clamp", "--num-images", "2",
                "--iterations", "2", "--eval", str(seg_set), "--out", str(out), "--quiet"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "segmentation" and metrics["data_free"] == "clamp" and metrics["quant_miou"] is not None
+    assert json.loads((out / "stats.json").read_text())["output_loss"] is True
+    assert "without the cross-entropy to random classes" not in (out / "report.md").read_text()
+    # with the per-pixel loss turned off the report says the images had no output loss
+    out = tmp_path / "df-no-pixel"
+    assert main(["quantize", str(seg_checkpoint), "--recipe", "omse", "--data-free", "clamp", "--num-images", "2",
+                 "--iterations", "2", "--gen-settings", '{"pixel_weight": 0}', "--eval", str(seg_set), "--out", str(out),
+                 "--quiet"]) == 0
     assert "without the cross-entropy to random classes" in (out / "report.md").read_text()
     stats = json.loads((out / "stats.json").read_text())
     assert stats["output_loss"] is False and stats["target_hit_rate"] is None
-    # with the per-pixel information loss the images are shaped by the model's scores: no such remark
-    out = tmp_path / "df-pixel"
-    assert main(["quantize", str(seg_checkpoint), "--recipe", "omse", "--data-free", "clamp", "--num-images", "2",
-                 "--iterations", "2", "--gen-settings", '{"pixel_weight": 1}', "--eval", str(seg_set), "--out", str(out),
-                 "--quiet"]) == 0
-    assert json.loads((out / "stats.json").read_text())["output_loss"] is True
-    assert "without the cross-entropy to random classes" not in (out / "report.md").read_text()
 
 
 def test_cli_export_of_a_segmentation_run_and_its_miou_in_onnx_runtime(seg_checkpoint, seg_set, tmp_path, capsys):

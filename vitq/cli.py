@@ -411,8 +411,9 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, generator_name: str
 
 
 HEADLESS_NOTE = ("the model has no image-level classifier: the synthetic images were made without the cross-entropy "
-                 "to random classes, from the patch losses and the image prior alone (a segmentation model can use "
-                 "its per-pixel scores instead: --gen-settings '{\"pixel_weight\": 1}')")
+                 "to random classes, from the patch losses and the image prior alone (a segmentation model uses "
+                 "its per-pixel scores instead unless --gen-settings sets pixel_weight to 0; a model of your own "
+                 "that returns per-pixel class scores: --gen-settings '{\"pixel_weight\": 1}')")
 
 
 SYNTHETIC_FILE = "synthetic.pt"

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_swin, tiny_vit
 from vitq.cli import main
 from vitq.data.synthetic import GenerationDiverged, GeneratorSettings, create_generator
+from vitq.data.synthetic.generators import SEGMENTATION_PIXEL_WEIGHT
 from vitq.data.synthetic.io import denormalize
 from vitq.data.synthetic.losses import (patch_contrastive_loss, patch_similarity_entropy, pixel_information_loss,
                                         total_variation)
@@ -301,6 +302,14 @@ def test_pixel_weight_shapes_a_segmenters_images_with_its_scores():
         gen = create_generator("clamp", {"iterations": 20, "batch_size": 4, "pixel_weight": weight})
         made[weight] = gen.generate(seg, 4, config, seed=0, progress=False)
     assert not made[0.0].output_loss and made[5.0].output_loss
+    # no setting: a segmentation model (task "segmentation") gets the loss at SEGMENTATION_PIXEL_WEIGHT
+    default = create_generator("clamp", {"iterations": 20, "batch_size": 4}).generate(seg, 4, config, seed=0,
+                                                                                  progress=False)
+    explicit = create_generator("clamp", {"iterations": 20, "batch_size": 4,
+                                          "pixel_weight": SEGMENTATION_PIXEL_WEIGHT}).generate(seg, 4, config, seed=0,
+                                                                                               progress=False)
+    assert SEGMENTATION_PIXEL_WEIGHT > 0 and default.output_loss
+    assert torch.equal(default.images, explicit.images)
     with torch.no_grad():
         info = {w: pixel_information_loss(seg(r.images)).item() for w, r in made.items()}
     assert info[5.0] < info[0.0] - 0.05
@@ -314,3 +323,6 @@ def test_pixel_weight_shapes_a_segmenters_images_with_its_scores():
     classifier = timm.create_model("test_vit", img_size=(32, 48), patch_size=8, num_classes=5).eval()
     with pytest.raises(VitqError, match="ce_weight"):
         create_generator("clamp", {"iterations": 2, "pixel_weight": 1.0}).generate(classifier, 2, config, progress=False)
+    # without the setting neither gets the loss, and neither is refused
+    assert not create_generator("clamp", {"iterations": 2}).generate(backbone, 2, config, progress=False).output_loss
+    assert create_generator("clamp", {"iterations": 2}).generate(classifier, 2, config, progress=False).output_loss

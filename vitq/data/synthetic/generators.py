@@ -26,6 +26,11 @@ Tensor = torch.Tensor
 
 GENERATORS: Registry[type] = Registry("generator")
 
+#: the per-pixel information loss's weight for a segmentation model when its setting is not given:
+#: chosen on CamVid's val/ split (benchmarks/segmentation.py --split val), data-free W4A8 with the
+#: recommended recipe, against 0
+SEGMENTATION_PIXEL_WEIGHT = 1.0
+
 
 class GenerationDiverged(VitqError):
     """The loss became NaN or inf. ``images`` holds the last finite images of every batch so far."""
@@ -62,8 +67,11 @@ class GeneratorSettings:
         bandwidth, kde_points: PSAQ's kernel density estimate.
         pixel_weight: for a segmentation model (per-pixel class scores, no image-level class): the
             weight of :func:`pixel_information_loss`, its output loss in place of the cross-entropy to
-            random classes (confident pixels, every class used across the batch). 0 (the default): a
-            segmentation model's images come from the patch losses and image priors alone.
+            random classes (confident pixels, every class used across the batch). None (the default):
+            :data:`SEGMENTATION_PIXEL_WEIGHT` for a model that says it is a segmentation model
+            (``task = "segmentation"``, as vitq's :class:`~vitq.models.ViTSegmenter` and a card with a
+            ``segmentation_head``), 0 for any other; 0: the images come from the patch losses and image
+            priors alone. A positive weight on a model without per-pixel scores is an error.
         precision: the float model's forward and backward in ``float32`` (default), ``bfloat16`` or
             ``float16`` autocast (the images, the losses and Adam stay in float32): bfloat16 is faster
             on a GPU and on CPUs with AMX or AVX512-BF16, slower on CPUs without them.
@@ -86,7 +94,7 @@ class GeneratorSettings:
     negatives: str = "window"
     bandwidth: float = 0.01
     kde_points: int = 10
-    pixel_weight: float = 0.0
+    pixel_weight: Optional[float] = None
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -108,13 +116,22 @@ class GeneratorSettings:
                             f"got {self.label_smoothing!r}")
         if self.tv_target is not None and not self.tv_target > 0:
             raise VitqError(f"tv_target is a roughness (about 1.5 for real images), positive, got {self.tv_target!r}")
-        if not (isinstance(self.pixel_weight, (int, float)) and not isinstance(self.pixel_weight, bool)
+        if self.pixel_weight is not None and not (
+                isinstance(self.pixel_weight, (int, float)) and not isinstance(self.pixel_weight, bool)
                 and math.isfinite(self.pixel_weight) and self.pixel_weight >= 0):
-            raise VitqError(f"pixel_weight must be a finite number of at least 0, got {self.pixel_weight!r}")
+            raise VitqError(f"pixel_weight must be a finite number of at least 0 (or null: the default for the "
+                            f"model), got {self.pixel_weight!r}")
         if self.precision not in ("float32", "bfloat16", "float16"):
             raise VitqError(f"precision must be 'float32', 'bfloat16' or 'float16', got {self.precision!r}")
         if not 0 <= self.jitter < 0.5:
             raise VitqError(f"jitter is a fraction of the image side in [0, 0.5), got {self.jitter}")
+
+    def pixel_weight_for(self, model: nn.Module) -> float:
+        """The weight of the per-pixel information loss for ``model``: the setting, or without one
+        :data:`SEGMENTATION_PIXEL_WEIGHT` for a segmentation model and 0 for any other."""
+        if self.pixel_weight is not None:
+            return float(self.pixel_weight)
+        return SEGMENTATION_PIXEL_WEIGHT if getattr(model, "task", None) == "segmentation" else 0.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "generator settings") -> "GeneratorSettings":
@@ -210,7 +227,7 @@ class Generator:
             return False
         if has_class_head(model):
             return self.settings.ce_weight > 0
-        return self.settings.pixel_weight > 0
+        return self.settings.pixel_weight_for(model) > 0
 
     @property
     def name(self) -> str:
@@ -280,10 +297,10 @@ class Generator:
             else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, iterations - warmup))),
         )
         head = has_class_head(model)
-        if head and s.pixel_weight > 0:
+        if head and (s.pixel_weight or 0) > 0:
             raise VitqError("pixel_weight is for segmentation models (per-pixel class scores); a classifier's images "
                             "are shaped by its cross-entropy to random classes (ce_weight): set pixel_weight to 0")
-        pixels = not head and s.pixel_weight > 0
+        pixel_weight = 0.0 if head else s.pixel_weight_for(model)
         grids: List[Tensor] = []
         hooks = []
         if self.uses_grids:
@@ -308,12 +325,12 @@ class Generator:
                         else s.tv_weight * PSAQ_TV_SCALE * (roughness(x) - s.tv_target).abs())
                 if head:
                     loss = loss + s.ce_weight * F.cross_entropy(logits, targets, label_smoothing=s.label_smoothing)
-                elif pixels:
+                elif pixel_weight > 0:
                     if not (torch.is_tensor(logits) and logits.dim() == 4):
                         got = f"shape {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
                         raise VitqError(f"pixel_weight needs per-pixel class scores [B, K, H, W] from the model, got "
                                         f"{got}: set pixel_weight to 0 for this model")
-                    loss = loss + s.pixel_weight * pixel_information_loss(logits)
+                    loss = loss + pixel_weight * pixel_information_loss(logits)
                 if self.uses_grids and s.patch_weight:
                     loss = loss + s.patch_weight * self.patch_loss(grids)
                 if adversary is not None and adversary_weight:
