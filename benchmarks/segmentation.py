@@ -461,8 +461,10 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
         method += marks.get(r["model_sha"], "")
         return (f"| {method} | {r['bits'].upper()} | {source} | {r['quant_miou']:.2f} | "
                 f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
-                f"{r['quantize_seconds']:.0f} | {r['peak_mib']:.0f} |")
+                f"{r['quantize_seconds']:.0f}{' *' if r.get('note') else ''} | {r['peak_mib']:.0f} |")
     lines += [line(r, extra["num_eval"]) for r in sorted(rows, key=place)]
+    notes = [f"\\* {r['method']} {r['bits'].upper()}: {r['note']}" for r in sorted(rows, key=place) if r.get("note")]
+    lines += [""] + notes if notes else []
     if selection:
         val_fp = selection[0]["fp_miou"]
         lines += ["", f"Rows that choose settings, scored on camvid val/ ({selection[0]['num_eval']} images; "
