@@ -463,8 +463,11 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
                 f"{r['quant_miou'] - r['fp_miou']:+.2f} | {r['pixel_agreement']:.2f} | {r['kl']:.4f} | "
                 f"{r['quantize_seconds']:.0f}{' *' if r.get('note') else ''} | {r['peak_mib']:.0f} |")
     lines += [line(r, extra["num_eval"]) for r in sorted(rows, key=place)]
-    notes = [f"\\* {r['method']} {r['bits'].upper()}: {r['note']}" for r in sorted(rows, key=place) if r.get("note")]
-    lines += [""] + notes if notes else []
+    def notes(table: List[Dict[str, Any]]) -> List[str]:  # the rows marked * in the seconds column, and why
+        said = [f"\\* {r['method']} {r['bits'].upper()}, {line(r, r['num_eval']).split(' | ')[2]}: {r['note']}"
+                for r in sorted(table, key=place) if r.get("note")]
+        return [""] + said if said else []
+    lines += notes(rows)
     if selection:
         val_fp = selection[0]["fp_miou"]
         lines += ["", f"Rows that choose settings, scored on camvid val/ ({selection[0]['num_eval']} images; "
@@ -473,11 +476,7 @@ def write_results(rows: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
                   "quantize s | peak MiB |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         lines += [line(r, selection[0]["num_eval"]) for r in sorted(selection, key=place)]
-        noted = [r for r in sorted(selection, key=place) if r.get("note")]
-        lines += [""] + [f"- {r['method']} {r['bits'].upper()}, {r['num_calib']} "
-                         f"{'data-free ' + r['data_free'] if r.get('data_free') else 'real'}"
-                         f"{', pixel loss %g' % r['gen_pixel_weight'] if r.get('gen_pixel_weight') else ''}: {r['note']}"
-                         for r in noted] if noted else []
+        lines += notes(selection)
     lines += _build_lines(rows, extra)
     if extra.get("earlier_model_rows"):
         lines += ["", f"{len(extra['earlier_model_rows'])} rows measured on another reference model (a build whose float test mIoU "

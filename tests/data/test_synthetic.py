@@ -323,6 +323,6 @@ def test_pixel_weight_shapes_a_segmenters_images_with_its_scores():
     classifier = timm.create_model("test_vit", img_size=(32, 48), patch_size=8, num_classes=5).eval()
     with pytest.raises(VitqError, match="ce_weight"):
         create_generator("clamp", {"iterations": 2, "pixel_weight": 1.0}).generate(classifier, 2, config, progress=False)
-    # without the setting neither gets the loss, and neither is refused
+    # without the setting neither gets the pixel loss (the classifier keeps its cross-entropy) and neither is refused
     assert not create_generator("clamp", {"iterations": 2}).generate(backbone, 2, config, progress=False).output_loss
     assert create_generator("clamp", {"iterations": 2}).generate(classifier, 2, config, progress=False).output_loss
