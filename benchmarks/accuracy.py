@@ -218,6 +218,13 @@ METHODS["recommended, reconstruction at GPTQ's rounding"] = (
     "GPTQ's choice and trained it with Adam at lr 0.001, from where no weight reaches the other grid point in 200 "
     "iterations (0 of DeiT-Tiny's weights moved at W4A8): it trained the activation scales only")
 
+for _it in (1000, 2000):  # benchmarks/gpu_budget.py: quantized on a lent GPU, evaluated here
+    METHODS[f"recommended, reconstruct {_it} it"] = (
+        _recommended_with(f"recommended, reconstruct {_it} it", iterations=_it),
+        f"the recommended recipe with {_it:,} block-reconstruction iterations per block ({_it // 200}× its CPU "
+        "budget of 200), quantized on a GPU (`benchmarks/gpu_budget.py`; its quantize seconds are the GPU's), "
+        "evaluated on this machine")
+
 
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",
                   "+reparam+seq+gptq-ao")
