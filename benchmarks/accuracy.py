@@ -222,8 +222,9 @@ for _it in (1000, 2000):  # benchmarks/gpu_budget.py: quantized on a lent GPU, e
     METHODS[f"recommended, reconstruct {_it} it"] = (
         _recommended_with(f"recommended, reconstruct {_it} it", iterations=_it),
         f"the recommended recipe with {_it:,} block-reconstruction iterations per block ({_it // 200}× its CPU "
-        "budget of 200), quantized on a GPU (`benchmarks/gpu_budget.py`; its quantize seconds are the GPU's), "
-        "evaluated on this machine")
+        "budget of 200; not adopted: level on held-out calibration images at W4A8, RESULTS.md's recipe "
+        "selection); a row marked with the H200 was quantized there (`benchmarks/gpu_budget.py`; its seconds are "
+        "the GPU's) and evaluated on the CPU named with it")
 
 
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",

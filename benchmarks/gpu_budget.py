@@ -12,14 +12,15 @@ A lent GPU machine holds only what travels with the repository (64 MiB), so the 
    go in the order given and stop starting at ``--deadline`` seconds;
 3. here, ``--evaluate OUT``: applies each saved plan to the float model and scores it on the 900
    evaluation images (CPU), appending the rows to results/accuracy.json (method
-   ``recommended, reconstruct N it``, the quantize seconds those of the GPU machine) and the
-   held-out choice to its own section of RESULTS.md.
+   ``recommended, reconstruct N it``, the quantize seconds those of the GPU machine; rendered in
+   RESULTS.md with the other rows) and the held-out rows to its ``gpu_budget`` entry (not rendered:
+   ``select_recipe.py`` makes the same choice on the CPU, with a section of its own).
 
-Commands (2026-12-04):
+Commands of the committed row (2026-12-04, an H200 lent for 15 minutes; ``.gpu`` carried to it):
     python benchmarks/gpu_budget.py --pack .gpu
-    python benchmarks/gpu_budget.py --quantize .gpu --out /tmp/gpuout --device cuda --bits w4a8 w6a6 w4a4 \\
-        --iterations 200 2000
-    python benchmarks/gpu_budget.py --evaluate /tmp/gpuout
+    python benchmarks/gpu_budget.py --quantize .gpu --out /tmp/g --device cuda --bits w4a8 --iterations 1000 \\
+        --parts full --deadline 1 --threads 16
+    python benchmarks/gpu_budget.py --evaluate /tmp/g2     (the plans brought back, unpacked here)
 """
 from __future__ import annotations
 
