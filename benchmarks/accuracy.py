@@ -218,13 +218,17 @@ METHODS["recommended, reconstruction at GPTQ's rounding"] = (
     "GPTQ's choice and trained it with Adam at lr 0.001, from where no weight reaches the other grid point in 200 "
     "iterations (0 of DeiT-Tiny's weights moved at W4A8): it trained the activation scales only")
 
-for _it in (1000, 2000):  # benchmarks/gpu_budget.py: quantized on a lent GPU, evaluated here
+for _it in (1000, 2000):
     METHODS[f"recommended, reconstruct {_it} it"] = (
         _recommended_with(f"recommended, reconstruct {_it} it", iterations=_it),
         f"the recommended recipe with {_it:,} block-reconstruction iterations per block ({_it // 200}× its CPU "
         "budget of 200; not adopted: level on held-out calibration images at W4A8, RESULTS.md's recipe "
-        "selection); a row marked with the H200 was quantized there (`benchmarks/gpu_budget.py`; its seconds are "
-        "the GPU's) and evaluated on the CPU named with it")
+        "selection)")
+    # benchmarks/gpu_budget.py: quantized on a lent GPU, evaluated here (not a row of this script)
+    METHODS[f"recommended, reconstruct {_it} it, GPU"] = (
+        _recommended_with(f"recommended, reconstruct {_it} it", iterations=_it),
+        "the same, quantized on the GPU its row is marked with (`benchmarks/gpu_budget.py`; its seconds are the "
+        "GPU's, TF32 convolutions as PyTorch's default) and evaluated on the CPU named with it")
 
 
 SELECT_METHODS = ("repq-vit", "+reparam", "+reparam+gptq", "+reparam+seq+gptq", "+reparam+gptq-ao",

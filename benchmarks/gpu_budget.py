@@ -12,7 +12,7 @@ A lent GPU machine holds only what travels with the repository (64 MiB), so the 
    go in the order given and stop starting at ``--deadline`` seconds;
 3. here, ``--evaluate OUT``: applies each saved plan to the float model and scores it on the 900
    evaluation images (CPU), appending the rows to results/accuracy.json (method
-   ``recommended, reconstruct N it``, the quantize seconds those of the GPU machine; rendered in
+   ``recommended, reconstruct N it, GPU``, the quantize seconds those of the GPU machine; rendered in
    RESULTS.md with the other rows) and the held-out rows to its ``gpu_budget`` entry (not rendered:
    ``select_recipe.py`` makes the same choice on the CPU, with a section of its own).
 
@@ -149,7 +149,7 @@ def run_evaluate(args) -> None:
         plan = Plan.load(folder / "plans" / row["plan"])
         qmodel = apply_plan(loaded.model, plan)
         m = evaluate(loaded.model, qmodel, eval_batches, device="cpu", progress=False, fp_logits=fp_logits)
-        new = dict(method=row["method"], w_bits=row["w_bits"], a_bits=row["a_bits"], seed=0, top1=m["quant_top1"],
+        new = dict(method=row["method"] + ", GPU", w_bits=row["w_bits"], a_bits=row["a_bits"], seed=0, top1=m["quant_top1"],
                    top5=m["quant_top5"], fp_top1=m["fp_top1"], agreement=m["agreement"], kl=m["kl"],
                    num_calib=row["num_calib"], quantize_seconds=row["quantize_seconds"],
                    stage_seconds=row["stage_seconds"], peak_mib=None, peak_gpu_mib=row.get("peak_gpu_mib"),
@@ -158,7 +158,7 @@ def run_evaluate(args) -> None:
         suite["rows"] = [r for r in suite["rows"] if [r.get(k) for k in key] != [new.get(k) for k in key]] + [new]
         print(f"{row['method']} W{row['w_bits']}A{row['a_bits']}: top-1 {new['top1']:.2f} agree {new['agreement']:.2f} "
               f"KL {new['kl']:.4f}", flush=True)
-    results["methods"] = list(dict.fromkeys(results.get("methods", []) + [r["method"] for r in done["rows"]
+    results["methods"] = list(dict.fromkeys(results.get("methods", []) + [r["method"] + ", GPU" for r in done["rows"]
                                                                           if r["part"] == "full"]))
     results.setdefault("commands", []).extend([done["command"] + f" (on the {done['device']})",
                                                "python benchmarks/gpu_budget.py " + " ".join(sys.argv[1:])])
