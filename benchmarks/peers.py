@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import in_memory, machine, write_section  # noqa: E402
+from foundation import in_memory, machine, machine_marks, write_section  # noqa: E402
 
 from vitq.api import quantize  # noqa: E402
 from vitq.data import assets_dir, balanced_subset, load_images, make_loader, scan_folder  # noqa: E402
@@ -577,11 +577,16 @@ def _fmt(row: Dict[str, Any], key: str, spec: str) -> str:
 
 
 def write_markdown(results: Dict[str, Any]) -> None:
+    every = [r for m in results["models"].values() for r in m["rows"]]
+    marks = machine_marks(results["machine"], every)
+    isa = {r["machine"]: r.get("isa", "?") for r in every if r.get("machine") in marks}
+    where = "".join(f"; rows marked {mark}: {m}; CPU features: {isa[m]}" for m, mark in marks.items())
     lines = [
         HEADING,
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]) + "  ",
-        f"Machine: {results['machine']}; CPU features: {results['isa']}; threads: {results['threads']}  ",
+        f"Machine: {results['machine']}; CPU features: {results['isa']}{' (unmarked rows)' if marks else ''}{where}; "
+        f"threads: {results['threads']}  ",
         f"Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}  ",
         f"Date: {results['date']}",
         "",
@@ -622,6 +627,8 @@ def write_markdown(results: Dict[str, Any]) -> None:
                 missing.setdefault(f"{LABELS.get(row['peer'], row['tool'])} — {why}", []).append(row["bits"])
                 continue
             label = row["tool"] if row["peer"] == "float" else LABELS.get(row["peer"], row["tool"])
+            if row.get("machine") in marks:
+                label += f" {marks[row['machine']]}"
             note = f" ({row['note']})" if row.get("note") else ""
             lines.append(
                 f"| {row['bits']} | {label}{note} | {row.get('runtime', '')} | {_fmt(row, 'top1', '.2f')} | "
@@ -658,9 +665,11 @@ def goal_lines(results: Dict[str, Any]) -> List[str]:
                 out.append(f"- {model} {bits}: most accurate vitq row {LABELS[v['peer']]} (agreement {v['agreement']:.2f}, "
                            f"KL {v['kl']:.4f}); most accurate peer {LABELS[p['peer']]} ({p['agreement']:.2f}, "
                            f"{p['kl']:.4f}): vitq most accurate: {met}")
-        timed = [r for r in results["models"][model]["rows"] if r.get("b32_ms") and r["bits"] == SPEED_BITS]
         fp = next((r for r in results["models"][model]["rows"] if r.get("tool") == "ONNX Runtime FP32"
                    and r.get("b32_ms")), None)
+        on = (fp or {}).get("machine", results["machine"])  # speeds compare on one machine only
+        timed = [r for r in results["models"][model]["rows"] if r.get("b32_ms") and r["bits"] == SPEED_BITS
+                 and r.get("machine", results["machine"]) == on]
         ours = [r for r in timed if r["peer"].startswith("vitq")]
         peers = [r for r in timed if not r["peer"].startswith("vitq")]
         if ours and peers and fp:
@@ -735,11 +744,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = {"models": {k: v for k, v in results.get("models", {}).items() if k not in args.models}}
     results.setdefault("models", {})
     command = ("python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    results.update(machine=machine(), isa=cpu_info().isa, threads=args.threads, repeats=args.repeats,
-                   warmup=args.warmup, versions=versions(), date=time.strftime("%Y-%m-%d"),
+    # the file's machine is that of the rows that carry none (its first run's); appended rows from
+    # another machine carry theirs and are marked in the table
+    if not args.append:
+        results.update(machine=machine(), isa=cpu_info().isa, versions=versions())
+    results.setdefault("machine", machine())
+    results.setdefault("isa", cpu_info().isa)
+    results.setdefault("versions", versions())
+    results.update(threads=args.threads, repeats=args.repeats, warmup=args.warmup, date=time.strftime("%Y-%m-%d"),
                    commands=(results.get("commands", []) if args.append else []) + [command])
+    here = machine()
 
     def save(row: Dict[str, Any]) -> None:
+        if here != results["machine"]:
+            row.update(machine=here, isa=cpu_info().isa)
         rows = results["models"].setdefault(row["model"], {"rows": []})["rows"]
         rows[:] = [r for r in rows if _key(r) != _key(row)] + [row]
         RESULTS_JSON.parent.mkdir(exist_ok=True)
