@@ -87,8 +87,7 @@ def run_quantize(args) -> None:
              "torch": torch.__version__, "machine": machine(), "rows": [],
              "command": "python benchmarks/gpu_budget.py " + " ".join(sys.argv[1:])}
     t_start = time.perf_counter()
-    held_out = [(batches[1], torch.zeros(50, dtype=torch.long))]
-    fp_held_out = None
+    held_out = [(batches[1], torch.zeros(50, dtype=torch.long))]  # labels unused: agreement and KL only
 
     def write():
         (out / "quantized.json").write_text(json.dumps(facts, indent=1) + "\n")
@@ -120,8 +119,7 @@ def run_quantize(args) -> None:
         if device.type == "cuda":
             row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
         if part == "select":
-            m = evaluate(loaded.model, result.model, held_out, device=device, progress=False,
-                         fp_logits=fp_held_out)
+            m = evaluate(loaded.model, result.model, held_out, device=device, progress=False)
             row.update(agreement=m["agreement"], kl=m["kl"], num_calib=50, num_eval=50)
         else:
             name = f"w{w}a{a}_{iterations}"
@@ -142,13 +140,12 @@ def run_evaluate(args) -> None:
     loaded, _, evalset, eval_batches = deit_tiny_split(root, None)
     results = json.loads(RESULTS_JSON.read_text())
     suite = results.setdefault("imagenet", {"rows": []})
-    fp_logits = None
     for row in done["rows"]:
         if row["part"] != "full":
             continue
         plan = Plan.load(folder / "plans" / row["plan"])
         qmodel = apply_plan(loaded.model, plan)
-        m = evaluate(loaded.model, qmodel, eval_batches, device="cpu", progress=False, fp_logits=fp_logits)
+        m = evaluate(loaded.model, qmodel, eval_batches, device="cpu", progress=False)
         new = dict(method=row["method"] + ", GPU", w_bits=row["w_bits"], a_bits=row["a_bits"], seed=0, top1=m["quant_top1"],
                    top5=m["quant_top5"], fp_top1=m["fp_top1"], agreement=m["agreement"], kl=m["kl"],
                    num_calib=row["num_calib"], quantize_seconds=row["quantize_seconds"],
