@@ -122,3 +122,30 @@ def test_segmentation_rows_scored_on_val_choose_settings_and_stay_out_of_the_rep
     assert any("float 57.15" in x for x in reported)  # the header's float is the test split's
     chosen = lines[lines.index(next(x for x in lines if "scored on camvid val/" in x)):]
     assert any("val mIoU (float 66.78)" in x for x in chosen) and any("| 61.50 |" in x for x in chosen)
+
+
+def _peer_row(peer, bits="W8A8", machine=None, **kw):
+    row = dict(model="imagenet", peer=peer, tool=peer, settings="", bits=bits, runtime="ONNX Runtime", top1=80.0,
+               agreement=98.0, kl=0.01, b32_ms=500.0)
+    row.update(kw)
+    if machine is not None:
+        row.update(machine=machine, isa="VNNI")
+    return row
+
+
+def test_peers_rows_from_another_machine_are_marked_and_not_timed_against_this_ones(monkeypatch):
+    import peers
+
+    written = {}
+    monkeypatch.setattr(peers, "write_section", lambda heading, lines: written.setdefault("lines", lines))
+    rows = [_peer_row("float", bits="FP32", tool="ONNX Runtime FP32", b32_ms=1000.0),
+            _peer_row("ort-dynamic", b32_ms=800.0), _peer_row("vitq-int", b32_ms=700.0),
+            _peer_row("vitq", machine="Other CPU", b32_ms=100.0)]  # faster, but on another machine
+    results = {"machine": "Xeon", "isa": "VNNI", "threads": 2, "repeats": 10, "warmup": 2, "versions": {},
+               "date": "2026-12-04", "commands": ["python benchmarks/peers.py"], "models": {"imagenet": {"rows": rows}}}
+    peers.write_markdown(results)
+    text = "\n".join(written["lines"])
+    assert "rows marked †: Other CPU" in text
+    assert "| vitq recommended (p1) † |" in text and "| vitq recommended-int (p1) |" in text
+    speed = next(line for line in written["lines"] if "speed at batch 32" in line)
+    assert "vitq recommended-int (p1) 700.0 ms" in speed and "100.0" not in speed
