@@ -23,9 +23,11 @@ latency and batch-32 throughput (medians of ``--repeats`` runs after ``--warmup`
 inputs). A peer that cannot do a bit-width says so in the table, with why.
 
 Writes benchmarks/results/peers.json and the "Peers" section of benchmarks/RESULTS.md on a CPU
-without VNNI, and benchmarks/results/peers-vnni.json and the section "Peers on a CPU with VNNI" on
-one with it: the integer kernels (and so the speed, and ONNX Runtime's and torchao's reduce_range)
-differ between the two, so their rows never share a table.
+without VNNI, benchmarks/results/peers-vnni.json and the section "Peers on a CPU with VNNI" on
+one with VNNI and AMX, and benchmarks/results/peers-vnni-noamx.json and the section "Peers on a CPU
+with VNNI and no AMX" on one with VNNI alone: the integer kernels (and so the speed, and ONNX
+Runtime's and torchao's reduce_range; OpenVINO's AMX kernels) differ between them, so their rows
+never share a table.
 """
 from __future__ import annotations
 
@@ -58,15 +60,17 @@ from vitq.models import load_model  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def results_for(vnni: bool) -> Tuple[Path, str]:
+def results_for(vnni: bool, amx: bool = True) -> Tuple[Path, str]:
     """The JSON file and the RESULTS.md heading of this CPU kind's table (see the module docstring)."""
+    peers = "vitq next to ONNX Runtime, NNCF/OpenVINO, torchao and Brevitas (issue 15)"
+    if vnni and amx:
+        return HERE / "results" / "peers-vnni.json", f"## Peers on a CPU with VNNI: {peers}"
     if vnni:
-        return (HERE / "results" / "peers-vnni.json",
-                "## Peers on a CPU with VNNI: vitq next to ONNX Runtime, NNCF/OpenVINO, torchao and Brevitas (issue 15)")
-    return HERE / "results" / "peers.json", "## Peers: vitq next to ONNX Runtime, NNCF/OpenVINO, torchao and Brevitas (issue 15)"
+        return HERE / "results" / "peers-vnni-noamx.json", f"## Peers on a CPU with VNNI and no AMX: {peers}"
+    return HERE / "results" / "peers.json", f"## Peers: {peers}"
 
 
-RESULTS_JSON, HEADING = results_for(cpu_info().vnni)
+RESULTS_JSON, HEADING = results_for(cpu_info().vnni, cpu_info().amx)
 MODELS = {
     "imagenet": "DeiT-Tiny (`deit_tiny_imagenet`), ImageNet, 100 calibration / 900 evaluation images",
     "cifar": "CIFAR-10 ViT (`vit_cifar10_d6`), 256 calibration / test-set evaluation images",
@@ -360,11 +364,11 @@ def vitq_ort(bench: Bench, w: int, a: int, recipe: str = "recommended", protocol
     return Deployed(run, "ONNX Runtime", seconds, _file_bytes(path), gemms, note=f"{fmt.upper()}")
 
 
-def vitq_openvino(bench: Bench, w: int, a: int, recipe: str = "recommended", precision: Optional[str] = None
-                  ) -> Deployed:
+def vitq_openvino(bench: Bench, w: int, a: int, recipe: str = "recommended", precision: Optional[str] = None,
+                  protocol: str = "p1") -> Deployed:
     from vitq.export.openvino import onnx_to_openvino
 
-    path, result, seconds = _vitq_onnx(bench, recipe, w, a, fold=True)
+    path, result, seconds = _vitq_onnx(bench, recipe, w, a, protocol, fold=True)
     xml = onnx_to_openvino(path, path.with_suffix(".xml"))
     import openvino as ov
 
@@ -436,6 +440,9 @@ PEERS: Dict[str, Tuple[str, str, Callable[..., Deployed]]] = {
                       "weight zero points folded where exact)", vitq_openvino),
     "vitq-int-openvino": ("vitq `recommended-int`", "p1, its export converted to OpenVINO",
                           lambda b, w, a: vitq_openvino(b, w, a, "recommended-int")),
+    "vitq-int-p4-openvino": ("vitq `recommended-int`", "p4 (linear layers only, attention in float), its export "
+                             "converted to OpenVINO",
+                             lambda b, w, a: vitq_openvino(b, w, a, "recommended-int", protocol="p4")),
     "vitq-int-w7-openvino": ("vitq `recommended-int`", "p1 with 7-bit weights, whose zero points fold exactly into "
                              "int8 codes: OpenVINO's integer kernels", vitq_int_w7_openvino),
     "vitq-openvino-f32": ("vitq `recommended`", "the same plan's export in OpenVINO with what stays float in float32 "
@@ -455,6 +462,7 @@ LABELS = {
     "vitq": "vitq recommended (p1)", "vitq-p4": "vitq recommended (p4)", "vitq-int": "vitq recommended-int (p1)",
     "vitq-int-p4": "vitq recommended-int (p4)", "vitq-int-w7": "vitq recommended-int (p1), 7-bit weights",
     "vitq-openvino": "vitq recommended (p1) in OpenVINO", "vitq-int-openvino": "vitq recommended-int (p1) in OpenVINO",
+    "vitq-int-p4-openvino": "vitq recommended-int (p4) in OpenVINO",
     "vitq-openvino-f32": "vitq recommended (p1) in OpenVINO, f32",
     "vitq-int-w7-openvino": "vitq recommended-int (p1), 7-bit weights, in OpenVINO",
     "vitq-simulated": "vitq recommended (p1), simulated",

@@ -294,8 +294,8 @@ def quantize(
             protocol=protocol,
             w_bits=w_bits,
             a_bits=a_bits,
-            weight_symmetric=recipe.weights.symmetric,
-            act_symmetric=recipe.activations.symmetric,
+            weight_symmetric=recipe.weights.symmetric_at(w_bits),
+            act_symmetric=recipe.activations.symmetric_at(a_bits),
             input_bits=input_bits,
             # a recipe's kinds are its choice for the roles it quantizes: a role the protocol leaves in
             # float (p3's probabilities) has none to choose

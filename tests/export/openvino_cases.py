@@ -175,3 +175,14 @@ def test_bench_speed_default_backends_include_openvino(export_run, checkpoint, t
     assert rc == 0, capsys.readouterr().err
     timings = json.loads(out.read_text())["timings"]
     assert set(timings) == set(available_backends()) >= {"ov_fp32", "ov_int8", "ort_int8"}
+
+
+def test_recommended_int_at_8_bits_runs_every_product_in_integer_kernels(tmp_path):
+    """``recommended-int`` keeps 8-bit weights symmetric (``symmetric_min_bits: 8``), so none of its W8A8
+    products falls back to OpenVINO's weight-only compression."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8)
+    q = vitq.quantize(model, "recommended-int", [torch.randn(4, 3, 32, 32)], w_bits=8, a_bits=8, protocol="p4",
+                      progress=False).model
+    counts = export_openvino(q, tmp_path / "m.xml", verify=False).extra["openvino"]
+    assert counts["integer"] == 26 and counts["weight_only"] == 0

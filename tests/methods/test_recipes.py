@@ -27,6 +27,8 @@ def test_registry_lists_builtins():
         ("weights: {observer: [unclosed\n", "not valid YAML"),
         ("weights: {observer: minmax}\nstages: [calibrate]\n", "needs a name"),
         ("- calibrate\n", "a recipe is a mapping"),
+        ("name: x\nweights: {observer: minmax, symmetric_min_bits: 1}\n", "symmetric_min_bits"),
+        ("name: x\nweights: {observer: minmax, symmetric_min_bits: true}\n", "symmetric_min_bits"),
     ],
 )
 def test_bad_recipe_files(tmp_path, text, match):
@@ -93,3 +95,24 @@ def test_every_stage_has_a_bit_width_gate_and_settings_by_bit_width():
 def test_bad_gates_and_by_bits_are_refused_by_name(settings, match):
     with pytest.raises(VitqError, match=match):
         load_recipe({"name": "x", "stages": ["calibrate", {"gptq": settings}]})
+
+
+def test_symmetric_min_bits_makes_the_weight_grid_symmetric_from_that_width_up():
+    import timm
+    import torch
+
+    import vitq
+    from vitq.models import iter_quantizers
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8)
+    recipe = {"name": "t", "weights": {"observer": "minmax", "symmetric": False, "symmetric_min_bits": 8},
+              "activations": {"observer": "minmax"}, "stages": ["calibrate"]}
+    for bits, symmetric in ((8, True), (6, False)):
+        q = vitq.quantize(model, recipe, [torch.randn(4, 3, 32, 32)], w_bits=bits, a_bits=8, progress=False).model
+        weights = [qz for name, qz in iter_quantizers(q) if qz.role == "weight"]
+        assert len(weights) == 26
+        assert all(qz.spec.symmetric is symmetric for qz in weights)
+        assert all(bool((qz.zero_point == 0).all()) is symmetric for qz in weights)
+    assert load_recipe("recommended-int").weights.symmetric_at(8)
+    assert not load_recipe("recommended-int").weights.symmetric_at(4)

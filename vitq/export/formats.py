@@ -39,6 +39,11 @@ class CpuInfo:
         return any(f in self.flags for f in VNNI_FLAGS)
 
     @property
+    def amx(self) -> bool:
+        """Intel AMX (int8 and bf16 tile instructions): OpenVINO's fastest int8 and bf16 kernels."""
+        return "amx_int8" in self.flags or "amx_tile" in self.flags
+
+    @property
     def isa(self) -> str:
         if self.vnni:
             return "VNNI"

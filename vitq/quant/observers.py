@@ -263,14 +263,21 @@ def create_observer(name: str, spec: QuantSpec, **settings) -> Observer:
 class ObserverConfig:
     """Which observer sets a group of quant points, with its settings.
 
+    ``symmetric_min_bits`` makes the grid symmetric from that many bits up whatever ``symmetric``
+    says (OpenVINO runs 8-bit weights with zero points as weight-only compression, not in its
+    integer kernels; below 8 bits vitq's export folds the zero points into the codes).
+
     Example:
         >>> ObserverConfig("omse", symmetric=False).observer
         'omse'
+        >>> ObserverConfig("omse", symmetric=False, symmetric_min_bits=8).symmetric_at(8)
+        True
     """
 
     observer: str = "minmax"
     symmetric: bool = False
     settings: Dict[str, Any] = field(default_factory=dict)
+    symmetric_min_bits: Optional[int] = None
 
     def __post_init__(self) -> None:
         cls = OBSERVERS.get(self.observer)
@@ -282,11 +289,20 @@ class ObserverConfig:
             )
         if not isinstance(self.symmetric, bool):
             raise VitqError(f"'symmetric' must be true or false, got {self.symmetric!r}")
+        smb = self.symmetric_min_bits
+        if smb is not None and (isinstance(smb, bool) or not isinstance(smb, int) or not 2 <= smb <= 16):
+            raise VitqError(f"'symmetric_min_bits' must be a bit-width from 2 to 16 (or left out), got {smb!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "ObserverConfig":
         reject_unknown_keys(cls, data, where)
         return cls(**data)
+
+    def symmetric_at(self, bits: int) -> bool:
+        """Whether the grid is symmetric at ``bits``."""
+        if self.symmetric_min_bits is not None and bits >= self.symmetric_min_bits:
+            return True
+        return self.symmetric
 
     def build(self, spec: QuantSpec) -> Observer:
         """A fresh observer for one quant point."""
