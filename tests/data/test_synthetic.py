@@ -326,3 +326,29 @@ def test_pixel_weight_shapes_a_segmenters_images_with_its_scores():
     # without the setting neither gets the pixel loss (the classifier keeps its cross-entropy) and neither is refused
     assert not create_generator("clamp", {"iterations": 2}).generate(backbone, 2, config, progress=False).output_loss
     assert create_generator("clamp", {"iterations": 2}).generate(classifier, 2, config, progress=False).output_loss
+
+
+def test_crop_scale_zooms_into_the_images_seeded_and_still_lowers_the_loss():
+    from vitq.data.synthetic.generators import _random_zoom
+
+    gen = torch.Generator().manual_seed(0)
+    ramp = torch.arange(32.0).expand(1, 3, 32, 32).clone()
+    zoomed = _random_zoom(ramp, 0.25, gen)
+    assert zoomed.shape == ramp.shape
+    steps = zoomed[0, 0, 0, 1:-1].diff()  # a crop of a ramp resized up is a ramp with smaller steps
+    assert 0.45 < steps.min().item() <= steps.max().item() < 1.0
+    assert torch.equal(_random_zoom(torch.full((1, 3, 8, 8), 0.3), 0.1, gen), torch.full((1, 3, 8, 8), 0.3))
+    assert torch.equal(_random_zoom(ramp, 1.0, gen), ramp)
+
+    model = tiny_vit()
+    cfg = load_model(model).data_config
+    settings = {"iterations": 30, "batch_size": 3, "lr": 0.1, "crop_scale": 0.3}
+    made = create_generator("clamp", settings).generate(model, 3, cfg, seed=0, progress=False)
+    assert sum(made.losses[-3:]) < sum(made.losses[:3])
+    again = create_generator("clamp", settings).generate(model, 3, cfg, seed=0, progress=False)
+    assert torch.equal(made.images, again.images)
+    plain = create_generator("clamp", {**settings, "crop_scale": 1.0}).generate(model, 3, cfg, seed=0, progress=False)
+    assert not torch.equal(plain.images, made.images)
+    for bad in (0, 1.5, True):
+        with pytest.raises(VitqError, match="crop_scale"):
+            GeneratorSettings(crop_scale=bad)

@@ -62,6 +62,10 @@ class GeneratorSettings:
             squared neighbour difference is minimised with weight ``tv_weight``.
         jitter: random roll of up to this fraction of the image side, each step.
         flip: random horizontal flips, each step.
+        crop_scale: random zoom, each step (off at 1): the model sees a random square crop of the
+            images covering between this fraction of their area and all of it, resized back to the
+            input size (the same crop for the whole batch), so that the images must look right at
+            several scales (Plug-In Inversion's random crops).
         patch_weight: weight of the patch loss (PSAQ entropy or CLAMP contrastive).
         window, positives, tau, negatives: CLAMP's contrastive settings.
         bandwidth, kde_points: PSAQ's kernel density estimate.
@@ -87,6 +91,7 @@ class GeneratorSettings:
     tv_target: Optional[float] = None
     jitter: float = 0.0625
     flip: bool = True
+    crop_scale: float = 1.0
     patch_weight: float = 1.0
     window: int = 3
     positives: int = 4
@@ -123,6 +128,10 @@ class GeneratorSettings:
                             f"model), got {self.pixel_weight!r}")
         if self.precision not in ("float32", "bfloat16", "float16"):
             raise VitqError(f"precision must be 'float32', 'bfloat16' or 'float16', got {self.precision!r}")
+        if isinstance(self.crop_scale, bool) or not isinstance(self.crop_scale, (int, float)) \
+                or not 0 < self.crop_scale <= 1:
+            raise VitqError(f"crop_scale is the smallest fraction of the image area a random crop keeps, in (0, 1] "
+                            f"(1: no cropping), got {self.crop_scale!r}")
         if not 0 <= self.jitter < 0.5:
             raise VitqError(f"jitter is a fraction of the image side in [0, 0.5), got {self.jitter}")
 
@@ -318,6 +327,8 @@ class Generator:
                 inp = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
                 if s.flip and torch.rand((), generator=gen).item() < 0.5:
                     inp = inp.flip(3)
+                if s.crop_scale < 1:
+                    inp = _random_zoom(inp, s.crop_scale, gen)
                 with amp:
                     logits = model(inp)
                 logits = logits.float() if torch.is_tensor(logits) else logits
@@ -355,6 +366,20 @@ class Generator:
             for h in hooks:
                 h.remove()
         return good, losses
+
+
+def _random_zoom(x: Tensor, min_area: float, gen: torch.Generator) -> Tensor:
+    """A random square crop of ``x`` covering between ``min_area`` of its area and all of it, resized
+    back to ``x``'s size (bilinear; differentiable in ``x``)."""
+    H, W = x.shape[-2:]
+    area = min_area + (1 - min_area) * torch.rand((), generator=gen).item()
+    h, w = max(1, round(H * area ** 0.5)), max(1, round(W * area ** 0.5))
+    top = int(torch.randint(0, H - h + 1, (), generator=gen))
+    left = int(torch.randint(0, W - w + 1, (), generator=gen))
+    crop = x[..., top:top + h, left:left + w]
+    if (h, w) == (H, W):
+        return crop
+    return F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
 
 
 @contextlib.contextmanager
