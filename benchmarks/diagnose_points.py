@@ -1,10 +1,14 @@
 """Which quant points cost accuracy: quantize with a recipe, then enable one group of quant points
 at a time (by role, and by the linear layer whose input it is) and measure agreement and KL.
 
-    python benchmarks/diagnose_points.py [--assets DIR] [--bits 8 8] [--recipe omse]
+    python benchmarks/diagnose_points.py [--assets DIR] [--bits 8 8] [--recipe omse] [--holdout]
 
 Runs on the ImageNet DeiT-Tiny with the 100/900 split of imagenet-sample/ and appends its table to
 benchmarks/RESULTS.md ("Diagnosis" section). Groups are plan-style name patterns (``re:``).
+``--holdout`` never touches the evaluation images: the recipe is calibrated on the first half of
+the 100 calibration images (the halves of benchmarks/select_recipe.py) and the groups are scored on
+the second half (section "Diagnosis on held-out calibration images"), so that what it shows may
+guide a choice of the recipe.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ GROUPS = [
     ("fc1 inputs (LayerNorm-2 outputs) only", "act", r"blocks\.\d+\.mlp\.fc1\.input_quantizer"),
     ("fc2 inputs (GELU outputs) only", "act", r"blocks\.\d+\.mlp\.fc2\.input_quantizer"),
     ("proj inputs (attn·v) only", "act", r"blocks\.\d+\.attn\.proj\.input_quantizer"),
+    ("image input (patch embedding) only", "act", r"patch_embed\.proj\.input_quantizer"),
+    ("head input only", "act", r"head\.input_quantizer"),
 ]
 
 
@@ -40,17 +46,26 @@ def main(argv=None) -> int:
     parser.add_argument("--assets", default=None)
     parser.add_argument("--bits", type=int, nargs=2, default=[8, 8], metavar=("W", "A"))
     parser.add_argument("--recipe", default="omse")
+    parser.add_argument("--holdout", action="store_true",
+                        help="calibrate on half of the calibration images, score on the other half (no evaluation image)")
     args = parser.parse_args(argv)
     root = assets_dir(args.assets)
     loaded = load_model(root / "models/deit_tiny_imagenet.pth")
     sample = scan_folder(root / "imagenet-sample")
     calib = balanced_subset(sample, 100, seed=0)
-    evalset = balanced_subset(sample, None, seed=0, exclude=calib.paths)
-    eval_batches = in_memory(make_loader(evalset, loaded.data_config, 50))
-    (fp,), labels = predict(loaded.model, eval_batches, "cpu", progress=False)
     calib_batches = [x for x, _ in make_loader(calib, loaded.data_config, 50)]
+    if args.holdout:  # the halves of select_recipe.py: fit on the first, score on the second
+        halves = list(make_loader(calib, loaded.data_config, 50))
+        calib_batches, eval_batches, scored = [halves[0][0]], [halves[1]], f"the other {len(halves[1][0])}"
+    else:
+        evalset = balanced_subset(sample, None, seed=0, exclude=calib.paths)
+        eval_batches = in_memory(make_loader(evalset, loaded.data_config, 50))
+        scored = f"{len(evalset)} evaluation"
+    (fp,), labels = predict(loaded.model, eval_batches, "cpu", progress=False)
     w, a = args.bits
+    t0 = time.perf_counter()
     qmodel = quantize(loaded.model, args.recipe, calib_batches, w_bits=w, a_bits=a, device="cpu", progress=False).model
+    print(f"quantized in {time.perf_counter() - t0:.0f} s", flush=True)
     points = list(iter_quantizers(qmodel))
     rows = []
     for label, role, pattern in GROUPS:
@@ -60,14 +75,17 @@ def main(argv=None) -> int:
         m = compare(fp, ql, labels)
         rows.append((label, m))
         print(f"{label:40s} top-1 {m['quant_top1']:.2f} agree {m['agreement']:.2f} KL {m['kl']:.4f}", flush=True)
-    lines = ["## Diagnosis: where W{}A{} {} loses on DeiT-Tiny".format(w, a, args.recipe), "",
-             f"Command: `python benchmarks/diagnose_points.py --bits {w} {a} --recipe {args.recipe}`  ",
+    heading = "## Diagnosis on held-out calibration images" if args.holdout else "## Diagnosis"
+    lines = [f"{heading}: where W{w}A{a} {args.recipe} loses on DeiT-Tiny", "",
+             f"Command: `python benchmarks/diagnose_points.py --bits {w} {a} --recipe {args.recipe}"
+             f"{' --holdout' if args.holdout else ''}`  ",
              f"Machine: {machine()}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
-             f"Protocol p1, 100 calibration / {len(evalset)} evaluation images of imagenet-sample/; float top-1 "
-             f"{rows[0][1]['fp_top1']:.2f}. Each row enables only the named quant points of the same calibrated model.",
+             f"Protocol p1, {sum(len(b) for b in calib_batches)} calibration images, scored on {scored} images of "
+             f"imagenet-sample/; float top-1 {rows[0][1]['fp_top1']:.2f}. Each row enables only the named quant points "
+             "of the same calibrated model.",
              "", "| quant points enabled | top-1 | agreement | KL |", "|---|---:|---:|---:|"]
     lines += [f"| {label} | {m['quant_top1']:.2f} | {m['agreement']:.2f} | {m['kl']:.4f} |" for label, m in rows]
-    write_section("## Diagnosis", lines)
+    write_section(heading + ":", lines)
     return 0
 
 
