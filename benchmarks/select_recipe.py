@@ -70,7 +70,8 @@ from vitq.recipes.recipe import setting_value  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
 STAGE_NAMES = ("reparam", "opt_m", "gptq", "reconstruct", "bias_correct")
-CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "uniform-probs", "sym-weights", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs")
+CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "uniform-probs", "sym-weights", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs",
+           "+attn_reparam", "+attn_reparam=qk", "+attn_reparam=v")
 
 
 def variant(name: str) -> Dict[str, Any]:
@@ -102,6 +103,12 @@ def variant(name: str) -> Dict[str, Any]:
             spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "reconstruct" in st)]
             at = next(i for i, st in enumerate(spec["stages"]) if isinstance(st, dict) and "gptq" in st)
             spec["stages"].insert(at + 1, {"reconstruct": settings})  # at every bit-width (no gate)
+        elif change.startswith("+attn_reparam"):  # +attn_reparam[=qk|=v]: after reparam, before calibrate
+            part = change[len("+attn_reparam"):].lstrip("=")
+            settings = {"qk": part in ("", "qk"), "v": part in ("", "v")}
+            at = next(i for i, st in enumerate(spec["stages"]) if st == "calibrate" or
+                      (isinstance(st, dict) and "calibrate" in st))
+            spec["stages"].insert(at, {"attn_reparam": settings})
         elif change == "-gptq-convs":
             for st in spec["stages"]:
                 if isinstance(st, dict) and "gptq" in st:

@@ -348,7 +348,7 @@ def quantize(
         plan_meta["input_bits"] = plan.meta["input_bits"]
     if start_plan is not None:
         plan_meta["start_plan"] = {"recipe": plan.meta.get("recipe"), "skipped_stages": skipped}
-    for key in ("search", "opt_m", "greedy_mp", "reparam", "gptq", "bias_correct", "reconstruct", "skipped_stages",
+    for key in ("search", "opt_m", "greedy_mp", "reparam", "attn_reparam", "gptq", "bias_correct", "reconstruct", "skipped_stages",
                 "by_bits"):
         if key in ctx.record:
             plan_meta[key] = ctx.record[key]

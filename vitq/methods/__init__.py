@@ -8,11 +8,12 @@ from .gptq import GPTQSettings, GPTQStage  # registers "gptq"
 from .bias_correct import BiasCorrectSettings, BiasCorrectStage  # registers "bias_correct"
 from .reconstruct import ReconstructSettings, ReconstructStage  # registers "reconstruct"
 from .reparam import ReparamSettings, ReparamStage  # registers "reparam"
+from .attn_reparam import AttnReparamSettings, AttnReparamStage  # registers "attn_reparam"
 from .opt_m import OptMSettings, OptMStage  # registers "opt_m"
 from .mixed import GreedyMPSettings, GreedyMPStage, parse_budget  # registers "greedy_mp"
 
 __all__ = [
-    "BiasCorrectSettings", "BiasCorrectStage", "Evolution", "FITNESS", "GPTQSettings", "GPTQStage", "GreedyMPSettings", "GreedyMPStage", "MUTATIONS",
+    "AttnReparamSettings", "AttnReparamStage", "BiasCorrectSettings", "BiasCorrectStage", "Evolution", "FITNESS", "GPTQSettings", "GPTQStage", "GreedyMPSettings", "GreedyMPStage", "MUTATIONS",
     "OptMSettings", "OptMStage", "Plan", "ReconstructSettings", "ReconstructStage", "ReparamSettings", "ReparamStage", "STAGES", "SearchSettings",
     "SearchStage", "SmoothSettings", "SmoothStage", "Stage", "StageContext", "StageSettings", "apply_plan",
     "calibrate", "check_bits", "convert", "fold_smoothing", "is_prepared", "parse_budget", "plan_from_model",
