@@ -85,7 +85,9 @@ def main(argv=None) -> int:
              f"Machine: {machine()}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
              f"Protocol p1, {sum(len(b) for b in calib_batches)} calibration images, scored on {scored} images of "
              f"imagenet-sample/; float top-1 {rows[0][1]['fp_top1']:.2f}. Each row enables only the named quant points "
-             "of the same calibrated model.",
+             "of the same calibrated model. Weights that a stage rewrote (GPTQ, block reconstruction) keep their "
+             "rounded values with their quantizers off, so with such a recipe every row includes the weights' "
+             "error (the *weights only* row): a group's own part is its KL minus that row's.",
              "", "| quant points enabled | top-1 | agreement | KL |", "|---|---:|---:|---:|"]
     lines += [f"| {label} | {m['quant_top1']:.2f} | {m['agreement']:.2f} | {m['kl']:.4f} |" for label, m in rows]
     write_section(heading + ":", lines)
