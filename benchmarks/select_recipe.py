@@ -173,12 +173,16 @@ def render(results) -> None:
                   "| bits | variant | held-out KL fold 0 | fold 1 | mean | held-out agreement (mean) | seconds (mean) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for bits in dict.fromkeys(r["bits"] for r in mine):
-            for name in dict.fromkeys(r["variant"] for r in mine if r["bits"] == bits):
-                rs = sorted([r for r in mine if r["bits"] == bits and r["variant"] == name], key=lambda r: r["fold"])
+            # a variant measured on two machines has a line for each (the same recipe's KL differs between them)
+            for name, on in dict.fromkeys((r["variant"], r.get("machine")) for r in mine if r["bits"] == bits):
+                rs = sorted([r for r in mine if r["bits"] == bits and r["variant"] == name and r.get("machine") == on],
+                            key=lambda r: r["fold"])
                 if len(rs) != 2:
                     continue
                 kl = [r["held_kl"] for r in rs]
-                lines.append(f"| {bits} | {name} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
+                again = len({r.get("machine") for r in mine if r["bits"] == bits and r["variant"] == name}) > 1
+                label = f"{name} (on {marks.get(on, 'the first machine')})" if again else name
+                lines.append(f"| {bits} | {label} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
                              f"{sum(r['held_agreement'] for r in rs) / 2:.1f} | "
                              f"{secs(rs)} |")
     free = [r for r in rows if r.get("data_free")]

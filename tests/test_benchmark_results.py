@@ -149,3 +149,22 @@ def test_peers_rows_from_another_machine_are_marked_and_not_timed_against_this_o
     assert "| vitq recommended (p1) † |" in text and "| vitq recommended-int (p1) |" in text
     speed = next(line for line in written["lines"] if "speed at batch 32" in line)
     assert "vitq recommended-int (p1) 700.0 ms" in speed and "100.0" not in speed
+
+
+def test_selection_variant_measured_on_two_machines_has_a_line_for_each(monkeypatch):
+    import select_recipe
+
+    written = {}
+    monkeypatch.setattr(select_recipe, "write_section", lambda heading, lines: written.setdefault("lines", lines))
+
+    def row(fold, kl, machine):
+        return {"model": "imagenet", "bits": "W6A6", "fold": fold, "variant": "recommended", "held_kl": kl,
+                "held_agreement": 90.0, "seconds": 100.0, "machine": machine}
+
+    rows = [row(0, 0.0551, "Xeon"), row(1, 0.0381, "Xeon"), row(0, 0.0443, "EPYC"), row(1, 0.0371, "EPYC")]
+    select_recipe.render({"command": "python benchmarks/select_recipe.py", "machine": "Xeon", "date": "2026-12-04",
+                          "rows": rows})
+    lines = [line for line in written["lines"] if line.startswith("| W6A6 | recommended")]
+    assert len(lines) == 2  # before, the four rows of one variant hid it from the table
+    assert "0.0551 | 0.0381 | 0.0466" in lines[0] and "0.0443 | 0.0371 | 0.0407" in lines[1]
+    assert "(on the first machine)" in lines[0] and "(on †)" in lines[1]

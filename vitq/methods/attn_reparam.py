@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VitqError
-from ..nn.modules import _AttentionQuantizers
+from ..nn import QuantAttention, QuantWindowAttention
 from .gptq import mark_changed
 from .stages import STAGES, Stage, StageContext, StageSettings
 
@@ -92,7 +92,7 @@ def v_factors(v_amax: Tensor, strength: float = 1.0) -> Tensor:
 
 
 def _attentions(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _AttentionQuantizers)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (QuantAttention, QuantWindowAttention))]
 
 
 def _foldable(attn: nn.Module) -> bool:
