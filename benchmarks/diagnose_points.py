@@ -33,6 +33,12 @@ GROUPS = [
     ("q, k, v only", "attn_qkv", r".*"),
     ("q only", "attn_qkv", r"blocks\.\d+\.attn\.q_quantizer"),
     ("k only", "attn_qkv", r"blocks\.\d+\.attn\.k_quantizer"),
+    ("q of blocks 0-3 only", "attn_qkv", r"blocks\.[0-3]\.attn\.q_quantizer"),
+    ("q of blocks 4-7 only", "attn_qkv", r"blocks\.[4-7]\.attn\.q_quantizer"),
+    ("q of blocks 8-11 only", "attn_qkv", r"blocks\.(8|9|10|11)\.attn\.q_quantizer"),
+    ("q of the last block only", "attn_qkv", r"blocks\.11\.attn\.q_quantizer"),
+    ("q, class-token rows only", "attn_qkv:cls", r"blocks\.\d+\.attn\.q_quantizer"),
+    ("q, patch-token rows only", "attn_qkv:patches", r"blocks\.\d+\.attn\.q_quantizer"),
     ("v only", "attn_qkv", r"blocks\.\d+\.attn\.v_quantizer"),
     ("post-softmax only", "attn_probs", r".*"),
     ("qkv inputs (LayerNorm-1 outputs) only", "act", r"blocks\.\d+\.attn\.qkv\.input_quantizer"),
@@ -42,6 +48,13 @@ GROUPS = [
     ("image input (patch embedding) only", "act", r"patch_embed\.proj\.input_quantizer"),
     ("head input only", "act", r"head\.input_quantizer"),
 ]
+
+
+def _rows(x, quantized, sel):
+    """``x`` with only the token rows ``sel`` (dim 2 of [B, H, N, d]) taken from ``quantized``."""
+    mixed = x.clone()
+    mixed[:, :, sel] = quantized[:, :, sel]
+    return mixed
 
 
 def main(argv=None) -> int:
@@ -72,9 +85,16 @@ def main(argv=None) -> int:
     points = list(iter_quantizers(qmodel))
     rows = []
     for label, role, pattern in GROUPS:
+        role, _, tokens = (role or "").partition(":")  # ROLE:cls / ROLE:patches: only those rows of [B, H, N, d]
+        hooks = []
         for name, q in points:
-            q.enabled = q.spec.enabled and (role is None or q.role == role) and re.fullmatch(pattern, name) is not None
+            q.enabled = q.spec.enabled and (not role or q.role == role) and re.fullmatch(pattern, name) is not None
+            if q.enabled and tokens:
+                rows_of = slice(0, 1) if tokens == "cls" else slice(1, None)
+                hooks.append(q.register_forward_hook(lambda m, args, out, sel=rows_of: _rows(args[0], out, sel)))
         (ql,), _ = predict(qmodel, eval_batches, "cpu", progress=False)
+        for hook in hooks:
+            hook.remove()
         m = compare(fp, ql, labels)
         rows.append((label, m))
         print(f"{label:40s} top-1 {m['quant_top1']:.2f} agree {m['agreement']:.2f} KL {m['kl']:.4f}", flush=True)
