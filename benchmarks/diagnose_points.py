@@ -69,9 +69,9 @@ def main(argv=None) -> int:
     loaded = load_model(root / "models/deit_tiny_imagenet.pth")
     sample = scan_folder(root / "imagenet-sample")
     calib = balanced_subset(sample, 100, seed=0)
-    calib_batches = [x for x, _ in make_loader(calib, loaded.data_config, 50)]
-    if args.holdout:  # the halves of select_recipe.py: fit on the first, score on the second
-        halves = list(make_loader(calib, loaded.data_config, 50))
+    halves = list(make_loader(calib, loaded.data_config, 50))  # decoded once; the halves of select_recipe.py
+    calib_batches = [x for x, _ in halves]
+    if args.holdout:  # fit on the first half, score on the second
         calib_batches, eval_batches, scored = [halves[0][0]], [halves[1]], f"the other {len(halves[1][0])}"
     else:
         evalset = balanced_subset(sample, None, seed=0, exclude=calib.paths)

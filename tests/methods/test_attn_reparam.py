@@ -3,25 +3,13 @@ channels, lowers the error of a model with outlier channels, and its plan reprod
 import pytest
 import torch
 
-from conftest import IMG, tiny_swin, tiny_vit
+from conftest import tiny_vit
+from test_repq_gptq import MODELS, batches, recipe  # the same tiny models, images and percentile-MSE recipes
 from vitq.api import quantize
 from vitq.errors import VitqError
 from vitq.methods import apply_plan
 from vitq.methods.attn_reparam import AttnReparamSettings
 from vitq.models import iter_quantizers
-
-PMSE = {"observer": "percentile_mse", "symmetric": False}
-MODELS = {"vit": tiny_vit, "swin": tiny_swin}
-
-
-def batches():
-    torch.manual_seed(1)
-    x = torch.randn(6, 3, IMG, IMG)
-    return [x[:3], x[3:]]
-
-
-def recipe(*stages):
-    return {"name": "t", "weights": PMSE, "activations": PMSE, "stages": list(stages)}
 
 
 def qkv_amax(model, x, name="blocks.0.attn.qkv"):
