@@ -511,3 +511,96 @@ def test_reconstruct_settings_are_validated():
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {"by_bits": {"w4a4": {"iters": 2}}}}]})
     with pytest.raises(VitqError, match="damp"):
         load_recipe({"name": "x", "stages": ["calibrate", {"gptq": {"damp": 0}}]})
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_forward_after_continues_the_model_from_any_blocks_output(family):
+    """``forward_after``: the logits from a block's output equal the whole model's."""
+    from vitq.models.adapters import find_adapter
+
+    model = MODELS[family]().eval()
+    adapter = find_adapter(model)
+    x = torch.cat(batches())
+    outputs = {}
+    hooks = [block.register_forward_hook(lambda m, a, out, n=name: outputs.__setitem__(n, out))
+             for name, block in adapter.blocks(model)]
+    with torch.no_grad():
+        full = model(x)
+        for hook in hooks:
+            hook.remove()
+        for name, _ in adapter.blocks(model):
+            assert torch.equal(adapter.forward_after(model, name, outputs[name]), full), name
+
+
+def test_reconstruction_fitted_to_the_head_lowers_the_output_divergence_and_reproduces(tmp_path):
+    """``head_blocks``: the last blocks' loss adds the KL of the float rest of the model run on their
+    output; training lowers it, the record shows it, the float model is left as it was (parameters and
+    their ``requires_grad``), and the plan reproduces the model."""
+    model, data = tiny_vit(), batches()
+    x = torch.cat(data)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    stages = ["calibrate", {"reconstruct": {"iterations": 30, "batch_size": 4, "head_blocks": 2}}]
+    result = quantize(model, recipe(*stages), data, w_bits=4, a_bits=4, progress=False, seed=0)
+    record = result.plan.meta["reconstruct"]
+    assert set(record["head_kl"]) == {"blocks.4", "blocks.5"}
+    for before, after in record["head_kl"].values():
+        assert after < before
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    plain = quantize(model, recipe("calibrate", {"reconstruct": {"iterations": 30, "batch_size": 4}}), data,
+                     w_bits=4, a_bits=4, progress=False, seed=0)
+    assert "head_kl" not in plain.plan.meta["reconstruct"]
+    with torch.no_grad():
+        first = {n: torch.equal(p, dict(result.model.named_parameters())[n])
+                 for n, p in plain.model.named_parameters() if n.startswith("blocks.0.")}
+        assert all(first.values())  # blocks before the last two train as before
+        assert not torch.equal(plain.model(x), result.model(x))
+    result.plan.save(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(apply_plan(model, Plan.load(tmp_path))(x), result.model(x))
+    every = quantize(model, recipe("calibrate", {"reconstruct": {"iterations": 2, "batch_size": 4, "head_blocks": 99}}),
+                     data, w_bits=4, a_bits=4, progress=False, seed=0)
+    assert len(every.plan.meta["reconstruct"]["head_kl"]) == len(model.blocks)  # more than there are: all
+
+
+def test_head_objective_starts_both_terms_at_the_ratio_head_weight():
+    from vitq.methods.reconstruct import ReconstructSettings, _Objective
+
+    torch.manual_seed(0)
+    block, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+    inputs, target = torch.randn(10, 5, 4), torch.randn(10, 5, 4)
+    s = ReconstructSettings(head_blocks=1, head_weight=0.5)
+    train = torch.arange(2, 10)
+    objective = _Objective(block, inputs, target, {}, s, train, lambda y: head(y[:, 0]))
+    with torch.no_grad():
+        out = block(inputs[train])
+        mse = F.mse_loss(out, target[train], reduction="none").sum(-1).mean()
+        kl = F.kl_div(head(out[:, 0]).log_softmax(-1), head(target[train, 0]).log_softmax(-1), log_target=True,
+                      reduction="batchmean")
+        assert objective.scale * kl == pytest.approx(0.5 * float(mse), rel=1e-5)
+        assert float(objective(out, torch.arange(8))) == pytest.approx(1.5 * float(mse), rel=1e-5)
+        assert objective.measure(train) == pytest.approx(1.5 * float(mse), rel=1e-5)
+    assert objective.head_kl == [pytest.approx(float(kl), rel=1e-5)]
+
+
+def test_head_blocks_is_ignored_for_a_backbone_inside_a_dense_model_and_says_so():
+    import timm
+    from vitq.models import ViTSegmenter
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_vit", img_size=(32, 48), patch_size=8, num_classes=0)
+    model = ViTSegmenter(backbone, [0, 2], 3, hidden=8).eval()
+    data = [torch.randn(2, 3, 32, 48)]
+    messages = []
+    result = quantize(model, recipe("calibrate", {"reconstruct": {"iterations": 3, "batch_size": 2, "head_blocks": 1}}),
+                      data, w_bits=4, a_bits=8, progress=False, seed=0, log=messages.append)
+    record = result.plan.meta["reconstruct"]
+    assert "dense model" in record["head_blocks_ignored"] and "head_kl" not in record
+    assert any("head_blocks ignored" in m for m in messages)
+
+
+@pytest.mark.parametrize("key, value", [("head_blocks", -1), ("head_blocks", True), ("head_blocks", 1.5),
+                                        ("head_weight", 0), ("head_weight", -1), ("head_weight", "a")])
+def test_head_settings_are_validated(key, value):
+    with pytest.raises(VitqError, match=f"reconstruct.{key}"):
+        load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {key: value}}]})

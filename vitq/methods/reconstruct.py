@@ -116,6 +116,77 @@ def _restore(block: nn.Module, saved) -> None:
         q.scale = scale
 
 
+class _frozen:
+    """The float model's parameters kept out of autograd while a block's loss runs through it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+class _Objective:
+    """A block's training loss: its output's squared error summed over channels (mean over tokens and
+    images), plus, with ``head`` (the float rest of the model, from the block's output to logits),
+    ``head_weight`` times the KL divergence of the class probabilities from the float model's, scaled
+    so that both terms start at the ratio ``head_weight`` on the training images."""
+
+    CHUNK = 32
+
+    def __init__(self, block, inputs, target, kwargs, s: ReconstructSettings, train, head=None) -> None:
+        self.block, self.inputs, self.target, self.kwargs, self.head = block, inputs, target, kwargs, head
+        self.train = train.to(inputs.device)  # positions of the training images in ``inputs``
+        self.scale = 0.0
+        self.head_kl: List[float] = []
+        if head is None:
+            return
+        with torch.no_grad():
+            self.logits = torch.cat([F.log_softmax(head(t), -1) for t in target.split(self.CHUNK)])
+            mse = self._mean(self.train, lambda out, i: self._mse(out, i))
+            kl = self.kl(self.train)
+        self.head_kl.append(kl)
+        self.scale = s.head_weight * mse / kl if kl > 0 else 0.0
+
+    def _mse(self, out: Tensor, idx: Tensor) -> Tensor:
+        return F.mse_loss(out, self.target[idx], reduction="none").sum(-1).mean()
+
+    def _kl(self, out: Tensor, idx: Tensor) -> Tensor:
+        return F.kl_div(F.log_softmax(self.head(out), -1), self.logits[idx], log_target=True, reduction="batchmean")
+
+    def _mean(self, idx: Tensor, fn) -> float:
+        total = 0.0
+        for part in idx.split(self.CHUNK):
+            total += float(fn(self.block(self.inputs[part], **self.kwargs), part)) * len(part)
+        return total / max(1, len(idx))
+
+    def kl(self, idx: Tensor) -> float:
+        with torch.no_grad():
+            return self._mean(idx, self._kl)
+
+    def measure(self, idx: Tensor) -> float:
+        """The loss on images ``idx`` (no gradient): the output MSE, plus the scaled KL term with a head."""
+        with torch.no_grad():
+            if self.head is None:
+                return float(F.mse_loss(self.block(self.inputs[idx], **self.kwargs), self.target[idx]))
+            return self._mean(idx, self._loss)
+
+    def _loss(self, out: Tensor, idx: Tensor) -> Tensor:
+        loss = self._mse(out, idx)
+        if self.head is not None and self.scale:
+            loss = loss + self.scale * self._kl(out, idx)
+        return loss
+
+    def __call__(self, out: Tensor, idx: Tensor) -> Tensor:
+        """The training loss of the block's output ``out`` on the ``idx``-th training images."""
+        return self._loss(out, self.train[idx])
+
+
 @dataclass(frozen=True)
 class ReconstructSettings(StageSettings):
     """Settings of the ``reconstruct`` stage.
@@ -140,6 +211,16 @@ class ReconstructSettings(StageSettings):
         holdout: fraction of the calibration images kept out of each block's training (0: none):
             a block whose output error on them is not lower after training than before keeps the
             rounding and activation scales it had (a guard against fitting a few images).
+        head_blocks: how many of the last blocks are fitted to the model's output as well as to their
+            own (0: none): their loss adds the KL divergence between the float model's class
+            probabilities and those of the float rest of the model (later blocks and head) run on the
+            block's quantized output. A block's MSE weighs each token alike, while the head reads the
+            class token (ViT) or the mean token (Swin): at W6A6 on DeiT-Tiny most of the last block's
+            loss is the class token's query (``benchmarks/diagnose_points.py``). Classifiers only: for a
+            backbone inside a dense model the setting is ignored (and the plan's record says so).
+        head_weight: the weight of that KL term against the block's MSE, both as measured when the
+            block's training starts (1: equal parts; the MSE term keeps its scale, so ``weight``
+            means the same).
 
     The bit-widths it runs at, and settings of one bit-width, are the framework's (every stage has
     them: :class:`vitq.methods.stages.StageConfig`): the recommended recipe reconstructs at 4 or more
@@ -158,6 +239,8 @@ class ReconstructSettings(StageSettings):
     from_float: bool = True
     start_margin: float = 1e-4
     holdout: float = 0.0
+    head_blocks: int = 0
+    head_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("iterations", "batch_size"):
@@ -178,6 +261,11 @@ class ReconstructSettings(StageSettings):
             raise VitqError(f"reconstruct.from_float must be true or false, got {self.from_float!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
             raise VitqError(f"reconstruct.holdout must be a fraction in [0, 1), got {self.holdout!r}")
+        if isinstance(self.head_blocks, bool) or not isinstance(self.head_blocks, int) or self.head_blocks < 0:
+            raise VitqError(f"reconstruct.head_blocks must be a whole number of blocks (0: none), got {self.head_blocks!r}")
+        if isinstance(self.head_weight, bool) or not isinstance(self.head_weight, (int, float)) or \
+                not 0 < self.head_weight < math.inf:
+            raise VitqError(f"reconstruct.head_weight must be a positive number, got {self.head_weight!r}")
 
 
 @STAGES.register("reconstruct")
@@ -211,6 +299,14 @@ class ReconstructStage(Stage):
         changed: List[str] = []
         prev_q = prev_f = xq = xf = None
         reference = None
+        head_names = [n for n, _ in blocks[max(0, len(blocks) - s.head_blocks):]] if s.head_blocks else []
+        ignored = None
+        if head_names and not adapter.can_forward_from:
+            ignored = ("the model's output cannot be computed from one block (a backbone inside a dense model): "
+                       "every block was fitted to its own output")
+            ctx.log(f"reconstruct: head_blocks ignored: {ignored}")
+            head_names = []
+        head_kl: Dict[str, List[float]] = {}
         if s.from_float:  # the float weights in this model's coordinates (its folds applied)
             reference = fold_smoothing(copy.deepcopy(ctx.float_model), smoothing_of(model)).to(ctx.device)
         for name, block in tqdm(blocks, desc="reconstruct", unit="block", disable=not ctx.progress, leave=False):
@@ -226,16 +322,21 @@ class ReconstructStage(Stage):
                           if isinstance(m, QuantLinear)}
             train, check = _split(inputs.shape[0], s.holdout, generator)
             saved = _snapshot(block) if check is not None else None
+            objective = _Objective(block, inputs, target, xq[0][1], s, train,
+                                   (lambda y, n=name: adapter.forward_after(float_model, n, y))
+                                   if name in head_names else None)
             if check is not None:
-                with torch.no_grad():
-                    held_before = float(F.mse_loss(block(inputs[check], **xq[0][1]), target[check]))
-            before, after, moved, total = self._train(block, inputs[train], target[train], xq[0][1], s,
-                                                      generator, floats, masks)
+                held_before = objective.measure(check)
+            with _frozen(float_model):
+                before, after, moved, total = self._train(block, inputs[train], target[train], xq[0][1], s,
+                                                          generator, floats, masks,
+                                                          objective if objective.head is not None else None)
             losses[name] = [round(before, 6), round(after, 6)]
             codes[name] = round(moved / max(1, total), 6)
+            if objective.head is not None:
+                head_kl[name] = [round(v, 6) for v in objective.head_kl]
             if check is not None:
-                with torch.no_grad():
-                    held_after = float(F.mse_loss(block(inputs[check], **xq[0][1]), target[check]))
+                held_after = objective.measure(check)
                 held[name] = [round(held_before, 6), round(held_after, 6)]
                 if held_after >= held_before:  # no better on images it never saw: keep what it had
                     _restore(block, saved)
@@ -249,6 +350,8 @@ class ReconstructStage(Stage):
         mark_changed(model, changed)
         ctx.record["reconstruct"] = {**s.to_dict(), "blocks": len(blocks), "block_mse": losses,
                                      "changed_codes": codes}
+        if s.head_blocks:  # per block fitted to the output: the KL before and after its training
+            ctx.record["reconstruct"].update({"head_blocks_ignored": ignored} if ignored else {"head_kl": head_kl})
         if s.holdout:
             ctx.record["reconstruct"].update(held_out_mse=held, reverted=reverted)
             if reverted:
@@ -257,12 +360,15 @@ class ReconstructStage(Stage):
 
     @staticmethod
     def _train(block: nn.Module, inputs: Tensor, target: Tensor, kwargs, s: ReconstructSettings, generator,
-               floats: Optional[Dict[nn.Module, Tensor]] = None, masks: Optional[torch.Generator] = None):
+               floats: Optional[Dict[nn.Module, Tensor]] = None, masks: Optional[torch.Generator] = None,
+               objective: Optional["_Objective"] = None):
         """Train one block; returns its output MSE against the float block before and after, and how
         many of its weights end on another grid point than the rounding they started from (GPTQ's, or
         the nearest one of a float weight), out of how many.
         ``masks``: the generator of QDrop's masks, on the activations' device (default ``generator``).
-        ``floats``: each layer's float weight, rounded from the layer's current one (:class:`_SoftRound`)."""
+        ``floats``: each layer's float weight, rounded from the layer's current one (:class:`_SoftRound`).
+        ``objective``: what is minimised (default: the block's output MSE); the first and second returned
+        values stay that MSE."""
         layers = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled
                   and m.weight_quantizer.spec.kind_entry.plain_grid]
         acts = [q for q in block.modules() if isinstance(q, Quantizer) and q.role != roles.WEIGHT and q.enabled
@@ -309,7 +415,8 @@ class ReconstructStage(Stage):
                     idx = torch.randint(0, n, (min(s.batch_size, n),), generator=generator).to(inputs.device)
                     mix["on"] = True
                     out = block(inputs[idx], **kwargs)
-                    loss = F.mse_loss(out, target[idx], reduction="none").sum(-1).mean()
+                    loss = F.mse_loss(out, target[idx], reduction="none").sum(-1).mean() if objective is None \
+                        else objective(out, idx)
                     if step >= warm and rounders:
                         progress = (step - warm) / max(1, s.iterations - warm)
                         beta = 2 + (20 - 2) * (1 - progress)  # annealed 20 → 2
@@ -336,6 +443,8 @@ class ReconstructStage(Stage):
         with torch.no_grad():
             after = float(F.mse_loss(block(inputs, **kwargs), target))
             moved = sum(int((layer.weight != start[layer]).sum()) for layer in layers)
+        if objective is not None and objective.head is not None:
+            objective.head_kl.append(objective.kl(objective.train))
         return before, after, moved, sum(w.numel() for w in start.values())
 
 

@@ -98,6 +98,11 @@ class ModelAdapter:
         the unchanged blocks before it."""
         raise VitqError(f"{type(model).__name__}: this model family cannot run from a block")
 
+    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits computed from ``x``, the output of the block named ``block`` (the
+        blocks after it and the head), so that a block can be fitted to the model's output."""
+        raise VitqError(f"{type(model).__name__}: this model family cannot run from a block's output")
+
     def image_input(self, model: nn.Module) -> Optional[str]:
         """The quant point that sees the model's input image (the patch embedding's input), or None
         where the patch embedding reads something else (a hybrid model's convolutional stem)."""
@@ -180,6 +185,10 @@ class BackboneAdapter(ModelAdapter):
     def forward_from(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
         raise VitqError(f"{type(model).__name__}: the output of a model around a backbone cannot be computed from "
                         "one block's input (run the whole model)")
+
+    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+        raise VitqError(f"{type(model).__name__}: the output of a model around a backbone cannot be computed from "
+                        "one block's output (run the whole model)")
 
     def image_input(self, model: nn.Module) -> Optional[str]:
         inner = self.inner.image_input(self._sub(model))

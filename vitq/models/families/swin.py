@@ -34,6 +34,15 @@ class SwinAdapter(ModelAdapter):
         return [(n, m) for n, m in model.named_modules() if isinstance(m, SwinTransformerBlock)]
 
     def forward_from(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+        return self._run(model, block, x, skip=0)
+
+    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+        return self._run(model, block, x, skip=1)
+
+    @staticmethod
+    def _run(model: nn.Module, block: str, x: torch.Tensor, skip: int) -> torch.Tensor:
+        """Logits from the named block on, that block run (``skip`` 0) or not (1: ``x`` is its output).
+        A stage downsamples before its blocks, so the rest of the block's stage is its later blocks."""
         target = model.get_submodule(block)
         started = False
         for stage in model.layers:
@@ -42,7 +51,7 @@ class SwinAdapter(ModelAdapter):
                 if not any(b is target for b in blocks):
                     continue
                 started = True
-                for blk in blocks[next(i for i, b in enumerate(blocks) if b is target):]:
+                for blk in blocks[next(i for i, b in enumerate(blocks) if b is target) + skip:]:
                     x = blk(x)
             else:
                 x = stage(x)

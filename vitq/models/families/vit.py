@@ -53,6 +53,12 @@ class ViTAdapter(ModelAdapter):
             x = blk(x)
         return model.forward_head(model.norm(x))
 
+    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+        start = [name for name, _ in self.blocks(model)].index(block) + 1
+        for blk in model.blocks[start:]:
+            x = blk(x)
+        return model.forward_head(model.norm(x))
+
     def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
         """Pre-norm blocks (timm ``Block``): norm1 → attn.qkv and norm2 → mlp.fc1. Blocks of other
         types (post-norm, parallel) and attention with a gate (which also reads norm1's output)
