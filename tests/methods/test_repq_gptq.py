@@ -515,7 +515,7 @@ def test_reconstruct_settings_are_validated():
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_forward_after_continues_the_model_from_any_blocks_output(family):
-    """``forward_after``: the logits from a block's output equal the whole model's."""
+    """``forward_after``: the logits (or pooled features) from a block's output equal the whole model's."""
     from vitq.models.adapters import find_adapter
 
     model = MODELS[family]().eval()
@@ -528,8 +528,10 @@ def test_forward_after_continues_the_model_from_any_blocks_output(family):
         full = model(x)
         for hook in hooks:
             hook.remove()
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
         for name, _ in adapter.blocks(model):
             assert torch.equal(adapter.forward_after(model, name, outputs[name]), full), name
+            assert torch.equal(adapter.forward_after(model, name, outputs[name], pre_logits=True), pooled), name
 
 
 def test_reconstruction_fitted_to_the_head_lowers_the_output_divergence_and_reproduces(tmp_path):
@@ -581,6 +583,13 @@ def test_head_objective_starts_both_terms_at_the_ratio_head_weight():
         assert float(objective(out, torch.arange(8))) == pytest.approx(1.5 * float(mse), rel=1e-5)
         assert objective.measure(train) == pytest.approx(1.5 * float(mse), rel=1e-5)
     assert objective.head_kl == [pytest.approx(float(kl), rel=1e-5)]
+    # head_loss "features": the squared error of what the head returns, summed over its channels
+    s = ReconstructSettings(head_blocks=1, head_weight=2.0, head_loss="features")
+    objective = _Objective(block, inputs, target, {}, s, train, lambda y: head(y[:, 0]))
+    with torch.no_grad():
+        err = (head(out[:, 0]) - head(target[train, 0])).pow(2).sum(-1).mean()
+        assert objective.head_kl == [pytest.approx(float(err), rel=1e-5)]
+        assert objective.scale * err == pytest.approx(2.0 * float(mse), rel=1e-5)
 
 
 def test_head_blocks_is_ignored_for_a_backbone_inside_a_dense_model_and_says_so():
@@ -600,7 +609,8 @@ def test_head_blocks_is_ignored_for_a_backbone_inside_a_dense_model_and_says_so(
 
 
 @pytest.mark.parametrize("key, value", [("head_blocks", -1), ("head_blocks", True), ("head_blocks", 1.5),
-                                        ("head_weight", 0), ("head_weight", -1), ("head_weight", "a")])
+                                        ("head_weight", 0), ("head_weight", -1), ("head_weight", "a"),
+                                        ("head_loss", "mse"), ("head_loss", None)])
 def test_head_settings_are_validated(key, value):
     with pytest.raises(VitqError, match=f"reconstruct.{key}"):
         load_recipe({"name": "x", "stages": ["calibrate", {"reconstruct": {key: value}}]})

@@ -133,9 +133,11 @@ class _frozen:
 
 class _Objective:
     """A block's training loss: its output's squared error summed over channels (mean over tokens and
-    images), plus, with ``head`` (the float rest of the model, from the block's output to logits),
-    ``head_weight`` times the KL divergence of the class probabilities from the float model's, scaled
-    so that both terms start at the ratio ``head_weight`` on the training images."""
+    images), plus, with ``head`` (the float rest of the model, from the block's output to logits or,
+    with ``head_loss`` ``features``, to the pooled features), ``head_weight`` times the KL divergence
+    of the class probabilities from the float model's (or the features' squared error), scaled so
+    that both terms start at the ratio ``head_weight`` on the training images. ``head_kl`` holds
+    that term's value before and after training, whichever it is."""
 
     CHUNK = 32
 
@@ -146,8 +148,10 @@ class _Objective:
         self.head_kl: List[float] = []
         if head is None:
             return
+        self.features = s.head_loss == "features"
         with torch.no_grad():
-            self.logits = torch.cat([F.log_softmax(head(t), -1) for t in target.split(self.CHUNK)])
+            self.logits = torch.cat([head(t) if self.features else F.log_softmax(head(t), -1)
+                                     for t in target.split(self.CHUNK)])
             mse = self._mean(self.train, lambda out, i: self._mse(out, i))
             kl = self.kl(self.train)
         self.head_kl.append(kl)
@@ -157,6 +161,8 @@ class _Objective:
         return F.mse_loss(out, self.target[idx], reduction="none").sum(-1).mean()
 
     def _kl(self, out: Tensor, idx: Tensor) -> Tensor:
+        if self.features:
+            return F.mse_loss(self.head(out), self.logits[idx], reduction="none").sum(-1).mean()
         return F.kl_div(F.log_softmax(self.head(out), -1), self.logits[idx], log_target=True, reduction="batchmean")
 
     def _mean(self, idx: Tensor, fn) -> float:
@@ -218,9 +224,12 @@ class ReconstructSettings(StageSettings):
             class token (ViT) or the mean token (Swin): at W6A6 on DeiT-Tiny most of the last block's
             loss is the class token's query (``benchmarks/diagnose_points.py``). Classifiers only: for a
             backbone inside a dense model the setting is ignored (and the plan's record says so).
-        head_weight: the weight of that KL term against the block's MSE, both as measured when the
+        head_weight: the weight of that term against the block's MSE, both as measured when the
             block's training starts (1: equal parts; the MSE term keeps its scale, so ``weight``
             means the same).
+        head_loss: what that term compares: ``kl``, the class probabilities (as above), or
+            ``features``, the squared error of the pooled features the classifier reads (the final
+            norm's class token for ViT, its mean token for Swin), summed over channels.
 
     The bit-widths it runs at, and settings of one bit-width, are the framework's (every stage has
     them: :class:`vitq.methods.stages.StageConfig`): the recommended recipe reconstructs at 4 or more
@@ -241,6 +250,7 @@ class ReconstructSettings(StageSettings):
     holdout: float = 0.0
     head_blocks: int = 0
     head_weight: float = 1.0
+    head_loss: str = "kl"
 
     def __post_init__(self) -> None:
         for key in ("iterations", "batch_size"):
@@ -266,6 +276,8 @@ class ReconstructSettings(StageSettings):
         if isinstance(self.head_weight, bool) or not isinstance(self.head_weight, (int, float)) or \
                 not 0 < self.head_weight < math.inf:
             raise VitqError(f"reconstruct.head_weight must be a positive number, got {self.head_weight!r}")
+        if self.head_loss not in ("kl", "features"):
+            raise VitqError(f"reconstruct.head_loss must be 'kl' or 'features', got {self.head_loss!r}")
 
 
 @STAGES.register("reconstruct")
@@ -323,7 +335,8 @@ class ReconstructStage(Stage):
             train, check = _split(inputs.shape[0], s.holdout, generator)
             saved = _snapshot(block) if check is not None else None
             objective = _Objective(block, inputs, target, xq[0][1], s, train,
-                                   (lambda y, n=name: adapter.forward_after(float_model, n, y))
+                                   (lambda y, n=name: adapter.forward_after(float_model, n, y,
+                                                                             pre_logits=s.head_loss == "features"))
                                    if name in head_names else None)
             if check is not None:
                 held_before = objective.measure(check)

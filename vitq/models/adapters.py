@@ -98,9 +98,10 @@ class ModelAdapter:
         the unchanged blocks before it."""
         raise VitqError(f"{type(model).__name__}: this model family cannot run from a block")
 
-    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The model's logits computed from ``x``, the output of the block named ``block`` (the
-        blocks after it and the head), so that a block can be fitted to the model's output."""
+        blocks after it and the head), so that a block can be fitted to the model's output;
+        ``pre_logits``: the pooled features the classifier reads instead of its logits."""
         raise VitqError(f"{type(model).__name__}: this model family cannot run from a block's output")
 
     def image_input(self, model: nn.Module) -> Optional[str]:
@@ -186,7 +187,7 @@ class BackboneAdapter(ModelAdapter):
         raise VitqError(f"{type(model).__name__}: the output of a model around a backbone cannot be computed from "
                         "one block's input (run the whole model)")
 
-    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         raise VitqError(f"{type(model).__name__}: the output of a model around a backbone cannot be computed from "
                         "one block's output (run the whole model)")
 

@@ -36,11 +36,11 @@ class SwinAdapter(ModelAdapter):
     def forward_from(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
         return self._run(model, block, x, skip=0)
 
-    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
-        return self._run(model, block, x, skip=1)
+    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self._run(model, block, x, skip=1, pre_logits=pre_logits)
 
     @staticmethod
-    def _run(model: nn.Module, block: str, x: torch.Tensor, skip: int) -> torch.Tensor:
+    def _run(model: nn.Module, block: str, x: torch.Tensor, skip: int, pre_logits: bool = False) -> torch.Tensor:
         """Logits from the named block on, that block run (``skip`` 0) or not (1: ``x`` is its output).
         A stage downsamples before its blocks, so the rest of the block's stage is its later blocks."""
         target = model.get_submodule(block)
@@ -55,7 +55,7 @@ class SwinAdapter(ModelAdapter):
                     x = blk(x)
             else:
                 x = stage(x)
-        return model.forward_head(model.norm(x))
+        return model.forward_head(model.norm(x), pre_logits=pre_logits)
 
     def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
         """Each block's norm1 → attn.qkv (windows are partitioned in between: a per-channel map

@@ -53,11 +53,11 @@ class ViTAdapter(ModelAdapter):
             x = blk(x)
         return model.forward_head(model.norm(x))
 
-    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor) -> torch.Tensor:
+    def forward_after(self, model: nn.Module, block: str, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         start = [name for name, _ in self.blocks(model)].index(block) + 1
         for blk in model.blocks[start:]:
             x = blk(x)
-        return model.forward_head(model.norm(x))
+        return model.forward_head(model.norm(x), pre_logits=pre_logits)
 
     def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
         """Pre-norm blocks (timm ``Block``): norm1 → attn.qkv and norm2 → mlp.fc1. Blocks of other
