@@ -218,6 +218,15 @@ METHODS["recommended, reconstruction at GPTQ's rounding"] = (
     "GPTQ's choice and trained it with Adam at lr 0.001, from where no weight reaches the other grid point in 200 "
     "iterations (0 of DeiT-Tiny's weights moved at W4A8): it trained the activation scales only")
 
+_plain_outputs = _recommended_with("recommended, plain block outputs")
+for _st in _plain_outputs["stages"]:
+    if isinstance(_st, dict) and "reconstruct" in _st:
+        _st["reconstruct"]["by_bits"].pop("w6a6", None)
+METHODS["recommended, plain block outputs"] = (
+    _plain_outputs,
+    "the recommended recipe until 2026-12-04: at W6A6 every block reconstructed against its own output only "
+    "(since then the last 4 are fitted to the classifier's pooled features too: `reconstruct.head_blocks`)")
+
 for _it in (1000, 2000):
     METHODS[f"recommended, reconstruct {_it} it"] = (
         _recommended_with(f"recommended, reconstruct {_it} it", iterations=_it),

@@ -168,3 +168,12 @@ def test_selection_variant_measured_on_two_machines_has_a_line_for_each(monkeypa
     assert len(lines) == 2  # before, the four rows of one variant hid it from the table
     assert "0.0551 | 0.0381 | 0.0466" in lines[0] and "0.0443 | 0.0371 | 0.0407" in lines[1]
     assert "(on the first machine)" in lines[0] and "(on †)" in lines[1]
+
+
+def test_selection_variant_sets_a_setting_of_one_bit_width():
+    import select_recipe
+
+    spec = select_recipe.variant("reconstruct.by_bits.w6a6.head_blocks=0,reconstruct.holdout=0.1")
+    (stage,) = [st["reconstruct"] for st in spec["stages"] if isinstance(st, dict) and "reconstruct" in st]
+    assert stage["by_bits"]["w6a6"]["head_blocks"] == 0 and stage["by_bits"]["w6a6"]["head_loss"] == "features"
+    assert stage["holdout"] == 0.1 and stage["by_bits"]["w4a4"]["holdout"] == 0.2  # the rest as shipped
