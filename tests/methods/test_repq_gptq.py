@@ -544,14 +544,14 @@ def test_reconstruction_fitted_to_the_head_lowers_the_output_divergence_and_repr
     stages = ["calibrate", {"reconstruct": {"iterations": 30, "batch_size": 4, "head_blocks": 2}}]
     result = quantize(model, recipe(*stages), data, w_bits=4, a_bits=4, progress=False, seed=0)
     record = result.plan.meta["reconstruct"]
-    assert set(record["head_kl"]) == {"blocks.4", "blocks.5"}
-    for before, after in record["head_kl"].values():
+    assert set(record["head_term"]) == {"blocks.4", "blocks.5"}
+    for before, after in record["head_term"].values():
         assert after < before
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     plain = quantize(model, recipe("calibrate", {"reconstruct": {"iterations": 30, "batch_size": 4}}), data,
                      w_bits=4, a_bits=4, progress=False, seed=0)
-    assert "head_kl" not in plain.plan.meta["reconstruct"]
+    assert "head_term" not in plain.plan.meta["reconstruct"]
     with torch.no_grad():
         first = {n: torch.equal(p, dict(result.model.named_parameters())[n])
                  for n, p in plain.model.named_parameters() if n.startswith("blocks.0.")}
@@ -562,7 +562,7 @@ def test_reconstruction_fitted_to_the_head_lowers_the_output_divergence_and_repr
         assert torch.equal(apply_plan(model, Plan.load(tmp_path))(x), result.model(x))
     every = quantize(model, recipe("calibrate", {"reconstruct": {"iterations": 2, "batch_size": 4, "head_blocks": 99}}),
                      data, w_bits=4, a_bits=4, progress=False, seed=0)
-    assert len(every.plan.meta["reconstruct"]["head_kl"]) == len(model.blocks)  # more than there are: all
+    assert len(every.plan.meta["reconstruct"]["head_term"]) == len(model.blocks)  # more than there are: all
 
 
 def test_head_objective_starts_both_terms_at_the_ratio_head_weight():
@@ -582,13 +582,13 @@ def test_head_objective_starts_both_terms_at_the_ratio_head_weight():
         assert objective.scale * kl == pytest.approx(0.5 * float(mse), rel=1e-5)
         assert float(objective(out, torch.arange(8))) == pytest.approx(1.5 * float(mse), rel=1e-5)
         assert objective.measure(train) == pytest.approx(1.5 * float(mse), rel=1e-5)
-    assert objective.head_kl == [pytest.approx(float(kl), rel=1e-5)]
+    assert objective.head_term == [pytest.approx(float(kl), rel=1e-5)]
     # head_loss "features": the squared error of what the head returns, summed over its channels
     s = ReconstructSettings(head_blocks=1, head_weight=2.0, head_loss="features")
     objective = _Objective(block, inputs, target, {}, s, train, lambda y: head(y[:, 0]))
     with torch.no_grad():
         err = (head(out[:, 0]) - head(target[train, 0])).pow(2).sum(-1).mean()
-        assert objective.head_kl == [pytest.approx(float(err), rel=1e-5)]
+        assert objective.head_term == [pytest.approx(float(err), rel=1e-5)]
         assert objective.scale * err == pytest.approx(2.0 * float(mse), rel=1e-5)
 
 
@@ -604,7 +604,7 @@ def test_head_blocks_is_ignored_for_a_backbone_inside_a_dense_model_and_says_so(
     result = quantize(model, recipe("calibrate", {"reconstruct": {"iterations": 3, "batch_size": 2, "head_blocks": 1}}),
                       data, w_bits=4, a_bits=8, progress=False, seed=0, log=messages.append)
     record = result.plan.meta["reconstruct"]
-    assert "dense model" in record["head_blocks_ignored"] and "head_kl" not in record
+    assert "dense model" in record["head_blocks_ignored"] and "head_term" not in record
     assert any("head_blocks ignored" in m for m in messages)
 
 

@@ -1,6 +1,8 @@
 """Block-wise reconstruction, the ``reconstruct`` stage: BRECQ (Li et al., 2021) with AdaRound
 weight rounding (Nagel et al., 2020), learned activation step sizes (LSQ, Esser et al., 2020)
 and QDrop's random dropping of activation quantization (Wei et al., 2022).
+With ``head_blocks`` the last blocks are also fitted to the model's output (the float rest of the
+model run on their output; ``head_loss``): the classifier reads one token, the MSE weighs all alike.
 
 Block after block in forward order, the block of the quantized model is trained to reproduce
 the float block's output on cached calibration inputs:
@@ -136,8 +138,8 @@ class _Objective:
     images), plus, with ``head`` (the float rest of the model, from the block's output to logits or,
     with ``head_loss`` ``features``, to the pooled features), ``head_weight`` times the KL divergence
     of the class probabilities from the float model's (or the features' squared error), scaled so
-    that both terms start at the ratio ``head_weight`` on the training images. ``head_kl`` holds
-    that term's value before and after training, whichever it is."""
+    that both terms start at the ratio ``head_weight`` on the training images. ``head_term`` holds
+    that term's value (unscaled) before and after training."""
 
     CHUNK = 32
 
@@ -145,25 +147,25 @@ class _Objective:
         self.block, self.inputs, self.target, self.kwargs, self.head = block, inputs, target, kwargs, head
         self.train = train.to(inputs.device)  # positions of the training images in ``inputs``
         self.scale = 0.0
-        self.head_kl: List[float] = []
+        self.head_term: List[float] = []
         if head is None:
             return
         self.features = s.head_loss == "features"
         with torch.no_grad():
-            self.logits = torch.cat([head(t) if self.features else F.log_softmax(head(t), -1)
+            self.reference = torch.cat([head(t) if self.features else F.log_softmax(head(t), -1)
                                      for t in target.split(self.CHUNK)])
             mse = self._mean(self.train, lambda out, i: self._mse(out, i))
-            kl = self.kl(self.train)
-        self.head_kl.append(kl)
-        self.scale = s.head_weight * mse / kl if kl > 0 else 0.0
+            start = self.head_value(self.train)
+        self.head_term.append(start)
+        self.scale = s.head_weight * mse / start if start > 0 else 0.0
 
     def _mse(self, out: Tensor, idx: Tensor) -> Tensor:
         return F.mse_loss(out, self.target[idx], reduction="none").sum(-1).mean()
 
-    def _kl(self, out: Tensor, idx: Tensor) -> Tensor:
+    def _head(self, out: Tensor, idx: Tensor) -> Tensor:
         if self.features:
-            return F.mse_loss(self.head(out), self.logits[idx], reduction="none").sum(-1).mean()
-        return F.kl_div(F.log_softmax(self.head(out), -1), self.logits[idx], log_target=True, reduction="batchmean")
+            return F.mse_loss(self.head(out), self.reference[idx], reduction="none").sum(-1).mean()
+        return F.kl_div(F.log_softmax(self.head(out), -1), self.reference[idx], log_target=True, reduction="batchmean")
 
     def _mean(self, idx: Tensor, fn) -> float:
         total = 0.0
@@ -171,12 +173,13 @@ class _Objective:
             total += float(fn(self.block(self.inputs[part], **self.kwargs), part)) * len(part)
         return total / max(1, len(idx))
 
-    def kl(self, idx: Tensor) -> float:
+    def head_value(self, idx: Tensor) -> float:
+        """The head term on images ``idx`` (no gradient), unscaled."""
         with torch.no_grad():
-            return self._mean(idx, self._kl)
+            return self._mean(idx, self._head)
 
     def measure(self, idx: Tensor) -> float:
-        """The loss on images ``idx`` (no gradient): the output MSE, plus the scaled KL term with a head."""
+        """The loss on images ``idx`` (no gradient): the output MSE, plus the scaled head term with a head."""
         with torch.no_grad():
             if self.head is None:
                 return float(F.mse_loss(self.block(self.inputs[idx], **self.kwargs), self.target[idx]))
@@ -185,7 +188,7 @@ class _Objective:
     def _loss(self, out: Tensor, idx: Tensor) -> Tensor:
         loss = self._mse(out, idx)
         if self.head is not None and self.scale:
-            loss = loss + self.scale * self._kl(out, idx)
+            loss = loss + self.scale * self._head(out, idx)
         return loss
 
     def __call__(self, out: Tensor, idx: Tensor) -> Tensor:
@@ -318,7 +321,7 @@ class ReconstructStage(Stage):
                        "every block was fitted to its own output")
             ctx.log(f"reconstruct: head_blocks ignored: {ignored}")
             head_names = []
-        head_kl: Dict[str, List[float]] = {}
+        head_terms: Dict[str, List[float]] = {}
         if s.from_float:  # the float weights in this model's coordinates (its folds applied)
             reference = fold_smoothing(copy.deepcopy(ctx.float_model), smoothing_of(model)).to(ctx.device)
         for name, block in tqdm(blocks, desc="reconstruct", unit="block", disable=not ctx.progress, leave=False):
@@ -347,7 +350,7 @@ class ReconstructStage(Stage):
             losses[name] = [round(before, 6), round(after, 6)]
             codes[name] = round(moved / max(1, total), 6)
             if objective.head is not None:
-                head_kl[name] = [round(v, 6) for v in objective.head_kl]
+                head_terms[name] = [round(v, 6) for v in objective.head_term]
             if check is not None:
                 held_after = objective.measure(check)
                 held[name] = [round(held_before, 6), round(held_after, 6)]
@@ -363,8 +366,8 @@ class ReconstructStage(Stage):
         mark_changed(model, changed)
         ctx.record["reconstruct"] = {**s.to_dict(), "blocks": len(blocks), "block_mse": losses,
                                      "changed_codes": codes}
-        if s.head_blocks:  # per block fitted to the output: the KL before and after its training
-            ctx.record["reconstruct"].update({"head_blocks_ignored": ignored} if ignored else {"head_kl": head_kl})
+        if s.head_blocks:  # per block fitted to the output: its head term (KL or features' error) before and after
+            ctx.record["reconstruct"].update({"head_blocks_ignored": ignored} if ignored else {"head_term": head_terms})
         if s.holdout:
             ctx.record["reconstruct"].update(held_out_mse=held, reverted=reverted)
             if reverted:
@@ -457,7 +460,7 @@ class ReconstructStage(Stage):
             after = float(F.mse_loss(block(inputs, **kwargs), target))
             moved = sum(int((layer.weight != start[layer]).sum()) for layer in layers)
         if objective is not None and objective.head is not None:
-            objective.head_kl.append(objective.kl(objective.train))
+            objective.head_term.append(objective.head_value(objective.train))
         return before, after, moved, sum(w.numel() for w in start.values())
 
 
