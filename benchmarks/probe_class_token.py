@@ -1,0 +1,123 @@
+"""Would the class token's query gain from a scale of its own? A probe for issue 12, not a quantizer.
+
+    python benchmarks/probe_class_token.py [--assets DIR] [--bits 6 6] [--recipe recommended]
+
+On DeiT-Tiny's calibration halves (those of benchmarks/select_recipe.py; no evaluation image): the
+recipe is calibrated on one half and scored on the other (KL to the float model, agreement), then
+the halves swap. Each q quantizer (one per-tensor scale for every token of every head) is then
+changed by forward hooks so that the class token's query rows take their own asymmetric grid at the
+activation bits, its clipping range chosen by the squared error on the calibrating half (a search
+over 51 ratios of its min/max), in every block or in blocks 8-11 only; and, as the bound, with those
+rows left in float. The script also prints each block's class-token query range against the range
+the shared scale covers. The hooks emulate what a per-row scale would do: deployed, q·kᵀ with a scale
+per query row stays an integer product (each row's scale factors out of its dot products), but vitq's
+quantizers, plans and export have no such grouping yet.
+Results: section "Class-token query probe" of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from foundation import machine, write_section  # noqa: E402
+from selection import calibration_halves  # noqa: E402
+
+from vitq.api import evaluate, quantize  # noqa: E402
+from vitq.models import iter_quantizers  # noqa: E402
+from vitq.quant.primitives import choose_qparams_affine, fake_quantize_affine  # noqa: E402
+
+Q_POINT = r"blocks\.(\d+)\.attn\.q_quantizer"
+VARIANTS = [("the class token's query rows on their own grid, every block", "own", range(0, 12)),
+            ("the same, blocks 8-11 only", "own", range(8, 12)),
+            ("the class token's query rows in float, every block (the bound)", "float", range(0, 12))]
+
+
+def own_grid(x: torch.Tensor, bits: int):
+    """An asymmetric grid for ``x``: the min/max range scaled by the ratio (0.5 to 1) of least squared error."""
+    qmin, qmax = 0, 2 ** bits - 1
+    best = None
+    for ratio in torch.linspace(0.5, 1.0, 51):
+        scale, zp = choose_qparams_affine(x.min() * ratio, x.max() * ratio, qmin, qmax, False)
+        err = float((fake_quantize_affine(x, scale, zp, qmin, qmax) - x).pow(2).mean())
+        if best is None or err < best[0]:
+            best = (err, scale, zp)
+    return best[1], best[2]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", default=None)
+    parser.add_argument("--bits", type=int, nargs=2, default=[6, 6], metavar=("W", "A"))
+    parser.add_argument("--recipe", default="recommended")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    w, a = args.bits
+    model, halves, fp = calibration_halves(args.assets)
+    results = {label: [] for label in ["the recipe as it is", *(v[0] for v in VARIANTS)]}
+    ranges = []
+    t0 = time.perf_counter()
+    for fold in (0, 1):
+        fit, held = halves[fold], halves[1 - fold]
+        qmodel = quantize(model, args.recipe, [fit[0]], w_bits=w, a_bits=a, progress=False).model
+        score = lambda: evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=fp[1 - fold])  # noqa: E731
+        results["the recipe as it is"].append(score())
+        points = [(int(re.fullmatch(Q_POINT, n).group(1)), q) for n, q in iter_quantizers(qmodel)
+                  if re.fullmatch(Q_POINT, n)]
+        rows = {}
+        hooks = [q.register_forward_hook(lambda m, args_, out, b=b: rows.setdefault(b, []).append(args_[0][:, :, :1]))
+                 for b, q in points]
+        with torch.no_grad():
+            qmodel(fit[0])
+        for hook in hooks:
+            hook.remove()
+        grids = {b: own_grid(torch.cat(rows[b]), a) for b, _ in points}
+        if fold == 0:
+            for b, q in points:
+                x = torch.cat(rows[b])
+                span = float(q.scale) * (q.spec.qrange[1] - q.spec.qrange[0])
+                ranges.append(f"| {b} | {float(x.min()):.2f} to {float(x.max()):.2f} | {span:.2f} | "
+                              f"{float(grids[b][0]) * (2 ** a - 1):.2f} |")
+        for label, mode, blocks in VARIANTS:
+            def hook(m, args_, out, b):
+                out = out.clone()
+                x = args_[0][:, :, :1]
+                if mode == "float":
+                    out[:, :, :1] = x
+                else:
+                    scale, zp = grids[b]
+                    out[:, :, :1] = fake_quantize_affine(x, scale, zp, 0, 2 ** a - 1)
+                return out
+            hooks = [q.register_forward_hook(lambda m, args_, out, b=b: hook(m, args_, out, b))
+                     for b, q in points if b in blocks]
+            results[label].append(score())
+            for h in hooks:
+                h.remove()
+    seconds = time.perf_counter() - t0
+    lines = ["## Class-token query probe (held-out calibration images)", "",
+             "Command: `" + " ".join(["python benchmarks/probe_class_token.py", *(argv if argv is not None else sys.argv[1:])])
+             + "`",
+             f"Machine: {machine()}; {seconds:.0f} s in all. DeiT-Tiny, `{args.recipe}` at W{w}A{a} calibrated on one half "
+             "of the 100 calibration images and scored on the other (then swapped). Forward hooks emulate a scale of "
+             "its own for the class token's query rows (not a deployable quantizer yet: see the script's docstring).", "",
+             "| q quantizers | held-out KL (halves) | mean | agreement % |", "|---|---:|---:|---:|"]
+    for label, scores in results.items():
+        kls = [s["kl"] for s in scores]
+        agreements = " / ".join(f"{s['agreement']:.0f}" for s in scores)
+        lines.append(f"| {label} | {kls[0]:.4f} / {kls[1]:.4f} | {sum(kls) / 2:.4f} | {agreements} |")
+    lines += ["", "The class token's query on the first half, by block: its range, the span of the shared scale's grid, "
+              "and the span of its own grid:", "", "| block | class-token q range | shared grid span | own grid span |",
+              "|---:|---|---:|---:|", *ranges, ""]
+    write_section("## Class-token query probe", lines)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
