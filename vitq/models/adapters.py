@@ -71,7 +71,7 @@ class ModelAdapter:
 
     family: str = ""
     model_types: Tuple[type, ...] = ()
-    #: whether :meth:`forward_from` computes the model's output from a block's input
+    #: whether :meth:`forward_from` (and :meth:`forward_after`) compute the model's output from a block's input (output)
     can_forward_from: bool = True
     module_map: Dict[type, Type[QuantModule]] = {}
 
