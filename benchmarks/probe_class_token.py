@@ -5,10 +5,10 @@
 On DeiT-Tiny's calibration halves (those of benchmarks/select_recipe.py; no evaluation image): the
 recipe is calibrated on one half and scored on the other (KL to the float model, agreement), then
 the halves swap. Each q quantizer (one per-tensor scale for every token of every head) is then
-changed by forward hooks so that the class token's query rows take their own asymmetric grid at the
-activation bits, its clipping range chosen by the squared error on the calibrating half (a search
-over 51 ratios of its min/max), in every block or in blocks 8-11 only; and, as the bound, with those
-rows left in float. The script also prints each block's class-token query range against the range
+changed by forward hooks so that the class token's query rows take a grid of their own (the q
+quantizer's spec, its range set by the recipe's activation observer on those rows of the calibrating
+half, as calibration sets the shared one), in every block or in blocks 8-11 only; and, as the bound,
+with those rows left in float. The script also prints each block's class-token query range against the range
 the shared scale covers. The hooks emulate what a per-row scale would do: deployed, q·kᵀ with a scale
 per query row stays an integer product (each row's scale factors out of its dot products), but vitq's
 quantizers, plans and export have no such grouping yet.
@@ -30,7 +30,8 @@ from selection import calibration_halves  # noqa: E402
 
 from vitq.api import evaluate, quantize  # noqa: E402
 from vitq.models import iter_quantizers  # noqa: E402
-from vitq.quant.primitives import choose_qparams_affine, fake_quantize_affine  # noqa: E402
+from vitq.quant.observers import create_observer  # noqa: E402
+from vitq.recipes import load_recipe  # noqa: E402
 
 Q_POINT = r"blocks\.(\d+)\.attn\.q_quantizer"
 VARIANTS = [("the class token's query rows on their own grid, every block", "own", range(0, 12)),
@@ -38,16 +39,12 @@ VARIANTS = [("the class token's query rows on their own grid, every block", "own
             ("the class token's query rows in float, every block (the bound)", "float", range(0, 12))]
 
 
-def own_grid(x: torch.Tensor, bits: int):
-    """An asymmetric grid for ``x``: the min/max range scaled by the ratio (0.5 to 1) of least squared error."""
-    qmin, qmax = 0, 2 ** bits - 1
-    best = None
-    for ratio in torch.linspace(0.5, 1.0, 51):
-        scale, zp = choose_qparams_affine(x.min() * ratio, x.max() * ratio, qmin, qmax, False)
-        err = float((fake_quantize_affine(x, scale, zp, qmin, qmax) - x).pow(2).mean())
-        if best is None or err < best[0]:
-            best = (err, scale, zp)
-    return best[1], best[2]
+def own_grid(batches, spec, config):
+    """``(scale, zero_point)`` of ``spec`` for the rows in ``batches``, set by the observer of ``config``."""
+    observer = create_observer(config.observer, spec, **config.settings)
+    for x in batches:
+        observer.observe(x)
+    return observer.qparams()
 
 
 def main(argv=None) -> int:
@@ -60,6 +57,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     w, a = args.bits
     model, halves, fp = calibration_halves(args.assets)
+    observer = load_recipe(args.recipe).activations
     results = {label: [] for label in ["the recipe as it is", *(v[0] for v in VARIANTS)]}
     ranges = []
     t0 = time.perf_counter()
@@ -77,13 +75,13 @@ def main(argv=None) -> int:
             qmodel(fit[0])
         for hook in hooks:
             hook.remove()
-        grids = {b: own_grid(torch.cat(rows[b]), a) for b, _ in points}
+        grids = {b: own_grid(rows[b], q.spec, observer) for b, q in points}
         if fold == 0:
             for b, q in points:
                 x = torch.cat(rows[b])
                 span = float(q.scale) * (q.spec.qrange[1] - q.spec.qrange[0])
-                ranges.append(f"| {b} | {float(x.min()):.2f} to {float(x.max()):.2f} | {span:.2f} | "
-                              f"{float(grids[b][0]) * (2 ** a - 1):.2f} |")
+                own = float(grids[b][0]) * (q.spec.qrange[1] - q.spec.qrange[0])
+                ranges.append(f"| {b} | {float(x.min()):.2f} to {float(x.max()):.2f} | {span:.2f} | {own:.2f} |")
         for label, mode, blocks in VARIANTS:
             def hook(m, args_, out, b):
                 out = out.clone()
@@ -92,7 +90,7 @@ def main(argv=None) -> int:
                     out[:, :, :1] = x
                 else:
                     scale, zp = grids[b]
-                    out[:, :, :1] = fake_quantize_affine(x, scale, zp, 0, 2 ** a - 1)
+                    out[:, :, :1] = m.spec.kind_entry.fake_quantize(x, scale, zp, m.spec)
                 return out
             hooks = [q.register_forward_hook(lambda m, args_, out, b=b: hook(m, args_, out, b))
                      for b, q in points if b in blocks]

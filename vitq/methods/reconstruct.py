@@ -154,7 +154,7 @@ class _Objective:
         with torch.no_grad():
             self.reference = torch.cat([head(t) if self.features else F.log_softmax(head(t), -1)
                                      for t in target.split(self.CHUNK)])
-            mse = self._mean(self.train, lambda out, i: self._mse(out, i))
+            mse = self._mean(self.train, self._mse)
             start = self.head_value(self.train)
         self.head_term.append(start)
         self.scale = s.head_weight * mse / start if start > 0 else 0.0
