@@ -15,12 +15,12 @@ from .errors import VitqError
 from .eval.metrics import compare, model_size, predict
 from .eval.segmentation import compare_segmentation, segmentation_metrics
 from .methods.backbone import backbone_inputs, backbone_module, splice
-from .methods.lifecycle import convert, prepare
+from .methods.lifecycle import convert, prefix_rows_of, prepare
 from .methods.plan import Plan, apply_plan, backbone_plan, plan_from_model
 from .methods.stages import Refresher, StageContext
 from .models.adapters import kept_on_its_device
 from .models.loading import data_config_of, weights_digest
-from .quant.protocol import DEFAULT_INPUT_BITS, get_protocol
+from .quant.protocol import DEFAULT_INPUT_BITS, PREFIX_CHOICES, get_protocol
 from .recipes.recipe import Recipe, load_recipe
 
 Batches = Iterable[Any]
@@ -301,6 +301,8 @@ def quantize(
             # float (p3's probabilities) has none to choose
             kinds={role: kind for role, kind in recipe.kinds.items() if role in get_protocol(protocol).quantized},
             head=head,
+            # likewise its prefix rows: only of the operands the protocol quantizes
+            prefix_rows=[c for c in recipe.prefix_rows if PREFIX_CHOICES[c][0] in get_protocol(protocol).quantized],
         )
     ctx = StageContext(
         float_model=model, model=qmodel, data=batches, weights=recipe.weights, activations=recipe.activations,
@@ -342,6 +344,9 @@ def quantize(
     plan_meta["model"] = {**(plan_meta.get("model") or {})}
     if "weights_sha256" not in plan_meta["model"]:  # the CLI's meta has it already
         plan_meta["model"]["weights_sha256"] = weights_digest(model)
+    prefix = prefix_rows_of(qmodel)
+    if prefix:
+        plan_meta["prefix_rows"] = prefix
     if start_plan is None:
         plan_meta["input_bits"] = input_bits if input_bits is not None else a_bits
     elif "input_bits" in plan.meta:

@@ -223,10 +223,15 @@ class _IntWeight:
 
 
 class ExportLinear(_IntWeight, QuantLinear):
-    """``MatMul(DQ(Q(x)), DQ(Wᵀ codes)) + b``: ONNX Runtime's MatMulIntegerToFloat pattern."""
+    """``MatMul(DQ(Q(x)), DQ(Wᵀ codes)) + b``: ONNX Runtime's MatMulIntegerToFloat pattern. Where the
+    input's prefix rows have a quantizer of their own (:class:`~vitq.nn.PrefixRows`), each row group
+    has its own product (two integer MatMuls, their outputs concatenated)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.input_quantizer(x)
+        parts = [self._product(q(rows)) for q, rows in self._row_groups("input", x)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    def _product(self, x: Tensor) -> Tensor:
         if not self.int_weight:
             return nn.functional.linear(x, self.weight, self.bias)
         if x.ndim == 2:
@@ -270,12 +275,15 @@ class _ExportAttend:
     would put a float Mul between DequantizeLinear and MatMul) and k quantized after its transpose."""
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        q, v = self.q_quantizer(q), self.v_quantizer(v)
-        if self.k_quantizer.per_tensor:
-            k_t = self.k_quantizer(k.transpose(-2, -1))
-        else:
-            k_t = self.k_quantizer(k).transpose(-2, -1)
-        scores = (q @ k_t) * self.scale
+        v = self.v_quantizer(v)
+        keys = []  # kᵀ by row group of k (the prefix tokens' keys apart where they have a quantizer of their own)
+        for quantizer, rows in self._row_groups("k", k):
+            keys.append(quantizer(rows.transpose(-2, -1)) if quantizer.per_tensor
+                        else quantizer(rows).transpose(-2, -1))
+        # one integer product per (query rows, key rows) group pair: a group's scale factors out of it
+        scores = [torch.cat([quantizer(rows) @ k_t for k_t in keys], dim=-1) if len(keys) > 1
+                  else quantizer(rows) @ keys[0] for quantizer, rows in self._row_groups("q", q)]
+        scores = (scores[0] if len(scores) == 1 else torch.cat(scores, dim=-2)) * self.scale
         if bias is not None:
             scores = scores + bias
         probs = self.probs_quantizer(self.scores_quantizer(scores).softmax(dim=-1))

@@ -153,7 +153,7 @@ class _Hessian:
         self._last: Optional[Tensor] = None
 
     def __call__(self, module: nn.Module, args: Tuple[Tensor, ...]) -> None:
-        x = _rows(self.layer, self.layer.input_quantizer(args[0].detach()))
+        x = _rows(self.layer, self.layer.quantize_input(args[0].detach()))
         total = self.n + x.shape[0]
         self.H *= self.n / total
         self.H += (2.0 / total) * x.T @ x

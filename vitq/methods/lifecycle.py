@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -12,7 +12,8 @@ from ..errors import VitqError
 from ..models.adapters import BackboneAdapter, find_adapter, iter_quantizers, quantizers_off
 from ..quant import protocol as roles
 from ..quant.observers import ObserverConfig
-from ..quant.protocol import DEFAULT_INPUT_BITS, get_protocol
+from ..nn import PrefixRows
+from ..quant.protocol import DEFAULT_INPUT_BITS, PREFIX_CHOICES, check_prefix_rows, get_protocol
 from ..quant.quantizer import Quantizer
 from ..quant.spec import QuantSpec
 
@@ -45,6 +46,7 @@ def prepare(
     input_bits: Optional[int] = DEFAULT_INPUT_BITS,
     kinds: Optional[Mapping[str, str]] = None,
     head: bool = False,
+    prefix_rows: Sequence[str] = (),
 ) -> nn.Module:
     """A quantized copy of ``model`` with uncalibrated quantizers in place; ``model`` is untouched.
 
@@ -59,6 +61,10 @@ def prepare(
         kinds: quantizer kind per role, e.g. ``{"attn_probs": "logsqrt2"}`` (a recipe's ``kinds``).
         head: a model around a backbone (segmentation, ...): also quantize the linear layers and
             convolutions outside the backbone (the decode head), which otherwise stay float.
+        prefix_rows: operands whose prefix-token rows (a ViT's class token ...) get a quantizer of their
+            own (``<point>_prefix_quantizer``, the main point's spec): ``q``, ``k`` (attention) and ``act``
+            (the inputs of the blocks' linear layers); see :class:`vitq.nn.PrefixRows`. Nothing is added
+            to a model without prefix tokens (Swin): :func:`prefix_rows_of` says what was.
 
     Example:
         >>> import timm
@@ -89,6 +95,21 @@ def prepare(
         if name == image_point and spec.enabled and input_bits is not None:
             spec = spec.with_(bits=input_bits)
         quantizer.set_spec(spec)
+    prefix_rows = check_prefix_rows(prefix_rows)
+    if prefix_rows:
+        roles_quantized = set(proto.quantized)
+        for choice in prefix_rows:
+            role, _ = PREFIX_CHOICES[choice]
+            if role not in roles_quantized:
+                raise VitqError(f"prefix_rows: protocol {protocol} leaves {role} in float, so {choice!r} has no "
+                                "quantizer to split; drop it or use a protocol that quantizes it")
+        tokens, modules = adapter.prefix_rows(qmodel)
+        if tokens:
+            for _, module in modules:
+                for choice in prefix_rows:
+                    point = PREFIX_CHOICES[choice][1]
+                    if point in module.PREFIX_POINTS and getattr(module, f"{point}_quantizer").spec.enabled:
+                        module.add_prefix_quantizer(point, tokens)
     if specs:
         known = dict(iter_quantizers(qmodel))
         unknown = sorted(set(specs) - set(known))
@@ -97,6 +118,16 @@ def prepare(
         for name, spec in specs.items():
             known[name].set_spec(spec)
     return qmodel
+
+
+def prefix_rows_of(model: nn.Module) -> Dict[str, Any]:
+    """What a prepared model's prefix-row quantizers are (for its plan): ``{}`` without any, else
+    ``{"points": [...], "tokens": n}`` (the operands split, by :data:`PREFIX_CHOICES` name)."""
+    split = [m for m in model.modules() if isinstance(m, PrefixRows) and m.prefix_points]
+    if not split:
+        return {}
+    points = {p for m in split for p in m.prefix_points}
+    return {"points": [c for c, (_, p) in PREFIX_CHOICES.items() if p in points], "tokens": split[0].prefix_tokens}
 
 
 def _owner_weights(model: nn.Module) -> Dict[Quantizer, torch.Tensor]:

@@ -28,7 +28,7 @@ from ..models.adapters import iter_quantizers
 from ..quant.spec import QuantSpec
 from .backbone import backbone_module, splice
 from .gptq import changed_params, mark_changed
-from .lifecycle import convert, prepare
+from .lifecycle import convert, prefix_rows_of, prepare
 from .smooth import fold_smoothing, smoothing_from_plan, smoothing_of, smoothing_to_plan
 
 PLAN_FORMAT = "vitq-plan/1"
@@ -174,7 +174,13 @@ def apply_plan(model: nn.Module, plan: Plan, check_weights: bool = True) -> nn.M
         inner = backbone_plan(model, path, plan) if check_weights else _without_backbone(plan)
         return splice(model, path, apply_plan(backbone_module(model, path), inner, check_weights=False))
     protocol = plan.meta.get("protocol", "p1")
-    qmodel = prepare(model, protocol=protocol, head=bool(plan.meta.get("quantize_head")))
+    prefix = plan.meta.get("prefix_rows") or {}
+    qmodel = prepare(model, protocol=protocol, head=bool(plan.meta.get("quantize_head")),
+                     prefix_rows=prefix.get("points", ()))
+    if prefix and prefix_rows_of(qmodel).get("tokens") != prefix.get("tokens"):
+        raise VitqError(f"the plan gives the first {prefix.get('tokens')} token rows a grid of their own, but this "
+                        f"model has {prefix_rows_of(qmodel).get('tokens', 0)} prefix tokens: was the plan made for "
+                        "another architecture?")
     if plan.meta.get("smooth"):
         fold_smoothing(qmodel, smoothing_from_plan(plan.meta["smooth"], plan.tensors))
     if plan.meta.get("params"):

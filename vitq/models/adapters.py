@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import VitqError
-from ..nn import QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule
+from ..nn import PrefixRows, QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule
 from ..quant.quantizer import Quantizer
 from ..registry import Registry
 
@@ -116,6 +116,12 @@ class ModelAdapter:
         """A block's attention and MLP sub-modules."""
         return {"attn": block.attn, "mlp": block.mlp}
 
+    def prefix_rows(self, model: nn.Module) -> Tuple[int, List[Tuple[str, PrefixRows]]]:
+        """How many prefix tokens (class, distillation, register tokens) lead the token sequence, and
+        the quantized modules whose operands carry them on their token axis (0 and none: the family
+        has no prefix tokens)."""
+        return 0, []
+
     def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
         """Every LayerNorm → linear pair whose activation SQ-b can smooth, in forward order."""
         return []
@@ -197,6 +203,10 @@ class BackboneAdapter(ModelAdapter):
 
     def block_parts(self, block: nn.Module) -> Dict[str, nn.Module]:
         return self.inner.block_parts(block)
+
+    def prefix_rows(self, model: nn.Module) -> Tuple[int, List[Tuple[str, PrefixRows]]]:
+        tokens, modules = self.inner.prefix_rows(self._sub(model))
+        return tokens, [(self._name(n), m) for n, m in modules]
 
     def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
         return [NormLinearPair(p.point, self._name(p.norm), self._name(p.linear), p.shift_exact)

@@ -6,7 +6,7 @@ With every quantizer disabled each module computes exactly what its float module
 """
 from __future__ import annotations
 
-from typing import Optional, Type, TypeVar
+from typing import Optional, Tuple, Type, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from timm.layers.attention import Attention, resolve_self_attn_mask
 from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
+from ..errors import VitqError
 from ..quant import protocol as roles
 from ..quant.quantizer import Quantizer
 
@@ -38,15 +39,68 @@ class QuantModule:
         return new
 
 
-class QuantLinear(QuantModule, nn.Linear):
+class PrefixRows:
+    """Mixin: the first ``prefix_tokens`` rows (token axis -2) of some operands (a ViT's class,
+    distillation and register tokens) can take a quantizer of their own, ``<point>_prefix_quantizer``
+    beside ``<point>_quantizer``, which then quantizes the other rows.
+
+    A per-tensor scale fits the patch tokens, which are most of the rows; the class token's query in
+    the later blocks of a DeiT lies outside that range and is clipped (benchmarks/probe_class_token.py).
+    A scale per row group keeps every product an integer one: a row's scale factors out of its dot
+    products (q·kᵀ, x·Wᵀ), so deployed, the prefix rows' product is computed on its own.
+    Added by :func:`vitq.prepare` (``prefix_rows``) where the model has prefix tokens.
+    """
+
+    #: the operands that may be split (``input`` of a linear; ``q``, ``k`` of attention)
+    PREFIX_POINTS: Tuple[str, ...] = ()
+    prefix_tokens = 0
+    prefix_points: Tuple[str, ...] = ()
+
+    def add_prefix_quantizer(self, point: str, tokens: int) -> Quantizer:
+        """Give the first ``tokens`` rows of ``point`` a quantizer of their own (the main one's spec, uncalibrated)."""
+        if point not in self.PREFIX_POINTS:
+            raise VitqError(f"{type(self).__name__} has no operand {point!r} to split ({self.PREFIX_POINTS})")
+        if tokens <= 0 or (self.prefix_tokens and tokens != self.prefix_tokens):
+            raise VitqError(f"prefix tokens must be one positive count per module, got {tokens}")
+        main: Quantizer = getattr(self, f"{point}_quantizer")
+        quantizer = Quantizer(main.role, main.spec)
+        setattr(self, f"{point}_prefix_quantizer", quantizer)
+        self.prefix_tokens = tokens
+        if point not in self.prefix_points:
+            self.prefix_points = (*self.prefix_points, point)
+        return quantizer
+
+    def _row_groups(self, point: str, x: Tensor):
+        """``[(quantizer, rows)]``: the prefix rows with their quantizer and the rest with the main one
+        (one group when ``point`` is not split)."""
+        main = getattr(self, f"{point}_quantizer")
+        if point not in self.prefix_points:
+            return [(main, x)]
+        n = self.prefix_tokens
+        return [(getattr(self, f"{point}_prefix_quantizer"), x[..., :n, :]), (main, x[..., n:, :])]
+
+    def _quantize_rows(self, point: str, x: Tensor) -> Tensor:
+        groups = self._row_groups(point, x)
+        if len(groups) == 1:
+            return groups[0][0](x)
+        return torch.cat([q(rows) for q, rows in groups], dim=-2)
+
+
+class QuantLinear(PrefixRows, QuantModule, nn.Linear):
     """``nn.Linear`` with its input and weight quantized."""
+
+    PREFIX_POINTS = ("input",)
 
     def _add_quantizers(self) -> None:
         self.input_quantizer = Quantizer(roles.ACT)
         self.weight_quantizer = Quantizer(roles.WEIGHT)
 
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The input as the layer quantizes it (its prefix rows by their own quantizer where split)."""
+        return self._quantize_rows("input", x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self.quantize_input(x), self.weight_quantizer(self.weight), self.bias)
 
 
 class QuantConv2d(QuantModule, nn.Conv2d):
@@ -56,8 +110,11 @@ class QuantConv2d(QuantModule, nn.Conv2d):
         self.input_quantizer = Quantizer(roles.ACT)
         self.weight_quantizer = Quantizer(roles.WEIGHT)
 
+    def quantize_input(self, x: Tensor) -> Tensor:
+        return self.input_quantizer(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.weight_quantizer(self.weight), self.bias)
 
 
 class QuantLayerNorm(QuantModule, nn.LayerNorm):
@@ -70,8 +127,10 @@ class QuantLayerNorm(QuantModule, nn.LayerNorm):
         return F.layer_norm(self.input_quantizer(x), self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class _AttentionQuantizers:
-    """The four attention quant points shared by ViT and Swin attention."""
+class _AttentionQuantizers(PrefixRows):
+    """The attention quant points shared by ViT and Swin attention."""
+
+    PREFIX_POINTS = ("q", "k")
 
     def _add_quantizers(self) -> None:
         self.q_quantizer = Quantizer(roles.ATTN_QKV)
@@ -82,7 +141,7 @@ class _AttentionQuantizers:
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """``softmax(q·kᵀ·scale + bias)·v`` with every operand passing its quantizer."""
-        q, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
+        q, k, v = self._quantize_rows("q", q), self._quantize_rows("k", k), self.v_quantizer(v)
         scores = (q * self.scale) @ k.transpose(-2, -1)
         if bias is not None:
             scores = scores + bias
@@ -132,4 +191,5 @@ __all__ = [
     "QuantLinear",
     "QuantModule",
     "QuantWindowAttention",
+    "PrefixRows",
 ]

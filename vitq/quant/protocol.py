@@ -28,6 +28,12 @@ KIND_CHOICES: Dict[str, Tuple[str, ...]] = {
     NORM_INPUT: ("uniform", "ptf"),
 }
 
+#: the operands whose prefix-token rows (a ViT's class token ...) a recipe may give a grid of their own
+#: (``prefix_rows``), each with its role and the operand's name in its module: the attention's query and
+#: key, and the input of every linear layer inside the blocks. Not v, nor the probabilities' columns: a
+#: scale per token along the axis attn·v sums over would not factor out of the integer product.
+PREFIX_CHOICES: Dict[str, Tuple[str, str]] = {"q": (ATTN_QKV, "q"), "k": (ATTN_QKV, "k"), "act": (ACT, "input")}
+
 #: the bits of the image input (the patch embedding's input) unless a run says otherwise: RepQ-ViT
 #: keeps it at 8 bits at every activation width (PTQ4ViT leaves it in float)
 DEFAULT_INPUT_BITS = 8
@@ -120,6 +126,29 @@ PROTOCOLS: Dict[str, Protocol] = {
         {WEIGHT: "uniform", ACT: "uniform"},
     ),
 }
+
+
+def check_prefix_rows(choices) -> Tuple[str, ...]:
+    """Validate a ``prefix_rows`` choice (a list of :data:`PREFIX_CHOICES` names); returns it as a tuple.
+
+    Example:
+        >>> check_prefix_rows(["q"])
+        ('q',)
+    """
+    if isinstance(choices, str):
+        choices = [choices]
+    if choices is None:
+        return ()
+    if not isinstance(choices, (list, tuple)):
+        raise VitqError(f"prefix_rows is a list of {', '.join(PREFIX_CHOICES)}, got {choices!r}")
+    bad = [c for c in choices if c not in PREFIX_CHOICES]
+    if bad:
+        raise VitqError(f"prefix_rows: {bad[0]!r} is not an operand whose prefix rows can be split; choose among "
+                        f"{', '.join(PREFIX_CHOICES)} (q and k: the attention's query and key; act: the inputs of "
+                        "the blocks' linear layers)")
+    if len(set(choices)) != len(choices):
+        raise VitqError(f"prefix_rows names an operand twice: {list(choices)}")
+    return tuple(choices)
 
 
 def get_protocol(name: str) -> Protocol:

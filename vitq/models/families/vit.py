@@ -11,7 +11,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ...errors import VitqError
-from ...nn import QuantAttention
+from ...nn import PrefixRows, QuantAttention
 from ..adapters import _COMMON, ADAPTERS, ModelAdapter, NormLinearPair, _is_norm
 
 
@@ -58,6 +58,16 @@ class ViTAdapter(ModelAdapter):
         for blk in model.blocks[start:]:
             x = blk(x)
         return model.forward_head(model.norm(x), pre_logits=pre_logits)
+
+    def prefix_rows(self, model: nn.Module) -> Tuple[int, List[Tuple[str, PrefixRows]]]:
+        """The class token (and distillation, register tokens): ``num_prefix_tokens``; every quantized
+        linear layer and attention inside the blocks sees them as its first rows."""
+        tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        if not tokens:
+            return 0, []
+        modules = [(f"{name}.{sub}", m) for name, block in self.blocks(model)
+                   for sub, m in block.named_modules() if isinstance(m, PrefixRows)]
+        return tokens, modules
 
     def norm_linear_pairs(self, model: nn.Module) -> List[NormLinearPair]:
         """Pre-norm blocks (timm ``Block``): norm1 → attn.qkv and norm2 → mlp.fc1. Blocks of other
