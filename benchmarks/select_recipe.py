@@ -23,8 +23,8 @@ used. Variants (comma-joined changes to the recommended recipe):
   ``recommended`` before then ran without it);
 - ``sym-weights``: symmetric weight grids (zero point 0) instead of asymmetric ones;
 - ``flip-aug``: every stage calibrated on the 50 images and their mirror images;
-- ``prefix=A+B``: the recipe's ``prefix_rows`` (``q``, ``k``, ``act``): those operands' class-token rows on
-  a grid of their own;
+- ``prefix=A+B``: a ``prefix_rows`` stage with ``points: [A, B]`` (``q``, ``k``, ``act``): those operands'
+  class-token rows on a grid of their own;
 - ``STAGE.KEY=VALUE``: one setting of a stage already in the recipe (after ``+reconstruct`` when that
   adds the stage), e.g. ``+reconstruct,reconstruct.drop_prob=0``; VALUE is a number, a list written
   ``A+B`` (``opt_m.points=gelu+softmax``), else read as YAML; ``STAGE.by_bits.wXaY.KEY=VALUE`` sets it
@@ -135,8 +135,9 @@ def variant(name: str) -> Dict[str, Any]:
             for part in path:
                 where = where.setdefault(part, {})
             where[last] = parsed.split("+") if isinstance(parsed, str) and "+" in parsed else parsed
-        elif change.startswith("prefix="):  # prefix=q+k+act: the recipe's prefix_rows
-            spec["prefix_rows"] = change.split("=", 1)[1].split("+")
+        elif change.startswith("prefix="):  # prefix=q+k+act: a prefix_rows stage first, with those points
+            spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "prefix_rows" in st)]
+            spec["stages"].insert(0, {"prefix_rows": {"points": change.split("=", 1)[1].split("+")}})
         elif change.startswith("reparam="):
             for st in spec["stages"]:
                 if isinstance(st, dict) and "reparam" in st:

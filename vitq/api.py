@@ -20,7 +20,7 @@ from .methods.plan import Plan, apply_plan, backbone_plan, plan_from_model
 from .methods.stages import Refresher, StageContext
 from .models.adapters import kept_on_its_device
 from .models.loading import data_config_of, weights_digest
-from .quant.protocol import DEFAULT_INPUT_BITS, PREFIX_CHOICES, get_protocol
+from .quant.protocol import DEFAULT_INPUT_BITS, get_protocol
 from .recipes.recipe import Recipe, load_recipe
 
 Batches = Iterable[Any]
@@ -301,8 +301,6 @@ def quantize(
             # float (p3's probabilities) has none to choose
             kinds={role: kind for role, kind in recipe.kinds.items() if role in get_protocol(protocol).quantized},
             head=head,
-            # likewise its prefix rows: only of the operands the protocol quantizes
-            prefix_rows=[c for c in recipe.prefix_rows if PREFIX_CHOICES[c][0] in get_protocol(protocol).quantized],
         )
     ctx = StageContext(
         float_model=model, model=qmodel, data=batches, weights=recipe.weights, activations=recipe.activations,

@@ -14,6 +14,7 @@ from vitq.export.formats import IntFormat
 from vitq.methods import Plan, apply_plan, calibrate, prepare
 from vitq.methods.gptq import _Hessian
 from vitq.methods.lifecycle import prefix_rows_of
+from vitq.methods.stages import StageConfig
 from vitq.models import iter_quantizers
 from vitq.models.adapters import quantizers_off
 from vitq.nn import QuantAttention, QuantLinear
@@ -62,8 +63,11 @@ def test_bad_choices_say_what_is_wrong(vit):
         prepare(vit, protocol="p4", prefix_rows=["q"])
     with pytest.raises(VitqError, match="twice"):
         prepare(vit, prefix_rows=["q", "q"])
-    with pytest.raises(VitqError, match="recipe 'x'.*'cls'"):
-        load_recipe({"name": "x", "prefix_rows": ["cls"]})
+    with pytest.raises(VitqError, match="prefix_rows.points: 'cls' is not an operand"):
+        load_recipe({"name": "x", "stages": [{"prefix_rows": {"points": ["cls"]}}, "calibrate"]})
+    with pytest.raises(VitqError, match="before calibrate"):
+        vitq.quantize(vit, {"name": "x", "stages": ["calibrate", {"prefix_rows": {"points": ["q"]}}]},
+                      [torch.randn(2, 3, IMG, IMG)], progress=False)
 
 
 def test_split_rows_are_quantized_by_their_own_grid(vit):
@@ -130,7 +134,10 @@ def test_gptq_sees_the_split_input(vit, images):
 def _quantized(rows, recipe="minmax", w_bits=6, a_bits=6):
     model = tiny_vit()
     torch.manual_seed(0)
-    recipe = replace(load_recipe(recipe), prefix_rows=tuple(rows))
+    recipe = load_recipe(recipe)
+    if rows:
+        stages = (StageConfig.parse({"prefix_rows": {"points": list(rows)}}, "test"), *recipe.stages)
+        recipe = replace(recipe, stages=stages)
     return model, vitq.quantize(model, recipe, [torch.randn(4, 3, IMG, IMG)], w_bits=w_bits, a_bits=a_bits,
                                 progress=False, device="cpu")
 
@@ -138,6 +145,7 @@ def _quantized(rows, recipe="minmax", w_bits=6, a_bits=6):
 def test_plan_records_and_reproduces_the_split(tmp_path, images):
     model, result = _quantized(["q", "k", "act"])
     assert result.plan.meta["prefix_rows"] == {"points": ["q", "k", "act"], "tokens": 1}
+    assert result.record["prefix_rows"] == {"points": ["q", "k", "act"], "tokens": 1, "split": ["q", "k", "act"]}
     result.plan.save(tmp_path)
     again = apply_plan(model, Plan.load(tmp_path / "plan.json"))
     assert prefix_points(again) == prefix_points(result.model)
@@ -176,3 +184,17 @@ def test_onnx_file_runs_the_split_in_integer_matmuls(tmp_path):
     # per block: q·kᵀ twice (class row, the rest), attn·v, and each of 4 linear layers twice; patch embed, head
     assert summary["integer_gemms"] == depth * (2 + 1 + 8) + 2
     assert report.verification["agreement"] == 100.0
+
+
+def test_the_stage_skips_what_the_protocol_leaves_in_float_and_models_without_prefix_tokens(images):
+    recipe = {"name": "x", "stages": [{"prefix_rows": {"points": ["q", "act"]}}, "calibrate"]}
+    p4 = vitq.quantize(tiny_vit(), recipe, [images], protocol="p4", progress=False)
+    assert p4.record["prefix_rows"]["split"] == ["act"] and p4.plan.meta["prefix_rows"]["points"] == ["act"]
+    swin = vitq.quantize(tiny_swin(), recipe, [images], progress=False)
+    assert swin.record["prefix_rows"]["tokens"] == 0 and "prefix_rows" not in swin.plan.meta
+
+
+def test_a_start_plan_keeps_its_prefix_rows(images):
+    model, first = _quantized(["q"], w_bits=8, a_bits=8)
+    again = vitq.quantize(model, "minmax", [images], start_plan=first.plan, progress=False)
+    assert again.plan.meta["prefix_rows"] == first.plan.meta["prefix_rows"]

@@ -11,10 +11,11 @@ from .reparam import ReparamSettings, ReparamStage  # registers "reparam"
 from .attn_reparam import AttnReparamSettings, AttnReparamStage  # registers "attn_reparam"
 from .opt_m import OptMSettings, OptMStage  # registers "opt_m"
 from .mixed import GreedyMPSettings, GreedyMPStage, parse_budget  # registers "greedy_mp"
+from .prefix_rows import PrefixRowsSettings, PrefixRowsStage  # registers "prefix_rows"
 
 __all__ = [
     "AttnReparamSettings", "AttnReparamStage", "BiasCorrectSettings", "BiasCorrectStage", "Evolution", "FITNESS", "GPTQSettings", "GPTQStage", "GreedyMPSettings", "GreedyMPStage", "MUTATIONS",
-    "OptMSettings", "OptMStage", "Plan", "ReconstructSettings", "ReconstructStage", "ReparamSettings", "ReparamStage", "STAGES", "SearchSettings",
+    "OptMSettings", "OptMStage", "Plan", "PrefixRowsSettings", "PrefixRowsStage", "ReconstructSettings", "ReconstructStage", "ReparamSettings", "ReparamStage", "STAGES", "SearchSettings",
     "SearchStage", "SmoothSettings", "SmoothStage", "Stage", "StageContext", "StageSettings", "apply_plan",
     "calibrate", "check_bits", "convert", "fold_smoothing", "is_prepared", "parse_budget", "plan_from_model",
     "prepare", "smoothing_of",

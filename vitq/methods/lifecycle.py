@@ -96,20 +96,12 @@ def prepare(
             spec = spec.with_(bits=input_bits)
         quantizer.set_spec(spec)
     prefix_rows = check_prefix_rows(prefix_rows)
-    if prefix_rows:
-        roles_quantized = set(proto.quantized)
-        for choice in prefix_rows:
-            role, _ = PREFIX_CHOICES[choice]
-            if role not in roles_quantized:
-                raise VitqError(f"prefix_rows: protocol {protocol} leaves {role} in float, so {choice!r} has no "
-                                "quantizer to split; drop it or use a protocol that quantizes it")
-        tokens, modules = adapter.prefix_rows(qmodel)
-        if tokens:
-            for _, module in modules:
-                for choice in prefix_rows:
-                    point = PREFIX_CHOICES[choice][1]
-                    if point in module.PREFIX_POINTS and getattr(module, f"{point}_quantizer").spec.enabled:
-                        module.add_prefix_quantizer(point, tokens)
+    for choice in prefix_rows:
+        role, _ = PREFIX_CHOICES[choice]
+        if role not in proto.quantized:
+            raise VitqError(f"prefix_rows: protocol {protocol} leaves {role} in float, so {choice!r} has no "
+                            "quantizer to split; drop it or use a protocol that quantizes it")
+    split_prefix_rows(qmodel, prefix_rows)
     if specs:
         known = dict(iter_quantizers(qmodel))
         unknown = sorted(set(specs) - set(known))
@@ -118,6 +110,25 @@ def prepare(
         for name, spec in specs.items():
             known[name].set_spec(spec)
     return qmodel
+
+
+def split_prefix_rows(model: nn.Module, choices: Sequence[str]) -> int:
+    """Give the prefix-token rows of the operands ``choices`` (``q``, ``k``, ``act``) a quantizer of
+    their own in every block of a prepared, not yet calibrated ``model``, where the operand is
+    quantized; returns the number of prefix tokens (0: the model has none, nothing is split)."""
+    choices = check_prefix_rows(choices)
+    if any(q.needs_calibration and q.scale is not None for _, q in iter_quantizers(model)):
+        raise VitqError("prefix rows are split before calibration: run the prefix_rows stage before calibrate")
+    tokens, modules = find_adapter(model).prefix_rows(model)
+    if not tokens:
+        return 0
+    for _, module in modules:
+        for choice in choices:
+            point = PREFIX_CHOICES[choice][1]
+            if point in module.PREFIX_POINTS and point not in module.prefix_points and \
+                    getattr(module, f"{point}_quantizer").spec.enabled:
+                module.add_prefix_quantizer(point, tokens)
+    return tokens
 
 
 def prefix_rows_of(model: nn.Module) -> Dict[str, Any]:

@@ -12,7 +12,7 @@ from ..errors import VitqError, reject_unknown_keys
 from ..data.synthetic.generators import GENERATORS, GeneratorSettings
 from ..methods.stages import STAGES, StageConfig
 from ..quant.observers import ObserverConfig
-from ..quant.protocol import KIND_CHOICES, check_prefix_rows
+from ..quant.protocol import KIND_CHOICES
 from ..registry import Registry
 
 RECIPE_DIR = Path(__file__).parent
@@ -58,8 +58,7 @@ class Recipe:
     ``data_free`` says how synthetic calibration images are made when a run asks for them
     (``--data-free``); real calibration images ignore it. ``kinds`` chooses the quantizer kind of
     a role where there is a choice (``{attn_probs: logsqrt2}``); the protocol still says which
-    roles are quantized. ``prefix_rows`` names the operands whose prefix-token rows (a ViT's class
-    token) get a grid of their own (``[q]``; see :func:`vitq.prepare`).
+    roles are quantized.
 
     Example:
         >>> load_recipe("omse").activations.observer
@@ -73,7 +72,6 @@ class Recipe:
     stages: Tuple[StageConfig, ...] = (StageConfig("calibrate", STAGES.get("calibrate").Settings()),)
     data_free: DataFreeConfig = field(default_factory=DataFreeConfig)
     kinds: Dict[str, str] = field(default_factory=dict)
-    prefix_rows: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -86,10 +84,6 @@ class Recipe:
                 choices = "; ".join(f"{r}: {', '.join(k)}" for r, k in KIND_CHOICES.items())
                 raise VitqError(f"recipe {self.name!r}: kinds {role}: {kind} is not a choice ({choices})")
         object.__setattr__(self, "kinds", dict(self.kinds))
-        try:
-            object.__setattr__(self, "prefix_rows", check_prefix_rows(self.prefix_rows))
-        except VitqError as err:
-            raise VitqError(f"recipe {self.name!r}: {err}") from None
         stages = tuple(s if isinstance(s, StageConfig) else StageConfig.parse(s, f"recipe {self.name!r}")
                        for s in self.stages)
         object.__setattr__(self, "stages", stages)
