@@ -199,13 +199,15 @@ METHODS.update({
                                        "started from the recipe with log√2 probabilities at every bit-width"),
 })
 def _recommended_with(name: str, **reconstruct) -> Dict[str, Any]:
-    """The recommended recipe's YAML as shipped, its reconstruction's settings changed."""
+    """The recommended recipe's YAML as shipped, its reconstruction's settings changed, without the
+    ``prefix_rows`` stage (added on 2026-12-05, after these variants' rows were measured)."""
     import yaml
 
     import vitq.recipes
 
     spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
     spec["name"] = name
+    spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "prefix_rows" in st)]
     for st in spec["stages"]:
         if isinstance(st, dict) and "reconstruct" in st:
             st["reconstruct"].update(reconstruct)
@@ -226,6 +228,11 @@ METHODS["recommended, plain block outputs"] = (
     _plain_outputs,
     "the recommended recipe until 2026-12-04: at W6A6 every block reconstructed against its own output only "
     "(since then the last 4 are fitted to the classifier's pooled features too: `reconstruct.head_blocks`)")
+
+METHODS["recommended, one class-token grid"] = (
+    _recommended_with("recommended, one class-token grid"),
+    "the recommended recipe until 2026-12-05: one per-tensor grid for every token of q (since then, at W6A6 and "
+    "W4A8, the class token's query rows have a grid of their own: the `prefix_rows` stage)")
 
 for _it in (1000, 2000):
     METHODS[f"recommended, reconstruct {_it} it"] = (

@@ -30,6 +30,10 @@ used. Variants (comma-joined changes to the recommended recipe):
   ``A+B`` (``opt_m.points=gelu+softmax``), else read as YAML; ``STAGE.by_bits.wXaY.KEY=VALUE`` sets it
   for one bit-width.
 
+Since 2026-12-05 the recipe gives the class token's query rows a grid of their own at W6A6 and W4A8 (a
+``prefix_rows`` stage); the rows measured at those bit-widths before then as ``recommended`` were renamed
+``no-prefix_rows``, which reproduces them (``prefix=q`` is the recipe since).
+
 Since the night of 2026-12-04 the recipe fits the last 4 blocks to the classifier's pooled features at
 W6A6 (``reconstruct.head_blocks``); DeiT-Tiny's W6A6 rows measured before then as ``recommended`` were
 renamed ``reconstruct.by_bits.w6a6.head_blocks=0``, which reproduces them.
@@ -76,7 +80,7 @@ from vitq.recipes.recipe import setting_value  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
-STAGE_NAMES = ("reparam", "opt_m", "gptq", "reconstruct", "bias_correct")
+STAGE_NAMES = ("prefix_rows", "reparam", "opt_m", "gptq", "reconstruct", "bias_correct")
 CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "uniform-probs", "sym-weights", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs",
            "+attn_reparam", "+attn_reparam=qk", "+attn_reparam=v")
 
