@@ -10,8 +10,10 @@ quantizer's spec, its range set by the recipe's activation observer on those row
 half, as calibration sets the shared one), in every block or in blocks 8-11 only; and, as the bound,
 with those rows left in float. The script also prints each block's class-token query range against the range
 the shared scale covers. The hooks emulate what a per-row scale would do: deployed, q·kᵀ with a scale
-per query row stays an integer product (each row's scale factors out of its dot products), but vitq's
-quantizers, plans and export have no such grouping yet.
+per query row stays an integer product (each row's scale factors out of its dot products). The probe led
+to the ``prefix_rows`` stage (vitq/methods/prefix_rows.py), which builds such a grid into the quantizers,
+plans and export; the probe refuses a recipe that runs that stage (the recommended recipe does at W6A6
+and W4A8): pass ``--recipe`` a YAML without it to rerun the committed figures.
 Results: section "Class-token query probe" of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from foundation import machine, write_section  # noqa: E402
 from selection import calibration_halves  # noqa: E402
 
 from vitq.api import evaluate, quantize  # noqa: E402
+from vitq.methods.lifecycle import prefix_rows_of  # noqa: E402
 from vitq.models import iter_quantizers  # noqa: E402
 from vitq.quant.observers import create_observer  # noqa: E402
 from vitq.recipes import load_recipe  # noqa: E402
@@ -64,6 +67,9 @@ def main(argv=None) -> int:
     for fold in (0, 1):
         fit, held = halves[fold], halves[1 - fold]
         qmodel = quantize(model, args.recipe, [fit[0]], w_bits=w, a_bits=a, progress=False).model
+        if prefix_rows_of(qmodel):
+            raise SystemExit(f"recipe {args.recipe!r} already gives the class token's rows a grid of their own at "
+                             f"W{w}A{a} (its prefix_rows stage): pass --recipe a YAML without that stage")
         score = lambda: evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=fp[1 - fold])  # noqa: E731
         results["the recipe as it is"].append(score())
         points = [(int(re.fullmatch(Q_POINT, n).group(1)), q) for n, q in iter_quantizers(qmodel)
