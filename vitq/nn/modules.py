@@ -48,7 +48,9 @@ class PrefixRows:
     the later blocks of a DeiT lies outside that range and is clipped (benchmarks/probe_class_token.py).
     A scale per row group keeps every product an integer one: a row's scale factors out of its dot
     products (q·kᵀ, x·Wᵀ), so deployed, the prefix rows' product is computed on its own.
-    Added by :func:`vitq.prepare` (``prefix_rows``) where the model has prefix tokens.
+    Added by the ``prefix_rows`` stage (or :func:`vitq.prepare`'s ``prefix_rows``) where the model has
+    prefix tokens. A width allocator (``greedy_mp``, a mixed-precision search) sets the main point's
+    bits; the prefix rows keep the width they were given.
     """
 
     #: the operands that may be split (``input`` of a linear; ``q``, ``k`` of attention)
