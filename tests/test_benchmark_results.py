@@ -177,3 +177,18 @@ def test_selection_variant_sets_a_setting_of_one_bit_width():
     (stage,) = [st["reconstruct"] for st in spec["stages"] if isinstance(st, dict) and "reconstruct" in st]
     assert stage["by_bits"]["w6a6"]["head_blocks"] == 0 and stage["by_bits"]["w6a6"]["head_loss"] == "features"
     assert stage["holdout"] == 0.1 and stage["by_bits"]["w4a4"]["holdout"] == 0.2  # the rest as shipped
+
+
+def test_selection_variants_set_or_drop_the_prefix_rows_stage():
+    import select_recipe
+
+    def prefix_stages(spec):
+        return [st["prefix_rows"] for st in spec["stages"] if isinstance(st, dict) and "prefix_rows" in st]
+
+    (shipped,) = prefix_stages(select_recipe.variant("recommended"))
+    assert shipped["points"] == ["q"] and shipped["min_a_bits"] == 6
+    spec = select_recipe.variant("prefix=q+act")
+    assert prefix_stages(spec) == [{"points": ["q", "act"]}]  # replaces the shipped one, at every bit-width
+    assert next(iter(spec["stages"][0])) == "prefix_rows"  # first: before calibration
+    assert prefix_stages(select_recipe.variant("no-prefix_rows")) == []
+    assert prefix_stages(select_recipe.variant("recommended,no-prefix_rows,reconstruct.lr=0.001")) == []

@@ -157,7 +157,7 @@ def test_plan_records_and_reproduces_the_split(tmp_path, images):
         apply_plan(model, broken)
 
 
-def test_a_recipe_without_prefix_rows_makes_the_plan_it_made_before(images):
+def test_without_the_stage_a_plan_has_no_prefix_points(images):
     _, plain = _quantized([])
     assert "prefix_rows" not in plain.plan.meta and not any("_prefix_" in n for n in plain.plan.rules)
 
