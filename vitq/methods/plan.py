@@ -177,10 +177,10 @@ def apply_plan(model: nn.Module, plan: Plan, check_weights: bool = True) -> nn.M
     prefix = plan.meta.get("prefix_rows") or {}
     qmodel = prepare(model, protocol=protocol, head=bool(plan.meta.get("quantize_head")),
                      prefix_rows=prefix.get("points", ()))
-    if prefix and prefix_rows_of(qmodel).get("tokens") != prefix.get("tokens"):
+    tokens = prefix_rows_of(qmodel).get("tokens", 0) if prefix else None
+    if prefix and tokens != prefix.get("tokens"):
         raise VitqError(f"the plan gives the first {prefix.get('tokens')} token rows a grid of their own, but this "
-                        f"model has {prefix_rows_of(qmodel).get('tokens', 0)} prefix tokens: was the plan made for "
-                        "another architecture?")
+                        f"model has {tokens} prefix tokens: was the plan made for another architecture?")
     if plan.meta.get("smooth"):
         fold_smoothing(qmodel, smoothing_from_plan(plan.meta["smooth"], plan.tensors))
     if plan.meta.get("params"):
