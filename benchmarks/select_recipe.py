@@ -23,6 +23,8 @@ used. Variants (comma-joined changes to the recommended recipe):
   ``recommended`` before then ran without it);
 - ``sym-weights``: symmetric weight grids (zero point 0) instead of asymmetric ones;
 - ``flip-aug``: every stage calibrated on the 50 images and their mirror images;
+- ``+recalibrate[=OBSERVER]``: the prefix rows' quantizers set again on the quantized model after
+  reconstruction (before bias correction), by the recipe's activation observer or OBSERVER;
 - ``prefix=A+B``: a ``prefix_rows`` stage with ``points: [A, B]`` (``q``, ``k``, ``act``): those operands'
   class-token rows on a grid of their own;
 - ``STAGE.KEY=VALUE``: one setting of a stage already in the recipe (after ``+reconstruct`` when that
@@ -80,9 +82,9 @@ from vitq.recipes.recipe import setting_value  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
-STAGE_NAMES = ("prefix_rows", "reparam", "opt_m", "gptq", "reconstruct", "bias_correct")
+STAGE_NAMES = ("prefix_rows", "reparam", "opt_m", "gptq", "reconstruct", "recalibrate", "bias_correct")
 CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "uniform-probs", "sym-weights", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs",
-           "+attn_reparam", "+attn_reparam=qk", "+attn_reparam=v")
+           "+attn_reparam", "+attn_reparam=qk", "+attn_reparam=v", "+recalibrate", "+recalibrate=OBSERVER")
 
 
 def variant(name: str) -> Dict[str, Any]:
@@ -114,6 +116,11 @@ def variant(name: str) -> Dict[str, Any]:
             spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "reconstruct" in st)]
             at = next(i for i, st in enumerate(spec["stages"]) if isinstance(st, dict) and "gptq" in st)
             spec["stages"].insert(at + 1, {"reconstruct": settings})  # at every bit-width (no gate)
+        elif change.startswith("+recalibrate"):  # +recalibrate[=OBSERVER]: last, before bias correction
+            observer = change[len("+recalibrate"):].lstrip("=")
+            at = next((i for i, st in enumerate(spec["stages"]) if isinstance(st, dict) and "bias_correct" in st),
+                      len(spec["stages"]))
+            spec["stages"].insert(at, {"recalibrate": {"observer": observer} if observer else {}})
         elif change.startswith("+attn_reparam"):  # +attn_reparam[=qk|=v]: after reparam, before calibrate
             part = change[len("+attn_reparam"):].lstrip("=")
             settings = {"qk": part in ("", "qk"), "v": part in ("", "v")}

@@ -12,10 +12,11 @@ from .attn_reparam import AttnReparamSettings, AttnReparamStage  # registers "at
 from .opt_m import OptMSettings, OptMStage  # registers "opt_m"
 from .mixed import GreedyMPSettings, GreedyMPStage, parse_budget  # registers "greedy_mp"
 from .prefix_rows import PrefixRowsSettings, PrefixRowsStage  # registers "prefix_rows"
+from .recalibrate import RecalibrateSettings, RecalibrateStage  # registers "recalibrate"
 
 __all__ = [
     "AttnReparamSettings", "AttnReparamStage", "BiasCorrectSettings", "BiasCorrectStage", "Evolution", "FITNESS", "GPTQSettings", "GPTQStage", "GreedyMPSettings", "GreedyMPStage", "MUTATIONS",
-    "OptMSettings", "OptMStage", "Plan", "PrefixRowsSettings", "PrefixRowsStage", "ReconstructSettings", "ReconstructStage", "ReparamSettings", "ReparamStage", "STAGES", "SearchSettings",
+    "OptMSettings", "OptMStage", "Plan", "PrefixRowsSettings", "PrefixRowsStage", "RecalibrateSettings", "RecalibrateStage", "ReconstructSettings", "ReconstructStage", "ReparamSettings", "ReparamStage", "STAGES", "SearchSettings",
     "SearchStage", "SmoothSettings", "SmoothStage", "Stage", "StageContext", "StageSettings", "apply_plan",
     "calibrate", "check_bits", "convert", "fold_smoothing", "is_prepared", "parse_budget", "plan_from_model",
     "prepare", "smoothing_of",

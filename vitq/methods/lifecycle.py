@@ -299,6 +299,30 @@ def staged_passes(model: nn.Module, images, groups, device):
         yield group, feed
 
 
+def recalibrate_points(model: nn.Module, batches: Iterable[Batch], points: Dict[str, Quantizer],
+                       activations: ObserverConfig, *, device: Union[str, torch.device, None] = None,
+                       progress: bool = True) -> nn.Module:
+    """Set the activation quant ``points`` (name to quantizer) of a calibrated model again, in place:
+    observed with ``activations``' observer point group after point group in forward order on the
+    model as it is (every other point quantized as it was, every earlier group already set again).
+
+    Raises:
+        VitqError: for a weight point, or when ``batches`` is empty.
+    """
+    weights = [n for n, q in points.items() if q.role == roles.WEIGHT]
+    if weights:
+        raise VitqError(f"{weights[0]} is a weight quant point: only activation points are recalibrated")
+    images = [(b[0] if isinstance(b, (tuple, list)) else b) for b in batches]
+    if points and not images:
+        raise VitqError("recalibration got no batches: give at least one calibration image")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).eval()
+    observers = {q: activations.build(q.spec) for q in points.values()}
+    with torch.no_grad():
+        _calibrate_sequential(model, images, points, observers, device, progress)
+    return model
+
+
 def _calibrate_sequential(model: nn.Module, images, points: Dict[str, Quantizer], observers, device,
                           progress: bool) -> None:
     """Sequential calibration: quant points in groups, in forward order; a group (the points of
