@@ -234,6 +234,24 @@ METHODS["recommended, one class-token grid"] = (
     "the recommended recipe until 2026-12-05: one per-tensor grid for every token of q (since then, at W6A6 and "
     "W4A8, the class token's query rows have a grid of their own: the `prefix_rows` stage)")
 
+def _grid_on_generated_images() -> Dict[str, Any]:
+    import yaml
+
+    import vitq.recipes
+
+    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
+    spec["name"] = "recommended, class-token grid on generated images"
+    for st in spec["stages"]:
+        if isinstance(st, dict) and "prefix_rows" in st:
+            st["prefix_rows"]["images"] = "any"
+    return spec
+
+
+METHODS["recommended, class-token grid on generated images"] = (
+    _grid_on_generated_images(),
+    "the recommended recipe of the morning of 2026-12-05: its class token's query grid (`prefix_rows`) set on "
+    "generated images too (since then data-free runs skip that stage: `images: real`)")
+
 for _it in (1000, 2000):
     METHODS[f"recommended, reconstruct {_it} it"] = (
         _recommended_with(f"recommended, reconstruct {_it} it", iterations=_it),
@@ -294,6 +312,7 @@ class PeakMemory:
 class Suite:
     def __init__(self, name: str, loaded, eval_batches, calib_sets: Dict[Any, List[torch.Tensor]], sink) -> None:
         self.name, self.sink = name, sink
+        self.generated = False  # the calibration images are generated (data-free rows)
         self.loaded = loaded
         self.eval_batches, self.calib_sets = eval_batches, calib_sets
         self.extra: Dict[str, Any] = {}  # facts added to every row (data-free: the image source)
@@ -313,11 +332,11 @@ class Suite:
                     start, reused_seconds = self.starts[key]
                 else:
                     start = quantize(model, CHAINS[method][0], calib, w_bits=w, a_bits=a, protocol="p1",
-                                     device="cpu", progress=False, seed=seed)
+                                     device="cpu", progress=False, seed=seed, generated=self.generated)
                     self.starts = {key: (start, time.perf_counter() - t0)}
             result = quantize(model, recipe, calib, w_bits=None if start else w, a_bits=None if start else a,
                               protocol=None if start else "p1", device="cpu", progress=False, seed=seed,
-                              start_plan=start.plan if start else None)
+                              start_plan=start.plan if start else None, generated=self.generated)
             if start is not None:
                 result.record["stage_seconds"] = {**start.record.get("stage_seconds", {}),
                                                   **result.record.get("stage_seconds", {})}
@@ -574,6 +593,7 @@ def main(argv=None) -> int:
                 for src, m in made.items():
                     suite.calib_sets[0] = [m["images"]]
                     suite.extra = {"source": src, "gen_seconds": None if m["seconds"] is None else round(m["seconds"], 1)}
+                    suite.generated = src != "real"
                     suite.run(method, w, a, 0)
         if not args.dry_run:
             print(f"wrote {HERE / 'RESULTS.md'} and {RESULTS_JSON}")

@@ -274,7 +274,8 @@ def main(argv=None) -> int:
         for w, a in parse_bits(args.bits):
             for name in args.variants:
                 t0 = time.perf_counter()
-                result = quantize(model, variant(name), [generated], w_bits=w, a_bits=a, progress=False)
+                result = quantize(model, variant(name), [generated], w_bits=w, a_bits=a, progress=False,
+                                  generated=True)
                 qmodel = result.model
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [every], device="cpu", progress=False, fp_logits=fp_all)

@@ -186,6 +186,7 @@ def quantize(
     batch_size: int = 32,
     backbone: Optional[str] = None,
     head: bool = False,
+    generated: bool = False,
 ) -> QuantizedModel:
     """Quantize a float ViT/DeiT/Swin with a recipe, calibrating on ``data``.
 
@@ -234,6 +235,9 @@ def quantize(
         head: with a model around a backbone (a segmentation model), also quantize the linear layers
             and convolutions outside the backbone (the decode head); by default they stay float.
             The plan records it (``quantize_head``) and :func:`apply_plan` follows.
+        generated: ``data`` are generated (data-free) images made beforehand (``data=None`` implies
+            it): stages gated ``images: real`` are skipped (the recommended recipe's ``prefix_rows``,
+            whose grid of a few class-token rows fits generated images badly).
 
     Example:
         >>> import timm, torch
@@ -270,7 +274,8 @@ def quantize(
             inner = quantize(sub, recipe, inputs, w_bits=w_bits, a_bits=a_bits, protocol=protocol, device=device,
                              progress=progress, meta=meta, seed=seed, start_plan=start_plan, workdir=workdir,
                              resume=resume, refresh=refresh, log=log, input_bits=input_bits, data_free=data_free,
-                             num_images=num_images, gen_settings=gen_settings, batch_size=batch_size)
+                             num_images=num_images, gen_settings=gen_settings, batch_size=batch_size,
+                             generated=generated)
         inner.plan.meta["backbone"] = backbone
         return QuantizedModel(splice(model, backbone, inner.model), inner.plan, inner.record, inner.synthetic)
     made: Optional[Synthesized] = None
@@ -278,6 +283,7 @@ def quantize(
         made = synthesize(model, recipe, generator=data_free, num_images=num_images, settings=gen_settings, seed=seed,
                           device=device, progress=progress)
         data = list(made.result.images.split(batch_size))
+        generated = True
         if refresh is None:
             refresh = _remembering(data_free_refresher(model, recipe, made.generator, made.result.targets,
                                                        settings=gen_settings, seed=seed, device=device, log=log),
@@ -312,7 +318,7 @@ def quantize(
     skipped = []
     with kept_on_its_device(model):  # stages run the float model on `device`; the caller's stays where it is
         for written in recipe.stages:
-            config, outside = written.at_bits(w_bits, a_bits)
+            config, outside = written.at_bits(w_bits, a_bits, generated)
             if config is not written:  # its by_bits entry for this bit-width
                 ctx.record.setdefault("by_bits", {})[config.name] = f"w{w_bits}a{a_bits}"
             stage = config.build()

@@ -664,6 +664,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             device=device, progress=not args.quiet, meta=meta, seed=args.seed, start_plan=start_plan,
             workdir=run.path, resume=args.resume, refresh=refresh, log=run.log.info, input_bits=input_bits,
             head=args.quantize_head, backbone=_backbone_path(loaded) if task == "detection" else None,
+            generated=calib is None,
         )
         run.log.info("stages %s done in %.1f s (%d quant points)", ", ".join(recipe.stage_names),
                      time.perf_counter() - t0, len(result.plan.rules))

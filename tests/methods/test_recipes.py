@@ -83,6 +83,36 @@ def test_every_stage_has_a_bit_width_gate_and_settings_by_bit_width():
     assert widened.stage("gptq").gate.max_w_bits == 8 and widened.stage("gptq").by_bits == recipe.stage("gptq").by_bits
 
 
+def test_a_stage_gated_to_real_images_is_skipped_on_generated_ones():
+    """``images: real`` skips a stage when the calibration images are generated (``generated=True``, or
+    ``data=None``: the data-free path), and says so in the plan; ``images: generated`` the other way."""
+    import timm
+    import torch
+
+    from vitq.api import quantize
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=10).eval()
+    data = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    real_only = load_recipe({"name": "t", "stages": ["calibrate", {"gptq": {"images": "real"}}]})
+    assert real_only.to_dict()["stages"][1]["gptq"] == {**real_only.stage("gptq").settings.to_dict(), "images": "real"}
+    on_real = quantize(model, real_only, data, w_bits=4, a_bits=8, progress=False)
+    assert "skipped" not in on_real.plan.meta["gptq"] and "skipped_stages" not in on_real.plan.meta
+    on_generated = quantize(model, real_only, data, w_bits=4, a_bits=8, progress=False, generated=True)
+    assert on_generated.plan.meta["skipped_stages"] == {"gptq": "generated (data-free) images"}
+    plain = quantize(model, load_recipe({"name": "p", "stages": ["calibrate"]}), data, w_bits=4, a_bits=8,
+                     progress=False)
+    with torch.no_grad():
+        assert torch.equal(on_generated.model(data[0]), plain.model(data[0]))
+        assert not torch.equal(on_real.model(data[0]), plain.model(data[0]))
+    data_free = quantize(model, real_only, None, data_free="gaussian", num_images=2, w_bits=4, a_bits=8,
+                         progress=False)
+    assert data_free.plan.meta["skipped_stages"] == {"gptq": "generated (data-free) images"}
+    generated_only = load_recipe({"name": "t", "stages": ["calibrate", {"gptq": {"images": "generated"}}]})
+    assert quantize(model, generated_only, data, w_bits=4, a_bits=8, progress=False).plan.meta["skipped_stages"] \
+        == {"gptq": "real images"}
+
+
 @pytest.mark.parametrize("settings, match", [
     ({"max_a_bits": 9}, "gptq.max_a_bits must be an integer from 2 to 8"),
     ({"min_a_bits": 6, "max_a_bits": 4}, "min_a_bits .6. is above max_a_bits .4."),
@@ -90,7 +120,8 @@ def test_every_stage_has_a_bit_width_gate_and_settings_by_bit_width():
     ({"by_bits": {"w4a4": {"damp": 0}}}, "by_bits.w4a4.*damp"),
     ({"by_bits": {"w4a4": {"min_w_bits": 1}}}, "by_bits.w4a4.*min_w_bits"),
     ({"by_bits": {"w4a4": {"by_bits": {}}}}, "cannot nest"),
-    ({"dampp": 0.1}, "unknown key.*and for every stage: min_w_bits, max_w_bits, min_a_bits, max_a_bits, by_bits"),
+    ({"dampp": 0.1}, "unknown key.*and for every stage: min_w_bits, max_w_bits, min_a_bits, max_a_bits, images, by_bits"),
+    ({"images": "synthetic"}, "gptq.images must be one of any, real, generated"),
 ])
 def test_bad_gates_and_by_bits_are_refused_by_name(settings, match):
     with pytest.raises(VitqError, match=match):

@@ -136,23 +136,30 @@ class CalibrateStage(Stage):
 
 @dataclass(frozen=True)
 class StageGate:
-    """The bit-widths a stage runs at, for every stage: outside them it is skipped, the model left
-    as the stages before it made it, and the plan says why (``meta[STAGE]["skipped"]``).
+    """The bit-widths and the calibration images a stage runs at, for every stage: outside them it
+    is skipped, the model left as the stages before it made it, and the plan says why
+    (``meta[STAGE]["skipped"]``).
 
     Written among the stage's settings in a recipe: ``{reconstruct: {iterations: 200, min_w_bits: 4,
-    min_a_bits: 6}}``. The run's nominal bits (``--w-bits``/``--a-bits``) are compared.
+    min_a_bits: 6}}``. The run's nominal bits (``--w-bits``/``--a-bits``) are compared. ``images``:
+    ``any`` (default), ``real`` (skipped on generated, data-free images) or ``generated`` (run on
+    those only).
     """
 
     min_w_bits: int = 2
     max_w_bits: int = 8
     min_a_bits: int = 2
     max_a_bits: int = 8
+    images: str = "any"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "StageGate":
         gate = cls(**data)
         for key, value in asdict(gate).items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+            if key == "images":
+                if value not in IMAGE_GATES:
+                    raise VitqError(f"{where}.images must be one of {', '.join(IMAGE_GATES)}, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
                 raise VitqError(f"{where}.{key} must be an integer from 2 to 8, got {value!r}")
         for kind in ("w", "a"):
             lo, hi = getattr(gate, f"min_{kind}_bits"), getattr(gate, f"max_{kind}_bits")
@@ -161,19 +168,24 @@ class StageGate:
                                 "no bit-width would run the stage")
         return gate
 
-    def outside(self, w_bits: int, a_bits: int) -> str:
-        """Why a run at ``w_bits``/``a_bits`` skips the stage (empty when it runs)."""
+    def outside(self, w_bits: int, a_bits: int, generated: bool = False) -> str:
+        """Why a run at ``w_bits``/``a_bits`` (on generated images when ``generated``) skips the stage
+        (empty when it runs)."""
         return ", ".join(why for why, out in (
             (f"w_bits {w_bits} < {self.min_w_bits}", w_bits < self.min_w_bits),
             (f"w_bits {w_bits} > {self.max_w_bits}", w_bits > self.max_w_bits),
             (f"a_bits {a_bits} < {self.min_a_bits}", a_bits < self.min_a_bits),
-            (f"a_bits {a_bits} > {self.max_a_bits}", a_bits > self.max_a_bits)) if out)
+            (f"a_bits {a_bits} > {self.max_a_bits}", a_bits > self.max_a_bits),
+            ("generated (data-free) images", generated and self.images == "real"),
+            ("real images", not generated and self.images == "generated")) if out)
 
     def describe(self) -> str:
+        images = {"any": "", "real": ", on real images", "generated": ", on generated images"}[self.images]
         return (f"weights {self.min_w_bits}-{self.max_w_bits} bits, activations {self.min_a_bits}-"
-                f"{self.max_a_bits} bits")
+                f"{self.max_a_bits} bits{images}")
 
 
+IMAGE_GATES = ("any", "real", "generated")
 GATE_KEYS = tuple(StageGate.__dataclass_fields__)
 BY_BITS = "by_bits"
 
@@ -242,15 +254,15 @@ class StageConfig:
                     raise VitqError(str(err) if inner in str(err) else f"{where}: {inner}: {err}") from None
         return cls(name, settings, gate, by_bits or None)
 
-    def at_bits(self, w_bits: int, a_bits: int) -> Tuple["StageConfig", str]:
+    def at_bits(self, w_bits: int, a_bits: int, generated: bool = False) -> Tuple["StageConfig", str]:
         """This stage as a run at ``w_bits``/``a_bits`` reads it (its ``by_bits`` entry applied), and
-        why the run skips it (empty when it runs)."""
+        why the run skips it (empty when it runs; ``generated``: the run calibrates on generated images)."""
         config = self
         changes = (self.by_bits or {}).get(f"w{w_bits}a{a_bits}")
         if changes:
             config = StageConfig._build(self.name, type(self.settings), {**self._flat(), **changes},
                                         f"{self.name}.by_bits.w{w_bits}a{a_bits}")
-        return config, config.gate.outside(w_bits, a_bits)
+        return config, config.gate.outside(w_bits, a_bits, generated)
 
     def _flat(self) -> Dict[str, Any]:
         """Settings and non-default gate keys in one mapping (no by_bits)."""
