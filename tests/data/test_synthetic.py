@@ -235,6 +235,19 @@ def test_cli_quantize_data_free(checkpoint, image_folder, tmp_path, capsys):
     assert (out / "grid.png").is_file() and (out / "stats.json").is_file()
 
 
+def test_cli_data_free_skips_the_stages_gated_to_real_images(checkpoint, image_folder, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstages: [calibrate, {gptq: {images: real}}]\n")
+    base = ["quantize", str(checkpoint), "--recipe", str(recipe), "--w-bits", "4", "--device", "cpu", "--quiet"]
+    assert main(base + ["--data-free", "gaussian", "--num-images", "2", "--out", str(tmp_path / "df")]) == 0, \
+        capsys.readouterr().err
+    meta = json.loads((tmp_path / "df" / "plan.json").read_text())["meta"]
+    assert meta["skipped_stages"] == {"gptq": "generated (data-free) images"}
+    assert main(base + ["--calib", str(image_folder), "--out", str(tmp_path / "real")]) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "real" / "plan.json").read_text())["meta"]
+    assert "skipped_stages" not in meta and "skipped" not in meta["gptq"]
+
+
 def test_cli_generation_failure_keeps_images(checkpoint, tmp_path, capsys):
     torch.save(_nan_vit().state_dict(), checkpoint)  # the same architecture, with a NaN in the head
     out = tmp_path / "gen"
