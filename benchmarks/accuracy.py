@@ -46,6 +46,24 @@ _LOG = {"kinds": {"attn_probs": "logsqrt2"}}
 SEQ = {"calibrate": {"sequential": True}}
 
 
+def _recommended_yaml(name: str, before_2026_12_05: bool = True) -> Dict[str, Any]:
+    """The recommended recipe's YAML named ``name``. ``before_2026_12_05``: as it was before that day's
+    changes, which the variants below were measured without: no class-token grid (``prefix_rows``),
+    and bias correction on generated images too (since then gated ``images: real``)."""
+    import yaml
+
+    import vitq.recipes
+
+    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
+    spec["name"] = name
+    if before_2026_12_05:
+        spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "prefix_rows" in st)]
+        for st in spec["stages"]:
+            if isinstance(st, dict) and "bias_correct" in st:
+                st["bias_correct"]["images"] = "any"
+    return spec
+
+
 def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_reparam=True,
                  bias_correct=False, reconstruct=False) -> Dict[str, Any]:
     """The recommended recipe's YAML without its bias correction and its reconstruction, its stages
@@ -53,12 +71,7 @@ def _recommended(name: str, stages=None, gptq=None, extra_stages=(), full_repara
     bit-width, as the recommended recipe had it when these candidates were measured (2026-12-01).
     OPT-m searches the post-GELU points only (every candidate here was measured before the recipe
     searched twin-range probabilities too, on 2026-12-02)."""
-    import yaml
-
-    import vitq.recipes
-
-    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
-    spec["name"] = name
+    spec = _recommended_yaml(name)
     if not reconstruct:
         spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "reconstruct" in st)]
     for st in spec["stages"]:
@@ -199,15 +212,10 @@ METHODS.update({
                                        "started from the recipe with log√2 probabilities at every bit-width"),
 })
 def _recommended_with(name: str, **reconstruct) -> Dict[str, Any]:
-    """The recommended recipe's YAML as shipped, its reconstruction's settings changed, without the
-    ``prefix_rows`` stage (added on 2026-12-05, after these variants' rows were measured)."""
-    import yaml
-
-    import vitq.recipes
-
-    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
-    spec["name"] = name
-    spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "prefix_rows" in st)]
+    """The recommended recipe's YAML as it was before 2026-12-05 (:func:`_recommended_yaml`: no
+    ``prefix_rows`` stage, bias correction on generated images too), its reconstruction's settings
+    changed."""
+    spec = _recommended_yaml(name)
     for st in spec["stages"]:
         if isinstance(st, dict) and "reconstruct" in st:
             st["reconstruct"].update(reconstruct)
@@ -232,25 +240,27 @@ METHODS["recommended, plain block outputs"] = (
 METHODS["recommended, one class-token grid"] = (
     _recommended_with("recommended, one class-token grid"),
     "the recommended recipe until 2026-12-05: one per-tensor grid for every token of q (since then, at W6A6 and "
-    "W4A8, the class token's query rows have a grid of their own: the `prefix_rows` stage)")
+    "W4A8, the class token's query rows have a grid of their own: the `prefix_rows` stage), bias correction on "
+    "generated images too")
 
-def _grid_on_generated_images() -> Dict[str, Any]:
-    import yaml
-
-    import vitq.recipes
-
-    spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
-    spec["name"] = "recommended, class-token grid on generated images"
+def _on_generated_images(name: str, *stages: str) -> Dict[str, Any]:
+    """The recommended recipe as shipped, with ``stages`` (gated ``images: real``) run on generated images too."""
+    spec = _recommended_yaml(name, before_2026_12_05=False)
     for st in spec["stages"]:
-        if isinstance(st, dict) and "prefix_rows" in st:
-            st["prefix_rows"]["images"] = "any"
+        for stage in stages:
+            if isinstance(st, dict) and stage in st:
+                st[stage]["images"] = "any"
     return spec
 
 
 METHODS["recommended, class-token grid on generated images"] = (
-    _grid_on_generated_images(),
-    "the recommended recipe of the morning of 2026-12-05: its class token's query grid (`prefix_rows`) set on "
-    "generated images too (since then data-free runs skip that stage: `images: real`)")
+    _on_generated_images("recommended, class-token grid on generated images", "prefix_rows", "bias_correct"),
+    "the recommended recipe of the morning of 2026-12-05: its class token's query grid (`prefix_rows`) and its "
+    "bias correction run on generated images too (since then data-free runs skip both: `images: real`)")
+METHODS["recommended, bias correction on generated images"] = (
+    _on_generated_images("recommended, bias correction on generated images", "bias_correct"),
+    "the recommended recipe of midday 2026-12-05: its bias correction ran on generated images too (since then "
+    "data-free runs skip it: `images: real`)")
 
 for _it in (1000, 2000):
     METHODS[f"recommended, reconstruct {_it} it"] = (
