@@ -243,6 +243,7 @@ METHODS["recommended, one class-token grid"] = (
     "W4A8, the class token's query rows have a grid of their own: the `prefix_rows` stage), bias correction on "
     "generated images too")
 
+
 def _on_generated_images(name: str, *stages: str) -> Dict[str, Any]:
     """The recommended recipe as shipped, with ``stages`` (gated ``images: real``) run on generated images too."""
     spec = _recommended_yaml(name, before_2026_12_05=False)
