@@ -46,16 +46,22 @@ _LOG = {"kinds": {"attn_probs": "logsqrt2"}}
 SEQ = {"calibrate": {"sequential": True}}
 
 
-def _recommended_yaml(name: str, before_2026_12_05: bool = True) -> Dict[str, Any]:
+def _recommended_yaml(name: str, before_2026_12_05: bool = True, qkv_grids: bool = False) -> Dict[str, Any]:
     """The recommended recipe's YAML named ``name``. ``before_2026_12_05``: as it was before that day's
     changes, which the variants below were measured without: no class-token grid (``prefix_rows``),
-    and bias correction on generated images too (since then gated ``images: real``)."""
+    and bias correction on generated images too (since then gated ``images: real``). ``qkv_grids``:
+    with the symmetric q, k and v grids it has at some bit-widths since the afternoon of 2026-12-05
+    (``activations.by_bits``), which every variant measured before then lacks."""
     import yaml
 
     import vitq.recipes
 
     spec = yaml.safe_load((Path(vitq.recipes.__file__).parent / "recommended.yaml").read_text())
     spec["name"] = name
+    if not qkv_grids:
+        for changes in spec["activations"].get("by_bits", {}).values():
+            changes.pop("symmetric_roles", None)
+        spec["activations"]["by_bits"] = {k: v for k, v in spec["activations"].get("by_bits", {}).items() if v}
     if before_2026_12_05:
         spec["stages"] = [st for st in spec["stages"] if not (isinstance(st, dict) and "prefix_rows" in st)]
         for st in spec["stages"]:
@@ -254,6 +260,10 @@ def _on_generated_images(name: str, *stages: str) -> Dict[str, Any]:
     return spec
 
 
+METHODS["recommended, asymmetric q/k/v"] = (
+    _recommended_yaml("recommended, asymmetric q/k/v", before_2026_12_05=False),
+    "the recommended recipe until the afternoon of 2026-12-05: q, k and v on grids with zero points at every "
+    "bit-width (since then symmetric at W6A6: `activations.by_bits`)")
 METHODS["recommended, class-token grid on generated images"] = (
     _on_generated_images("recommended, class-token grid on generated images", "prefix_rows", "bias_correct"),
     "the recommended recipe of the morning of 2026-12-05: its class token's query grid (`prefix_rows`) and its "

@@ -235,6 +235,9 @@ def _ov_runner(model, threads: int, precision: Optional[str] = None):
     gemms = f"{g['integer']}/{g['integer'] + g['float']}"
     if g.get("weight_only"):
         gemms += f" ({g['weight_only']} weight-only)"
+    att = g.get("attention", {})
+    if sum(att.values()):
+        gemms += f"; attention {att['integer']}/{att['integer'] + att['float']}"
     return run, gemms, inference_precision(compiled)
 
 
@@ -431,14 +434,17 @@ PEERS: Dict[str, Tuple[str, str, Callable[..., Deployed]]] = {
     "vitq-p4": ("vitq `recommended`", "p4 (linear layers only, attention in float: the scope of quantize_dynamic, "
                 "torchao and Brevitas); QDQ export", lambda b, w, a: vitq_ort(b, w, a, protocol="p4")),
     "vitq-int": ("vitq `recommended-int`", "p1, every quant point with an integer form (uniform probabilities, no "
-                 "OPT-m twins); QDQ export", lambda b, w, a: vitq_ort(b, w, a, "recommended-int")),
+                 "OPT-m twins; q, k and v on symmetric grids since 2026-12-05, earlier rows with zero points); QDQ "
+                 "export", lambda b, w, a: vitq_ort(b, w, a, "recommended-int")),
     "vitq-int-p4": ("vitq `recommended-int`", "p4 (linear layers only, attention in float); QDQ export",
                     lambda b, w, a: vitq_ort(b, w, a, "recommended-int", "p4")),
     "vitq-int-w7": ("vitq `recommended-int`", "p1 with 7-bit weights (what ONNX Runtime's reduce_range does on a CPU "
                     "without VNNI): exact in the faster U8S8 kernels; QDQ export", vitq_int_w7),
     "vitq-openvino": ("vitq `recommended`", "the same plan's export for OpenVINO (`vitq export --format openvino`: "
                       "weight zero points folded where exact)", vitq_openvino),
-    "vitq-int-openvino": ("vitq `recommended-int`", "p1, its export converted to OpenVINO",
+    "vitq-int-openvino": ("vitq `recommended-int`", "p1, its export converted to OpenVINO (q, k and v symmetric since "
+                          "2026-12-05, so that OpenVINO runs the attention products in integers; earlier rows with "
+                          "zero points, attention in float)",
                           lambda b, w, a: vitq_openvino(b, w, a, "recommended-int")),
     "vitq-int-p4-openvino": ("vitq `recommended-int`", "p4 (linear layers only, attention in float), its export "
                              "converted to OpenVINO",
@@ -605,7 +611,9 @@ def write_markdown(results: Dict[str, Any]) -> None:
         "(calibration included; ONNX Runtime's pre-processing included; the float ONNX export, shared, excluded); "
         "*MB*: the deployed file (ONNX, OpenVINO IR .xml+.bin, or the PyTorch state dict); *integer GEMMs*: matrix "
         "products that run in integer kernels, read back from the runtime's optimized graph (ONNX Runtime) or compiled "
-        "model (OpenVINO), or the layers the tool swapped (PyTorch); OpenVINO runs what stays float in bf16 by "
+        "model (OpenVINO; *attention a/b*: of the b attention blocks OpenVINO fused into one kernel (q·kᵀ, softmax, "
+        "attn·v), a compute in integers; rows measured before 2026-12-05 do not count them), or the layers the tool "
+        "swapped (PyTorch); OpenVINO runs what stays float in bf16 by "
         "default on a CPU with native bf16 (AVX512-BF16, AMX): its rows say so, and *OpenVINO FP32* then forces "
         "float32; *b1 ms*: batch-1 latency, *b32 ms*: one batch of "
         "32 (medians over "

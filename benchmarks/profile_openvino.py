@@ -1,9 +1,10 @@
-"""Where the time goes in OpenVINO (issue 15): DeiT-Small's int8 models from NNCF and from vitq, per layer
-type and kernel, at batch 32.
+"""Where the time goes in OpenVINO (issue 15): DeiT-Small's (or DeiT-Tiny's) int8 models from NNCF and
+from vitq, per layer type and kernel, at batch 32.
 
-    python benchmarks/profile_openvino.py [--variants nncf vitq-int vitq-int-p4 vitq-int-sym] [--runs 3]
+    python benchmarks/profile_openvino.py [--model small|tiny] [--variants nncf vitq-int vitq-int-p4 vitq-int-sym] [--runs 3]
 
-The model of benchmarks/peers.py's speed rows: timm ``deit_small_patch16_224`` with random weights,
+The model of benchmarks/peers.py's speed rows: timm ``deit_small_patch16_224`` (``--model tiny``:
+``deit_tiny_patch16_224``, the architecture of the peers table's DeiT-Tiny) with random weights,
 8 seeded random calibration images. Each variant is compiled by OpenVINO (CPU, latency hint, 2
 threads, its default precision for what stays float) with performance counters on; the counters
 of ``--runs`` batches of 32 (after one warm-up) are summed per layer type and kernel
@@ -15,8 +16,8 @@ of ``--runs`` batches of 32 (after one warm-up) are summed per layer type and ke
 * ``vitq-int-sym``: ``recommended-int`` p4 with symmetric weights (zero points 0, as NNCF's);
 * ``fp32``/``bf16``: the float model in float32 (forced) and in OpenVINO's default precision.
 
-Writes benchmarks/results/profile_openvino.json and the section "Where the time goes in OpenVINO"
-of benchmarks/RESULTS.md.
+Writes benchmarks/results/profile_openvino.json (``--model tiny``: profile_openvino-tiny.json) and
+the section "Where the time goes in OpenVINO: DeiT-Small" (or DeiT-Tiny) of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ from vitq.export.openvino import inference_precision, onnx_to_openvino  # noqa: 
 from vitq.models import load_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RESULTS_JSON = HERE / "results" / "profile_openvino.json"
+MODELS = {"small": ("deit_small_patch16_224", "DeiT-Small", "profile_openvino.json"),
+          "tiny": ("deit_tiny_patch16_224", "DeiT-Tiny", "profile_openvino-tiny.json")}
 VARIANTS = ["fp32", "bf16", "nncf", "vitq-int", "vitq-int-p4", "vitq-int-sym"]
 
 
@@ -105,10 +107,11 @@ def profile(model, precision, threads: int, runs: int) -> Dict[str, Any]:
 
 
 def render(results: Dict[str, Any]) -> None:
-    lines = ["## Where the time goes in OpenVINO: DeiT-Small int8 at batch 32 (issue 15)", "",
+    _, label, _ = MODELS[results.get("model", "small")]
+    lines = [f"## Where the time goes in OpenVINO: {label} int8 at batch 32 (issue 15)", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}; CPU features: {results['isa']}  ",
              f"Date: {results['date']}", "",
-             "DeiT-Small with random weights (the speed rows of the peers table), compiled by OpenVINO with "
+             f"{label} with random weights (the speed rows of the peers table), compiled by OpenVINO with "
              "performance counters (2 threads, latency hint); per layer type and kernel, milliseconds per batch of "
              "32 summed over the layers of that kind (averaged over the runs; the counters exclude the gaps "
              "between layers, so *counted* is below the wall time).", ""]
@@ -119,7 +122,7 @@ def render(results: Dict[str, Any]) -> None:
         lines.append("")
     if results.get("conclusion"):
         lines += [results["conclusion"], ""]
-    write_section("## Where the time goes in OpenVINO", lines)
+    write_section(f"## Where the time goes in OpenVINO: {label}", lines)
 
 
 WHAT = {"fp32": "the float model, float32 forced", "bf16": "the float model, OpenVINO's default precision",
@@ -129,23 +132,26 @@ WHAT = {"fp32": "the float model, float32 forced", "bf16": "the float model, Ope
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--render", action="store_true", help="rewrite the RESULTS.md section from the JSON")
     args = parser.parse_args(argv)
+    timm_name, _, json_name = MODELS[args.model]
+    results_json = HERE / "results" / json_name
     if args.render:
-        render(json.loads(RESULTS_JSON.read_text()))
+        render(json.loads(results_json.read_text()))
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    loaded = load_model("deit_small_patch16_224", pretrained=False)
+    loaded = load_model(timm_name, pretrained=False)
     size = tuple(loaded.data_config["input_size"])
     calib = torch.randn(8, *size, generator=torch.Generator().manual_seed(0))
     given = argv if argv is not None else sys.argv[1:]
     results: Dict[str, Any] = {"command": "python benchmarks/profile_openvino.py " + " ".join(given),
                                "machine": machine(), "isa": cpu_info().isa, "date": time.strftime("%Y-%m-%d"),
-                               "variants": {}}
+                               "model": args.model, "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         fp_onnx = Path(tmp) / "fp32.onnx"
         export_onnx(loaded.model, fp_onnx, data_config=loaded.data_config, verify=False)
@@ -155,10 +161,10 @@ def main(argv=None) -> int:
             results["variants"][variant] = {"what": WHAT[variant], **r}
             print(variant, r["b32_ms"], "ms;", "; ".join(f"{k['kind']} {k['ms']}" for k in r["by_kind"][:6]),
                   flush=True)
-    RESULTS_JSON.parent.mkdir(exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
+    results_json.parent.mkdir(exist_ok=True)
+    results_json.write_text(json.dumps(results, indent=1) + "\n")
     render(results)
-    print(f"wrote {RESULTS_JSON} and {HERE / 'RESULTS.md'}")
+    print(f"wrote {results_json} and {HERE / 'RESULTS.md'}")
     return 0
 
 

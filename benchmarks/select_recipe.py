@@ -22,6 +22,9 @@ used. Variants (comma-joined changes to the recommended recipe):
   (the recommended recipe reconstructs at some bit-widths since 2026-12-02: rows named
   ``recommended`` before then ran without it);
 - ``sym-weights``: symmetric weight grids (zero point 0) instead of asymmetric ones;
+- ``sym-qkv``: q, k and v on symmetric grids at every bit-width (``activations.symmetric_roles: [attn_qkv]``,
+  which OpenVINO's int8 attention needs); ``asym-qkv``: without that setting (and its ``by_bits`` entries)
+  where the recipe has it;
 - ``flip-aug``: every stage calibrated on the 50 images and their mirror images;
 - ``+recalibrate[=OBSERVER]``: the prefix rows' quantizers set again on the quantized model after
   reconstruction (before bias correction), by the recipe's activation observer or OBSERVER;
@@ -83,7 +86,7 @@ from vitq.recipes.recipe import setting_value  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "recipe_selection.json"
 STAGE_NAMES = ("prefix_rows", "reparam", "opt_m", "gptq", "reconstruct", "recalibrate", "bias_correct")
-CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "uniform-probs", "sym-weights", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs",
+CHANGES = ("-opt_m", "-reparam", "-reconstruct", "-gptq", "-bias_correct", "uniform-probs", "sym-weights", "sym-qkv", "asym-qkv", "gptq-float", "+reconstruct", "flip-aug", "-gptq-convs",
            "+attn_reparam", "+attn_reparam=qk", "+attn_reparam=v", "+recalibrate", "+recalibrate=OBSERVER")
 
 
@@ -102,6 +105,12 @@ def variant(name: str) -> Dict[str, Any]:
                               and st != change[1:]]
         elif change == "sym-weights":  # symmetric weight grids (zero point 0: OpenVINO's int8 kernels need it)
             spec["weights"]["symmetric"] = True
+        elif change == "sym-qkv":  # symmetric q, k, v (OpenVINO's int8 attention products need it)
+            spec["activations"]["symmetric_roles"] = ["attn_qkv"]
+        elif change == "asym-qkv":
+            spec["activations"].pop("symmetric_roles", None)
+            for changes in spec["activations"].get("by_bits", {}).values():
+                changes.pop("symmetric_roles", None)
         elif change == "uniform-probs":
             spec.pop("kinds", None)
         elif change == "gptq-float":

@@ -291,6 +291,8 @@ def quantize(
     elif data_free is not None or num_images is not None or gen_settings is not None:
         raise VitqError("data_free, num_images and gen_settings are for data-free runs: pass data=None")
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+    # the observers of this bit-width pair (a recipe's weights/activations may change by_bits)
+    weights, activations = recipe.weights.at_bits(w_bits, a_bits), recipe.activations.at_bits(w_bits, a_bits)
     if start_plan is not None:
         plan = start_plan
         qmodel = apply_plan(model, plan)
@@ -300,8 +302,9 @@ def quantize(
             protocol=protocol,
             w_bits=w_bits,
             a_bits=a_bits,
-            weight_symmetric=recipe.weights.symmetric_at(w_bits),
-            act_symmetric=recipe.activations.symmetric_at(a_bits),
+            weight_symmetric=weights.symmetric_at(w_bits),
+            act_symmetric=activations.symmetric_at(a_bits),
+            act_symmetric_roles=activations.symmetric_roles,
             input_bits=input_bits,
             # a recipe's kinds are its choice for the roles it quantizes: a role the protocol leaves in
             # float (p3's probabilities) has none to choose
@@ -309,7 +312,7 @@ def quantize(
             head=head,
         )
     ctx = StageContext(
-        float_model=model, model=qmodel, data=batches, weights=recipe.weights, activations=recipe.activations,
+        float_model=model, model=qmodel, data=batches, weights=weights, activations=activations,
         device=device, w_bits=w_bits, a_bits=a_bits, seed=seed, progress=progress,
         workdir=Path(workdir) if workdir is not None else None, resume=resume, refresh=refresh,
         log=log or (lambda *args: None), from_plan=start_plan is not None,

@@ -253,6 +253,13 @@ TASKS = ("classification", "segmentation", "detection")
 EVAL_SPLIT = "test"
 
 
+def _attention_blocks(ov: Dict[str, Any]) -> str:
+    """``", attention in integer kernels: 12 of 12"`` where OpenVINO fused attention blocks, else ``""``."""
+    att = ov.get("attention") or {}
+    total = att.get("integer", 0) + att.get("float", 0)
+    return f", attention in integer kernels: {att['integer']} of {total}" if total else ""
+
+
 def _task(args: argparse.Namespace, loaded: LoadedModel) -> str:
     """The task: ``--task`` when given (it must be the model's), else the model's."""
     task = getattr(args, "task", None) or loaded.task
@@ -835,7 +842,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             ov = report.extra["openvino"]
             print(f"integer matrix products in OpenVINO: {ov['integer']} of {ov['integer'] + ov['float']}"
                   + (f", {ov['weight_only']} with integer weights computed in float" if ov.get("weight_only") else "")
-                  + f" ({ov['by_layer']})")
+                  + f" ({ov['by_layer']})" + _attention_blocks(ov))
         else:
             print(f"integer matrix products: {len(report.integer_layers)} of {len(report.layers)} "
                   f"(float: {', '.join(others) or 'none'})")
@@ -1017,7 +1024,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         ov, v = result["openvino"]["gemms"], result["openvino"]["verification"]
         print(f"OpenVINO int8: {ov['integer']} of {ov['integer'] + ov['float']} matrix products in integer kernels"
               + (f" ({ov['weight_only']} more with integer weights computed in float)" if ov.get("weight_only") else "")
-              + "; "
+              + _attention_blocks(ov) + "; "
               f"vs PyTorch simulated ({v['num_images']} {v['inputs']}): max |Δ logit| {v['max_abs_diff']:.3g}, "
               f"top-1 agreement {v['agreement']:.1f} %")
     if "runtime_choice" in result:

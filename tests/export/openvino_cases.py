@@ -186,3 +186,32 @@ def test_recommended_int_at_8_bits_runs_every_product_in_integer_kernels(tmp_pat
                       progress=False).model
     counts = export_openvino(q, tmp_path / "m.xml", verify=False).extra["openvino"]
     assert counts["integer"] == 26 and counts["weight_only"] == 0
+
+
+def test_symmetric_qkv_lets_openvino_run_attention_in_integer_kernels(tmp_path):
+    """``recommended-int`` puts q, k and v on signed symmetric grids (``symmetric_roles: [attn_qkv]``):
+    where OpenVINO fuses each attention block (q·kᵀ, softmax, attn·v) into one kernel, that kernel
+    computes in integers. With zero points on q, k and v it stays in float, and the export says why."""
+    from vitq.export import cpu_info
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8)
+    images = [torch.randn(4, 3, 32, 32)]
+    sym = vitq.quantize(model, "recommended-int", images, w_bits=8, a_bits=8, protocol="p1", progress=False).model
+    report = export_openvino(sym, tmp_path / "sym.xml", verify=False)
+    attention = report.extra["openvino"]["attention"]
+    if sum(attention.values()) == 0:
+        pytest.skip("this CPU's OpenVINO does not fuse attention blocks into one kernel")
+    if attention["float"] and not cpu_info().vnni:
+        pytest.skip(f"this CPU (no VNNI) runs OpenVINO's fused attention in float: {attention}")
+    assert attention == {"integer": 6, "float": 0}
+    assert not [w for w in report.warnings if "attention" in w]
+
+    asym_recipe = {"name": "asym", "weights": {"observer": "omse", "symmetric_min_bits": 8},
+                   "activations": {"observer": "percentile_mse"}, "stages": ["calibrate"]}
+    asym = vitq.quantize(model, asym_recipe, images, w_bits=8, a_bits=8, protocol="p1", progress=False).model
+    report = export_openvino(asym, tmp_path / "asym.xml", verify=False)
+    assert report.extra["openvino"]["attention"] == {"integer": 0, "float": 6}
+    warning, = [w for w in report.warnings if "attention" in w]
+    assert "18 of their q, k and v quantizers have zero points" in warning
+    assert "symmetric_roles: [attn_qkv]" in warning

@@ -147,3 +147,74 @@ def test_symmetric_min_bits_makes_the_weight_grid_symmetric_from_that_width_up()
         assert all(bool((qz.zero_point == 0).all()) is symmetric for qz in weights)
     assert load_recipe("recommended-int").weights.symmetric_at(8)
     assert not load_recipe("recommended-int").weights.symmetric_at(4)
+
+
+def test_symmetric_roles_puts_q_k_and_v_on_signed_grids_and_the_plan_keeps_them(tmp_path):
+    import timm
+    import torch
+
+    import vitq
+    from vitq.models import iter_quantizers
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8)
+    recipe = {"name": "t", "activations": {"observer": "minmax", "symmetric_roles": ["attn_qkv"]},
+              "stages": ["calibrate"]}
+    result = vitq.quantize(model, recipe, [torch.randn(4, 3, 32, 32) * 3 + 1], w_bits=8, a_bits=6, progress=False)
+    points = {name: qz for name, qz in iter_quantizers(result.model) if qz.role != "weight" and qz.spec.enabled}
+    qkv = {n: qz for n, qz in points.items() if qz.role == "attn_qkv"}
+    assert len(qkv) == 18  # q, k and v of 6 blocks
+    for qz in qkv.values():
+        assert qz.spec.symmetric and qz.spec.qrange == (-32, 31) and bool((qz.zero_point == 0).all())
+    others = [qz for n, qz in points.items() if n not in qkv and qz.zero_point is not None]
+    assert others and not any(qz.spec.symmetric for qz in others)
+    assert any(bool((qz.zero_point != 0).any()) for qz in others)
+    path = result.plan.save(tmp_path / "run")
+    reloaded = dict(iter_quantizers(vitq.apply_plan(model, vitq.Plan.load(path))))
+    assert all(reloaded[n].spec == qz.spec and torch.equal(reloaded[n].scale, qz.scale) for n, qz in qkv.items())
+
+
+@pytest.mark.parametrize("roles, match", [
+    (["attn_probs"], "never negative"),
+    (["weight"], "activation roles"),
+    (["qkv"], "from act, attn_qkv, attn_scores, norm_input"),
+    ("attn_qkv", "e.g. \\[attn_qkv\\]"),
+])
+def test_bad_symmetric_roles_are_refused_by_name(roles, match):
+    with pytest.raises(VitqError, match=match):
+        load_recipe({"name": "x", "activations": {"observer": "minmax", "symmetric_roles": roles}})
+
+
+def test_symmetric_roles_is_an_activation_setting():
+    with pytest.raises(VitqError, match="'symmetric_roles' is an activation setting"):
+        load_recipe({"name": "x", "weights": {"observer": "minmax", "symmetric_roles": ["act"]}})
+
+
+def test_activation_by_bits_changes_the_grids_at_that_bit_width_only():
+    import timm
+    import torch
+
+    import vitq
+    from vitq.models import iter_quantizers
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=8)
+    recipe = load_recipe({"name": "t", "stages": ["calibrate"], "activations": {
+        "observer": "minmax", "by_bits": {"w6a6": {"symmetric_roles": ["attn_qkv"]}}}})
+    assert recipe.activations.at_bits(6, 6).symmetric_roles == ("attn_qkv",)
+    for (w, a), symmetric in (((6, 6), True), ((4, 8), False)):
+        q = vitq.quantize(model, recipe, [torch.randn(4, 3, 32, 32)], w_bits=w, a_bits=a, progress=False).model
+        qkv = [qz for _, qz in iter_quantizers(q) if qz.role == "attn_qkv"]
+        assert len(qkv) == 18 and all(qz.spec.symmetric is symmetric for qz in qkv)
+
+
+@pytest.mark.parametrize("by_bits, match", [
+    ({"w9a9": {"symmetric": True}}, "'w9a9' must be wXaY"),
+    ({"w6a6": {"symetric": True}}, r"by_bits.w6a6: unknown key\(s\) \['symetric'\]"),
+    ({"w6a6": {"symmetric_roles": ["attn_probs"]}}, "by_bits.w6a6: 'symmetric_roles'"),
+    ({"w6a6": {"by_bits": {}}}, "cannot nest"),
+    ([1], "'by_bits' maps wXaY"),
+])
+def test_bad_activation_by_bits_is_refused_by_name(by_bits, match):
+    with pytest.raises(VitqError, match=match):
+        load_recipe({"name": "x", "activations": {"observer": "minmax", "by_bits": by_bits}})

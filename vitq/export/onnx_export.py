@@ -178,7 +178,10 @@ class ExportReport:
                       f"{ov['integer']} of {ov['integer'] + ov['float']} matrix products into integer (u8/i8) "
                       f"kernels ({kinds})."
                       + (f" {ov['weight_only']} of the others store integer weights but compute in float "
-                         "(weight-only compression of weights with zero points)." if ov.get("weight_only") else ""),
+                         "(weight-only compression of weights with zero points)." if ov.get("weight_only") else "")
+                      + (f" Attention blocks (q·kᵀ, softmax and attn·v fused into one kernel) in integer: "
+                         f"{ov['attention']['integer']} of {ov['attention']['integer'] + ov['attention']['float']}."
+                         if sum(ov.get("attention", {}).values()) else ""),
                       ""]
         v = self.verification
         runtime = "OpenVINO" if self.runtime == "openvino" else "ONNX Runtime"

@@ -85,17 +85,24 @@ def gemm_precisions(compiled) -> Dict[str, Any]:
     """The matrix products of a compiled OpenVINO model with the precision each computes in.
 
     Returns ``{"integer": n, "weight_only": k, "float": m, "by_layer": {layer type: {precision:
-    count}}}``, read from the runtime model. A product counts as integer when its kernel computes in
-    i8/u8 (``primitiveType``); ``weight_only`` counts those whose weights are stored as integers
-    (``runtimePrecision`` i8/u8) but which compute in float: OpenVINO treats weights with zero
-    points (asymmetric grids) as weight compression and decompresses them, so such a product gains
-    memory, not integer arithmetic.
+    count}}, "attention": {"integer": a, "float": b}}``, read from the runtime model. A product
+    counts as integer when its kernel computes in i8/u8 (``primitiveType``); ``weight_only`` counts
+    those whose weights are stored as integers (``runtimePrecision`` i8/u8) but which compute in
+    float: OpenVINO treats weights with zero points (asymmetric grids) as weight compression and
+    decompresses them, so such a product gains memory, not integer arithmetic. ``attention``
+    counts the attention blocks (q·kᵀ, softmax, attn·v) that OpenVINO fused into one kernel, by the
+    precision of their products: integer only where the operands' quantizers allow it (signed
+    symmetric q, k and v; an operand with a zero point keeps the fused block in float).
     """
     by_layer: Dict[str, Counter] = {}
+    attention: Counter = Counter()
     weight_only = 0
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         layer = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        if layer == "Subgraph" and "Softmax" in (info["originalLayersNames"].astype(str)
+                                                 if "originalLayersNames" in info else ""):
+            attention["integer" if _compute_precision(info) in INTEGER_PRECISIONS else "float"] += 1
         if layer not in GEMM_LAYERS:
             continue
         precision = _compute_precision(info)
@@ -107,7 +114,8 @@ def gemm_precisions(compiled) -> Dict[str, Any]:
     integer = sum(n for c in by_layer.values() for p, n in c.items() if p in INTEGER_PRECISIONS)
     total = sum(sum(c.values()) for c in by_layer.values())
     return {"integer": integer, "weight_only": weight_only, "float": total - integer,
-            "by_layer": {k: dict(v) for k, v in by_layer.items()}}
+            "by_layer": {k: dict(v) for k, v in by_layer.items()},
+            "attention": {"integer": attention["integer"], "float": attention["float"]}}
 
 
 PRECISIONS = ("f32", "bf16", "f16")
@@ -239,6 +247,15 @@ def export_openvino(
             f"{runtime.inference_precision} (their 8-bit codes span too wide a range to fold the zero points exactly). "
             f"For integer kernels quantize with symmetric weights (a recipe with `weights: {{symmetric: true}}`) or "
             f"7-bit weights; ONNX Runtime runs these products in integer kernels either way")
+    attention = report.extra["openvino"]["attention"]
+    asymmetric = [p.name for p in report.points if p.role == "attn_qkv" and p.form == "qdq" and not p.spec.symmetric]
+    if attention["float"] and asymmetric:
+        report.warnings.append(
+            f"OpenVINO runs {attention['float']} of {attention['integer'] + attention['float']} attention blocks "
+            f"(q·kᵀ, softmax, attn·v) in {runtime.inference_precision}: {len(asymmetric)} of their q, k and v "
+            f"quantizers have zero points (asymmetric grids, e.g. {asymmetric[0]}), and OpenVINO's integer "
+            f"attention needs signed symmetric operands. Quantize with `activations: {{symmetric_roles: [attn_qkv]}}` "
+            f"in the recipe (`recommended-int` has it) for integer attention")
     report.sizes["openvino_bytes"] = path.stat().st_size + path.with_suffix(".bin").stat().st_size
     if verify:
         report.verification = _verify_against(model, runtime, sample, report.input_size)

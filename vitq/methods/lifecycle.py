@@ -42,6 +42,7 @@ def prepare(
     a_bits: int = 8,
     weight_symmetric: bool = True,
     act_symmetric: bool = False,
+    act_symmetric_roles: Sequence[str] = (),
     specs: Optional[Mapping[str, QuantSpec]] = None,
     input_bits: Optional[int] = DEFAULT_INPUT_BITS,
     kinds: Optional[Mapping[str, str]] = None,
@@ -55,6 +56,8 @@ def prepare(
         protocol: which tensors are quantized (``p1``, ``p2``, ``p3``; see :mod:`vitq.quant.protocol`).
         w_bits, a_bits: weight and activation bit-widths (2-8).
         weight_symmetric, act_symmetric: signed symmetric ranges or unsigned with a zero point.
+        act_symmetric_roles: activation roles whose grids are symmetric whatever ``act_symmetric``
+            says (``["attn_qkv"]``: q, k and v; see :class:`~vitq.quant.observers.ObserverConfig`).
         specs: per-point overrides by fully-qualified quantizer name (from a plan).
         input_bits: bits of the image input (the patch embedding's input) where the protocol quantizes
             it: 8 by default at every activation width (RepQ-ViT's setting); None: ``a_bits``.
@@ -91,7 +94,8 @@ def prepare(
                             f"backbone {adapter.path!r} to quantize")
     image_point = adapter.image_input(qmodel)
     for name, quantizer in iter_quantizers(qmodel):
-        spec = proto.spec_for(quantizer.role, w_bits, a_bits, weight_symmetric, act_symmetric, kinds)
+        spec = proto.spec_for(quantizer.role, w_bits, a_bits, weight_symmetric,
+                              act_symmetric or quantizer.role in act_symmetric_roles, kinds)
         if name == image_point and spec.enabled and input_bits is not None:
             spec = spec.with_(bits=input_bits)
         quantizer.set_spec(spec)

@@ -71,7 +71,8 @@ class RecalibrateStage(Stage):
         points = {n: q for n, q in matched.items() if q.role != roles.WEIGHT and q.needs_calibration}
         config = ctx.activations if s.observer is None else \
             ObserverConfig(s.observer, symmetric=ctx.activations.symmetric,
-                           symmetric_min_bits=ctx.activations.symmetric_min_bits)
+                           symmetric_min_bits=ctx.activations.symmetric_min_bits,
+                           symmetric_roles=ctx.activations.symmetric_roles)
         if points:
             recalibrate_points(ctx.model, ctx.data, points, config, device=ctx.device, progress=ctx.progress)
         elif matched:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -266,18 +267,26 @@ class ObserverConfig:
     ``symmetric_min_bits`` makes the grid symmetric from that many bits up whatever ``symmetric``
     says (OpenVINO runs 8-bit weights with zero points as weight-only compression, not in its
     integer kernels; below 8 bits vitq's export folds the zero points into the codes).
+    ``symmetric_roles`` (activations) makes the quant points of those roles symmetric at every
+    bit-width: ``[attn_qkv]`` gives q, k and v signed grids without zero points, which OpenVINO
+    needs to run the two attention products in its int8 kernels. ``by_bits`` changes any of these for
+    one bit-width pair, as a stage's does: ``{w6a6: {symmetric_roles: [attn_qkv]}}``.
 
     Example:
         >>> ObserverConfig("omse", symmetric=False).observer
         'omse'
         >>> ObserverConfig("omse", symmetric=False, symmetric_min_bits=8).symmetric_at(8)
         True
+        >>> ObserverConfig("omse", symmetric_roles=["attn_qkv"]).symmetric_roles
+        ('attn_qkv',)
     """
 
     observer: str = "minmax"
     symmetric: bool = False
     settings: Dict[str, Any] = field(default_factory=dict)
     symmetric_min_bits: Optional[int] = None
+    symmetric_roles: Tuple[str, ...] = ()
+    by_bits: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cls = OBSERVERS.get(self.observer)
@@ -292,6 +301,48 @@ class ObserverConfig:
         smb = self.symmetric_min_bits
         if smb is not None and (isinstance(smb, bool) or not isinstance(smb, int) or not 2 <= smb <= 16):
             raise VitqError(f"'symmetric_min_bits' must be a bit-width from 2 to 16 (or left out), got {smb!r}")
+        from .protocol import ATTN_PROBS, ROLES, WEIGHT
+
+        roles = self.symmetric_roles
+        choices = [r for r in ROLES if r not in (WEIGHT, ATTN_PROBS)]
+        if isinstance(roles, str) or not isinstance(roles, (list, tuple)) or \
+                any(r not in choices for r in roles):
+            raise VitqError(f"'symmetric_roles' lists activation roles whose grids are symmetric at every "
+                            f"bit-width, from {', '.join(choices)} (e.g. [attn_qkv]); got {roles!r} "
+                            "(post-softmax probabilities are never negative and keep an unsigned grid)")
+        object.__setattr__(self, "symmetric_roles", tuple(roles))
+        if not isinstance(self.by_bits, Mapping):
+            raise VitqError(f"'by_bits' maps wXaY to settings, e.g. {{w6a6: {{symmetric_roles: [attn_qkv]}}}}; "
+                            f"got {self.by_bits!r}")
+        by_bits = {str(k): dict(v) if isinstance(v, Mapping) else v for k, v in self.by_bits.items()}
+        for key, changes in by_bits.items():
+            if not re.fullmatch(r"w[2-8]a[2-8]", key) or not isinstance(changes, dict):
+                raise VitqError(f"by_bits: {key!r} must be wXaY (bits 2-8) with a mapping of settings, e.g. "
+                                "w6a6: {symmetric_roles: [attn_qkv]}")
+            if "by_bits" in changes:
+                raise VitqError("by_bits cannot nest by_bits")
+            try:  # its keys and values, as they will be read at that bit-width
+                self.at_bits(int(key[1]), int(key[3]), by_bits)
+            except VitqError as err:
+                raise VitqError(f"by_bits.{key}: {err}") from None
+        object.__setattr__(self, "by_bits", by_bits)
+
+    def at_bits(self, w_bits: int, a_bits: int, by_bits: Optional[Mapping[str, Any]] = None) -> "ObserverConfig":
+        """This configuration as a run at ``w_bits``/``a_bits`` reads it (its ``by_bits`` entry applied).
+
+        Example:
+            >>> c = ObserverConfig("minmax", by_bits={"w6a6": {"symmetric_roles": ["attn_qkv"]}})
+            >>> c.at_bits(6, 6).symmetric_roles, c.at_bits(4, 8).symmetric_roles
+            (('attn_qkv',), ())
+        """
+        changes = (self.by_bits if by_bits is None else by_bits).get(f"w{w_bits}a{a_bits}")
+        if not changes:
+            return self
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "by_bits"}
+        unknown = sorted(set(changes) - set(own))
+        if unknown:
+            raise VitqError(f"unknown key(s) {unknown}; an observer configuration has {', '.join(own)}")
+        return ObserverConfig(**{**own, **changes})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "ObserverConfig":
@@ -299,7 +350,7 @@ class ObserverConfig:
         return cls(**data)
 
     def symmetric_at(self, bits: int) -> bool:
-        """Whether the grid is symmetric at ``bits``."""
+        """Whether the grid is symmetric at ``bits`` (``symmetric_roles`` aside)."""
         if self.symmetric_min_bits is not None and bits >= self.symmetric_min_bits:
             return True
         return self.symmetric

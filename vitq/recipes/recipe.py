@@ -83,6 +83,9 @@ class Recipe:
             if role not in KIND_CHOICES or kind not in KIND_CHOICES[role]:
                 choices = "; ".join(f"{r}: {', '.join(k)}" for r, k in KIND_CHOICES.items())
                 raise VitqError(f"recipe {self.name!r}: kinds {role}: {kind} is not a choice ({choices})")
+        if self.weights.symmetric_roles or any("symmetric_roles" in c for c in self.weights.by_bits.values()):
+            raise VitqError(f"recipe {self.name!r}: 'symmetric_roles' is an activation setting (weights have "
+                            "one role: use weights.symmetric or weights.symmetric_min_bits)")
         object.__setattr__(self, "kinds", dict(self.kinds))
         stages = tuple(s if isinstance(s, StageConfig) else StageConfig.parse(s, f"recipe {self.name!r}")
                        for s in self.stages)
