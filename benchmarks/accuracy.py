@@ -115,7 +115,8 @@ METHODS: Dict[str, Tuple[Any, str]] = {
                     "moves half of the channel spread (strength 0.5), GPTQ rounds the patch embedding too, at "
                     "W8A8, W6A6 and W4A8 block reconstruction follows GPTQ, and at 8-bit activations OPT-m "
                     "gives the post-softmax points twin-range quantizers where they lower the attention output "
-                    "error (benchmarks/select_recipe.py)"),
+                    "error; at W6A6 and W4A8 the class token's query rows have a grid of their own, and at W6A6 q, k "
+                    "and v are on symmetric grids (since the afternoon of 2026-12-05) (benchmarks/select_recipe.py)"),
     "recommended, log√2 probabilities": (_recommended("recommended, log√2 probabilities", full_reparam=False,
                                                       bias_correct=True, reconstruct=True, gptq={"convs": True}),
                                          "the recommended recipe with log√2 post-softmax quantizers at every "

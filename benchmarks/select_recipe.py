@@ -53,6 +53,9 @@ data-free rows; ``--df-steps N`` for another number, ``--df-setting KEY=VALUE`` 
 quantization never sees (so no halves). ``--images-cache DIR`` keeps the generated images between
 invocations (the same files as ``accuracy.py --images-cache``).
 
+``--seed N`` runs the variants with the recipe's seed N (reconstruction's batches, QDrop's masks, OPT-m's
+sample; the halves stay the same): a choice within one seed's spread can be checked at another.
+
 ``--model cifar`` runs the same choice on the CIFAR-10 ViT (its 256 seed-0 calibration images in
 halves of 128), to see whether what was chosen on DeiT-Tiny holds on another model.
 
@@ -208,14 +211,17 @@ def render(results) -> None:
                   "|---|---|---:|---:|---:|---:|---:|"]
         for bits in dict.fromkeys(r["bits"] for r in mine):
             # a variant measured on two machines has a line for each (the same recipe's KL differs between them)
-            for name, on in dict.fromkeys((r["variant"], r.get("machine")) for r in mine if r["bits"] == bits):
-                rs = sorted([r for r in mine if r["bits"] == bits and r["variant"] == name and r.get("machine") == on],
-                            key=lambda r: r["fold"])
+            # and a variant run with another recipe seed (``--seed``) a line per seed
+            for name, on, seed in dict.fromkeys((r["variant"], r.get("machine"), r.get("seed", 0))
+                                                for r in mine if r["bits"] == bits):
+                rs = sorted([r for r in mine if r["bits"] == bits and r["variant"] == name and r.get("machine") == on
+                             and r.get("seed", 0) == seed], key=lambda r: r["fold"])
                 if len(rs) != 2:
                     continue
                 kl = [r["held_kl"] for r in rs]
                 again = len({r.get("machine") for r in mine if r["bits"] == bits and r["variant"] == name}) > 1
                 label = f"{name} (on {marks.get(on, 'the first machine')})" if again else name
+                label += f" (seed {seed})" if seed else ""
                 lines.append(f"| {bits} | {label} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
                              f"{sum(r['held_agreement'] for r in rs) / 2:.1f} | "
                              f"{secs(rs)} |")
@@ -232,7 +238,8 @@ def render(results) -> None:
                   f"scored on all 100 real calibration images (`{option}`)", "",
                   "| bits | variant | KL on the 100 real images | agreement | seconds |", "|---|---|---:|---:|---:|"]
         for r in mine:
-            lines.append(f"| {r['bits']} | {r['variant']} | {r['held_kl']:.4f} | {r['held_agreement']:.1f} | "
+            seed = f" (recipe seed {r['seed']})" if r.get("seed") else ""
+            lines.append(f"| {r['bits']} | {r['variant']}{seed} | {r['held_kl']:.4f} | {r['held_agreement']:.1f} | "
                          f"{secs([r])} |")
     lines += ["", results.get("conclusion", ""), ""]
     write_section("## Recipe parts by bit-width: chosen on calibration images", lines)
@@ -261,6 +268,9 @@ def main(argv=None) -> int:
                         help="--data-free: a generator setting (repeatable; e.g. label_smoothing=0.3); rows name "
                              "their source SOURCE@STEPS,KEY=VALUE")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the recipe's seed (reconstruction's batches, QDrop's masks, OPT-m's sample); the "
+                             "halves stay the same")
     parser.add_argument("--append", action="store_true", help="keep the rows already in the JSON")
     parser.add_argument("--render", action="store_true", help="rewrite the RESULTS.md section from the JSON")
     args = parser.parse_args(argv)
@@ -284,13 +294,13 @@ def main(argv=None) -> int:
             for name in args.variants:
                 t0 = time.perf_counter()
                 result = quantize(model, variant(name), [generated], w_bits=w, a_bits=a, progress=False,
-                                  generated=True)
+                                  generated=True, seed=args.seed)
                 qmodel = result.model
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [every], device="cpu", progress=False, fp_logits=fp_all)
                 row = {"model": "imagenet", "data_free": source, "bits": f"W{w}A{a}", "variant": name,
                        "held_kl": round(h["kl"], 4), "held_agreement": h["agreement"], "seconds": round(seconds, 1),
-                       **moved_codes(result), "machine": machine()}
+                       **moved_codes(result), "machine": machine(), **({"seed": args.seed} if args.seed else {})}
                 print(row, flush=True)
                 results["rows"].append(row)
                 RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
@@ -306,13 +316,13 @@ def main(argv=None) -> int:
                 images = fit[0]
                 if "flip-aug" in name.split(","):
                     images = torch.cat([images, images.flip(-1)])
-                result = quantize(model, recipe, [images], w_bits=w, a_bits=a, progress=False)
+                result = quantize(model, recipe, [images], w_bits=w, a_bits=a, progress=False, seed=args.seed)
                 qmodel = result.model
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=fp[1 - fold])
                 row = {"model": args.model, "bits": f"W{w}A{a}", "fold": fold, "variant": name, "held_kl": round(h["kl"], 4),
                        "held_agreement": h["agreement"], "seconds": round(seconds, 1), **moved_codes(result),
-                       "machine": machine()}
+                       "machine": machine(), **({"seed": args.seed} if args.seed else {})}
                 print(row, flush=True)
                 results["rows"].append(row)
                 RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
