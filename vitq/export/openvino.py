@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import VitqError
+from ..quant import protocol as roles
+from ._lowering import QDQ
 from .runtime import ExportedModel, read_metadata
 
 Pathish = Union[str, Path]
@@ -248,7 +250,8 @@ def export_openvino(
             f"For integer kernels quantize with symmetric weights (a recipe with `weights: {{symmetric: true}}`) or "
             f"7-bit weights; ONNX Runtime runs these products in integer kernels either way")
     attention = report.extra["openvino"]["attention"]
-    asymmetric = [p.name for p in report.points if p.role == "attn_qkv" and p.form == "qdq" and not p.spec.symmetric]
+    asymmetric = [p.name for p in report.points
+                  if p.role == roles.ATTN_QKV and p.form == QDQ and not p.spec.symmetric]
     if attention["float"] and asymmetric:
         report.warnings.append(
             f"OpenVINO runs {attention['float']} of {attention['integer'] + attention['float']} attention blocks "
