@@ -15,13 +15,13 @@ after the whole recipe).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional
 
 from ..errors import VitqError
 from ..models import iter_quantizers
 from ..quant import protocol as roles
-from ..quant.observers import OBSERVERS, ObserverConfig
+from ..quant.observers import OBSERVERS
 from .lifecycle import recalibrate_points
 from .stages import STAGES, Stage, StageContext, StageSettings
 
@@ -69,10 +69,9 @@ class RecalibrateStage(Stage):
         pattern = re.compile(s.points)
         matched = {n: q for n, q in iter_quantizers(ctx.model) if pattern.search(n)}
         points = {n: q for n, q in matched.items() if q.role != roles.WEIGHT and q.needs_calibration}
+        # another observer keeps the recipe's grids (symmetric or not) but none of its observer's settings
         config = ctx.activations if s.observer is None else \
-            ObserverConfig(s.observer, symmetric=ctx.activations.symmetric,
-                           symmetric_min_bits=ctx.activations.symmetric_min_bits,
-                           symmetric_roles=ctx.activations.symmetric_roles)
+            replace(ctx.activations, observer=s.observer, settings={})
         if points:
             recalibrate_points(ctx.model, ctx.data, points, config, device=ctx.device, progress=ctx.progress)
         elif matched:
