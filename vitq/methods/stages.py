@@ -7,7 +7,6 @@ built-in ``calibrate`` stage sets every quantizer from statistics; refiners (``s
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
@@ -15,7 +14,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import VitqError, reject_unknown_keys
+from ..errors import VitqError, check_by_bits, reject_unknown_keys
 from ..quant.observers import ObserverConfig
 from ..registry import Registry
 from .lifecycle import calibrate
@@ -238,15 +237,8 @@ class StageConfig:
         except VitqError as err:
             raise VitqError(f"{where}: {err}") from None
         if by_bits is not None:
-            if not isinstance(by_bits, Mapping):
-                raise VitqError(f"{where}: {name}.by_bits must map wXaY to settings, got {by_bits!r}")
-            by_bits = {str(k): dict(v) if isinstance(v, Mapping) else v for k, v in by_bits.items()}
+            by_bits = check_by_bits(by_bits, where, "w4a4: {min_a_bits: 4}")
             for key, changes in by_bits.items():
-                if not re.fullmatch(r"w[2-8]a[2-8]", key) or not isinstance(changes, dict):
-                    raise VitqError(f"{where}: {name}.by_bits: {key!r} must be wXaY (bits 2-8) with a mapping of "
-                                    f"settings, e.g. w4a4: {{min_a_bits: 4}}")
-                if BY_BITS in changes:
-                    raise VitqError(f"{where}: {name}.by_bits cannot nest by_bits")
                 inner = f"{name}.by_bits.{key}"
                 try:  # its keys and values, as they will be read at that bit-width
                     cls._build(name, settings_type, {**settings.to_dict(), **gate_data, **changes}, inner)

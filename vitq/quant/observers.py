@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..errors import VitqError, reject_unknown_keys
+from ..errors import VitqError, check_by_bits, reject_unknown_keys
 from ..registry import Registry
 from .primitives import channel_view, fake_quantize_logsqrt2
 from .spec import QuantSpec
@@ -311,16 +310,8 @@ class ObserverConfig:
                             f"bit-width, from {', '.join(choices)} (e.g. [attn_qkv]); got {roles!r} "
                             "(post-softmax probabilities are never negative and keep an unsigned grid)")
         object.__setattr__(self, "symmetric_roles", tuple(roles))
-        if not isinstance(self.by_bits, Mapping):
-            raise VitqError(f"'by_bits' maps wXaY to settings, e.g. {{w6a6: {{symmetric_roles: [attn_qkv]}}}}; "
-                            f"got {self.by_bits!r}")
-        by_bits = {str(k): dict(v) if isinstance(v, Mapping) else v for k, v in self.by_bits.items()}
-        for key, changes in by_bits.items():
-            if not re.fullmatch(r"w[2-8]a[2-8]", key) or not isinstance(changes, dict):
-                raise VitqError(f"by_bits: {key!r} must be wXaY (bits 2-8) with a mapping of settings, e.g. "
-                                "w6a6: {symmetric_roles: [attn_qkv]}")
-            if "by_bits" in changes:
-                raise VitqError("by_bits cannot nest by_bits")
+        by_bits = check_by_bits(self.by_bits, "", "w6a6: {symmetric_roles: [attn_qkv]}")
+        for key in by_bits:
             try:  # its keys and values, as they will be read at that bit-width
                 self.at_bits(int(key[1]), int(key[3]), by_bits)
             except VitqError as err:
