@@ -88,6 +88,7 @@ from foundation import machine, machine_marks, write_section  # noqa: E402
 import vitq.recipes  # noqa: E402
 from vitq.api import evaluate, quantize  # noqa: E402
 from vitq.data import assets_dir  # noqa: E402
+from vitq.eval.metrics import predict  # noqa: E402
 from vitq.recipes.recipe import setting_value  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -202,7 +203,10 @@ def render(results) -> None:
              f"Date: {results['date']}", "",
              "Each variant of the recommended recipe calibrated on one half of a model's calibration images and "
              "scored on the *other* (held-out); then the halves swap. KL(float ‖ quantized), lower is better; "
-             "agreement in %; seconds: `vitq.quantize` on one half."]
+             "agreement in %; seconds: `vitq.quantize` on one half. Where both a variant's rows and `recommended`'s "
+             "(the recipe as it was on that day, same machine and seed) keep each held-out image's KL (rows since "
+             "2026-12-05 evening), the variant's per-image KL minus `recommended`'s: its mean and standard error "
+             "(a difference within about two standard errors is noise)."]
     heads = {"imagenet": "DeiT-Tiny, the 100 calibration images in two halves of 50",
              "cifar": "CIFAR-10 ViT (`vit_cifar10_d6`), the 256 seed-0 calibration images in two halves of 128 "
                       "(`--model cifar`)"}
@@ -212,8 +216,9 @@ def render(results) -> None:
         if not mine:
             continue
         lines += ["", f"### {head}", "",
-                  "| bits | variant | held-out KL fold 0 | fold 1 | mean | held-out agreement (mean) | seconds (mean) |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| bits | variant | held-out KL fold 0 | fold 1 | mean | against `recommended` (per image: mean ± s.e.) "
+                  "| held-out agreement (mean) | seconds (mean) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for bits in dict.fromkeys(r["bits"] for r in mine):
             # a variant measured on two machines has a line for each (the same recipe's KL differs between them)
             # and a variant run with another recipe seed (``--seed``) a line per seed
@@ -227,7 +232,11 @@ def render(results) -> None:
                 again = len({r.get("machine") for r in mine if r["bits"] == bits and r["variant"] == name}) > 1
                 label = f"{name} (on {marks.get(on, 'the first machine')})" if again else name
                 label += f" (seed {seed})" if seed else ""
+                base = sorted([r for r in mine if r["bits"] == bits and r["variant"] == "recommended"
+                               and r.get("machine") == on and r.get("seed", 0) == seed], key=lambda r: r["fold"])
+                d = paired(rs, base) if name != "recommended" else None
                 lines.append(f"| {bits} | {label} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
+                             f"{f'{d[0]:+.4f} ± {d[1]:.4f}' if d else ''} | "
                              f"{sum(r['held_agreement'] for r in rs) / 2:.1f} | "
                              f"{secs(rs)} |")
     folded = [r for r in rows if r.get("folds")]
@@ -235,8 +244,9 @@ def render(results) -> None:
         mine = [r for r in folded if r.get("model", "imagenet") == model and r["folds"] == k]
         lines += ["", f"### {heads[model].split(',')[0]}, the calibration images in {k} folds: each variant fitted "
                   f"on {k - 1} of them and scored on the other, {k} times (`--folds {k}`)", "",
-                  "| bits | variant | held-out KL per fold | mean | held-out agreement (mean) | seconds (mean) |",
-                  "|---|---|---|---:|---:|---:|"]
+                  "| bits | variant | held-out KL per fold | mean | against `recommended` (per image: mean ± s.e.) | "
+                  "held-out agreement (mean) | seconds (mean) |",
+                  "|---|---|---|---:|---:|---:|---:|"]
         for bits, name, on, seed in dict.fromkeys((r["bits"], r["variant"], r.get("machine"), r.get("seed", 0))
                                                   for r in mine):
             rs = sorted([r for r in mine if (r["bits"], r["variant"], r.get("machine"), r.get("seed", 0)) ==
@@ -245,7 +255,11 @@ def render(results) -> None:
                 continue
             kl = [r["held_kl"] for r in rs]
             label = name + (f" (seed {seed})" if seed else "")
+            base = sorted([r for r in mine if (r["bits"], r["variant"], r.get("machine"), r.get("seed", 0)) ==
+                           (bits, "recommended", on, seed)], key=lambda r: r["fold"])
+            d = paired(rs, base) if name != "recommended" else None
             lines.append(f"| {bits} | {label} | {' / '.join(f'{x:.4f}' for x in kl)} | {sum(kl) / k:.4f} | "
+                         f"{f'{d[0]:+.4f} ± {d[1]:.4f}' if d else ''} | "
                          f"{sum(r['held_agreement'] for r in rs) / k:.1f} | {secs(rs)} |")
     free = [r for r in rows if r.get("data_free")]
     for source in dict.fromkeys(r["data_free"] for r in free):
@@ -283,6 +297,25 @@ def k_folds(halves, fp, k: int):
         held[fold * size:(fold + 1) * size] = True
         out.append(((images[~held], labels[~held]), (images[held], labels[held]), logits[held]))
     return out
+
+
+def per_image_kl(qmodel, held, fp_logits) -> list:
+    """KL(float ‖ quantized) of each held-out image (their mean is the row's ``held_kl``): two variants
+    scored on the same images can be compared image by image (:func:`paired`)."""
+    (logits,), _ = predict(qmodel, [held], "cpu", progress=False)
+    p = torch.log_softmax(fp_logits.float(), -1)
+    kl = (p.exp() * (p - torch.log_softmax(logits, -1))).sum(-1)
+    return [round(float(v), 6) for v in kl]
+
+
+def paired(rows, base_rows):
+    """Mean per-image KL difference of ``rows`` against ``base_rows`` (the same folds, so the same held-out
+    images) and its standard error, or None where either lacks per-image KLs."""
+    if not rows or len(rows) != len(base_rows) or not all(r.get("image_kl") for r in rows + base_rows):
+        return None
+    diffs = torch.tensor([a - b for r, q in zip(rows, base_rows) for a, b in zip(r["image_kl"], q["image_kl"])],
+                         dtype=torch.float64)
+    return float(diffs.mean()), float(diffs.std() / len(diffs) ** 0.5)
 
 
 def moved_codes(result) -> dict:
@@ -365,11 +398,13 @@ def main(argv=None) -> int:
                 qmodel = result.model
                 seconds = time.perf_counter() - t0
                 h = evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=held_fp)
+                image_kl = per_image_kl(qmodel, held, held_fp)
                 row = {"model": args.model, "bits": f"W{w}A{a}", "fold": fold, **({"folds": args.folds} if args.folds != 2 else {}),
                        "variant": name, "held_kl": round(h["kl"], 4),
                        "held_agreement": h["agreement"], "seconds": round(seconds, 1), **moved_codes(result),
                        "machine": machine(), **({"seed": args.seed} if args.seed else {})}
                 print(row, flush=True)
+                row["image_kl"] = image_kl
                 results["rows"].append(row)
                 RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
     render(results)
