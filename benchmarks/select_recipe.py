@@ -30,6 +30,9 @@ used. Variants (comma-joined changes to the recommended recipe):
   reconstruction (before bias correction), by the recipe's activation observer or OBSERVER;
 - ``prefix=A+B``: a ``prefix_rows`` stage with ``points: [A, B]`` (``q``, ``k``, ``act``): those operands'
   class-token rows on a grid of their own;
+- ``activations.KEY=VALUE`` (or ``weights.``): one setting of the recipe's observer configuration, e.g.
+  ``activations.settings.percentiles=0.99+0.999+0.9999+0.99999`` (the observer's own settings) or
+  ``activations.observer=omse``;
 - ``STAGE.KEY=VALUE``: one setting of a stage already in the recipe (after ``+reconstruct`` when that
   adds the stage), e.g. ``+reconstruct,reconstruct.drop_prob=0``; VALUE is a number, a list written
   ``A+B`` (``opt_m.points=gelu+softmax``), else read as YAML; ``STAGE.by_bits.wXaY.KEY=VALUE`` sets it
@@ -150,6 +153,16 @@ def variant(name: str) -> Dict[str, Any]:
                     st["gptq"]["convs"] = False
         elif change == "flip-aug":
             pass  # the calibration images plus their mirror images (main)
+        elif change.split(".", 1)[0] in ("weights", "activations") and "=" in change:  # activations.KEY=VALUE
+            key, value = change.split("=", 1)
+            *path, last = key.split(".")
+            where = spec
+            for part in path:
+                where = where.setdefault(part, {})
+            parsed = setting_value(value)
+            where[last] = parsed.split("+") if isinstance(parsed, str) and "+" in parsed else parsed
+            if isinstance(where[last], list):  # numbers written A+B
+                where[last] = [setting_value(v) if isinstance(v, str) else v for v in where[last]]
         elif "." in change.split("=", 1)[0] and "=" in change:  # STAGE.KEY=VALUE
             key, value = change.split("=", 1)
             stage, setting = key.split(".", 1)
