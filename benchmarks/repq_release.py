@@ -37,7 +37,8 @@ def _release_dir() -> str:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--repq", default=None)
     known, _ = parser.parse_known_args()
-    if not known.repq:
+    if not known.repq:  # (--help too: the release is imported before the options are parsed)
+        print(__doc__, file=sys.stderr)
         raise SystemExit("name RepQ-ViT's release with --repq DIR (git clone https://github.com/zkkli/RepQ-ViT DIR)")
     root = Path(known.repq).expanduser()
     root = root / "classification" if (root / "classification").is_dir() else root
