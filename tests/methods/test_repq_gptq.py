@@ -52,6 +52,30 @@ def test_reparam_is_exact_in_float(family):
     assert result.plan.meta["reparam"]["pairs"] == len(smoothing_of(result.model))
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_reparam_with_a_constant_layernorm_channel(strength):
+    """A LayerNorm channel whose scale is exactly 0 outputs a constant (our DeiT-Tiny has two; RepQ-ViT's
+    release crashes on them): the reparameterisation stays exact and every scale finite."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.blocks[0].norm1.weight[3] = 0.0
+        model.blocks[0].norm1.bias[3] = 0.03125
+        model.blocks[0].norm2.weight[5] = 0.0
+        model.blocks[0].norm2.bias[5] = -0.015625
+    data = batches()
+    spec = recipe({"reparam": {"strength": strength}}, "calibrate")
+    result = quantize(model, spec, data, w_bits=4, a_bits=4, progress=False)
+    for _, q in iter_quantizers(result.model):
+        assert q.scale is None or bool(torch.isfinite(q.scale).all() and (q.scale > 0).all())
+    x = torch.cat(data)
+    with torch.no_grad():
+        quantized = result.model(x)
+        assert torch.isfinite(quantized).all()
+        for _, q in iter_quantizers(result.model):
+            q.enabled = False
+        assert torch.allclose(result.model(x), model(x), atol=1e-5, rtol=0)
+
+
 def test_reparam_puts_every_channel_on_the_shared_range():
     """With min-max statistics, channel c's range [min_c, max_c] maps exactly onto the shared
     per-tensor range [min̄, min̄ + (2^b − 1)·Δ̄] (up to the rounding of the zero points)."""
