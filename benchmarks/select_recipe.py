@@ -91,7 +91,7 @@ from foundation import machine, machine_marks, write_section  # noqa: E402
 import vitq.recipes  # noqa: E402
 from vitq.api import evaluate, quantize  # noqa: E402
 from vitq.data import assets_dir  # noqa: E402
-from vitq.eval.metrics import predict  # noqa: E402
+from vitq.eval.metrics import compare, predict  # noqa: E402
 from vitq.recipes.recipe import setting_value  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -318,12 +318,11 @@ def k_folds(halves, fp, k: int):
     return out
 
 
-def per_image_kl(qmodel, held, fp_logits) -> list:
-    """KL(float ‖ quantized) of each held-out image (their mean is the row's ``held_kl``): two variants
-    scored on the same images can be compared image by image (:func:`paired`)."""
-    (logits,), _ = predict(qmodel, [held], "cpu", progress=False)
-    p = torch.log_softmax(fp_logits.float(), -1)
-    kl = (p.exp() * (p - torch.log_softmax(logits, -1))).sum(-1)
+def per_image_kl(logits, fp_logits) -> list:
+    """KL(float ‖ quantized) of each held-out image, as :func:`vitq.eval.metrics.compare` computes their mean
+    (the row's ``held_kl``): two variants scored on the same images can be compared image by image (:func:`paired`)."""
+    p = torch.log_softmax(fp_logits.double(), -1)
+    kl = (p.exp() * (p - torch.log_softmax(logits.double(), -1))).sum(-1)
     return [round(float(v), 6) for v in kl]
 
 
@@ -416,8 +415,10 @@ def main(argv=None) -> int:
                 result = quantize(model, recipe, [images], w_bits=w, a_bits=a, progress=False, seed=args.seed)
                 qmodel = result.model
                 seconds = time.perf_counter() - t0
-                h = evaluate(model, qmodel, [held], device="cpu", progress=False, fp_logits=held_fp)
-                image_kl = per_image_kl(qmodel, held, held_fp)
+                # one pass of the quantized model: its logits give the row's metrics and each image's KL
+                (logits,), labels = predict(qmodel, [held], "cpu", progress=False)
+                h = compare(held_fp, logits, labels)
+                image_kl = per_image_kl(logits, held_fp)
                 row = {"model": args.model, "bits": f"W{w}A{a}", "fold": fold, **({"folds": args.folds} if args.folds != 2 else {}),
                        "variant": name, "held_kl": round(h["kl"], 4),
                        "held_agreement": h["agreement"], "seconds": round(seconds, 1), **moved_codes(result),
