@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -48,6 +48,20 @@ def machine() -> str:
         vnni = False
     return (f"{cpu}{' with' if vnni else ' without'} AVX512-VNNI, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def cpu_kind(info=None) -> Tuple[str, str]:
+    """This CPU's kind of integer kernels, as a file-name suffix and in words: VNNI, and AMX beside it,
+    change which kernels ONNX Runtime and OpenVINO run (and so their speed), so figures of two kinds
+    never share a table."""
+    from vitq.export import cpu_info
+
+    info = info if info is not None else cpu_info()
+    if info.vnni and info.amx:
+        return "-vnni", "a CPU with VNNI and AMX"
+    if info.vnni:
+        return "-vnni-noamx", "a CPU with VNNI and no AMX"
+    return "", "a CPU without VNNI"
 
 
 def machine_marks(default: str, rows) -> Dict[str, str]:

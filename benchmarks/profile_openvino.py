@@ -16,8 +16,10 @@ of ``--runs`` batches of 32 (after one warm-up) are summed per layer type and ke
 * ``vitq-int-sym``: ``recommended-int`` p4 with symmetric weights (zero points 0, as NNCF's);
 * ``fp32``/``bf16``: the float model in float32 (forced) and in OpenVINO's default precision.
 
-Writes benchmarks/results/profile_openvino.json (``--model tiny``: profile_openvino-tiny.json) and
-the section "Where the time goes in OpenVINO: DeiT-Small" (or DeiT-Tiny) of benchmarks/RESULTS.md.
+Writes benchmarks/results/profile_openvino-MODEL[-CPU].json and the section "Where the time goes in
+OpenVINO on CPU: DeiT-Small" (or DeiT-Tiny) of benchmarks/RESULTS.md, one per model and kind of CPU
+(CPU: ``-vnni`` for VNNI and AMX, ``-vnni-noamx`` for VNNI alone, nothing without VNNI; OpenVINO's
+kernels differ between them). ``--render`` rewrites every stored profile's section.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import machine, write_section  # noqa: E402
+from foundation import cpu_kind, machine, write_section  # noqa: E402
 
 import vitq.recipes  # noqa: E402
 from vitq.api import quantize  # noqa: E402
@@ -45,8 +47,7 @@ from vitq.export.openvino import inference_precision, onnx_to_openvino  # noqa: 
 from vitq.models import load_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MODELS = {"small": ("deit_small_patch16_224", "DeiT-Small", "profile_openvino.json"),
-          "tiny": ("deit_tiny_patch16_224", "DeiT-Tiny", "profile_openvino-tiny.json")}
+MODELS = {"small": ("deit_small_patch16_224", "DeiT-Small"), "tiny": ("deit_tiny_patch16_224", "DeiT-Tiny")}
 VARIANTS = ["fp32", "bf16", "nncf", "vitq-int", "vitq-int-p4", "vitq-int-sym"]
 
 
@@ -106,9 +107,14 @@ def profile(model, precision, threads: int, runs: int) -> Dict[str, Any]:
             "by_kind": [{"kind": k, "ms": round(v, 1), "share": round(100 * v / total, 1)} for k, v in top]}
 
 
+def results_json(model: str) -> Path:
+    return HERE / "results" / f"profile_openvino-{model}{cpu_kind()[0]}.json"
+
+
 def render(results: Dict[str, Any]) -> None:
-    _, label, _ = MODELS[results.get("model", "small")]
-    lines = [f"## Where the time goes in OpenVINO: {label} int8 at batch 32 (issue 15)", "",
+    _, label = MODELS[results.get("model", "small")]
+    heading = f"## Where the time goes in OpenVINO on {results['cpu_kind']}: {label}"
+    lines = [f"{heading} int8 at batch 32 (issue 15)", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}; CPU features: {results['isa']}  ",
              f"Date: {results['date']}", "",
              f"{label} with random weights (the speed rows of the peers table), compiled by OpenVINO with "
@@ -122,7 +128,7 @@ def render(results: Dict[str, Any]) -> None:
         lines.append("")
     if results.get("conclusion"):
         lines += [results["conclusion"], ""]
-    write_section(f"## Where the time goes in OpenVINO: {label}", lines)
+    write_section(heading, lines)
 
 
 WHAT = {"fp32": "the float model, float32 forced", "bf16": "the float model, OpenVINO's default precision",
@@ -138,11 +144,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--render", action="store_true", help="rewrite the RESULTS.md section from the JSON")
     args = parser.parse_args(argv)
-    timm_name, _, json_name = MODELS[args.model]
-    results_json = HERE / "results" / json_name
     if args.render:
-        render(json.loads(results_json.read_text()))
+        for stored in sorted((HERE / "results").glob("profile_openvino-*.json")):
+            render(json.loads(stored.read_text()))
         return 0
+    timm_name, _ = MODELS[args.model]
+    out = results_json(args.model)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     loaded = load_model(timm_name, pretrained=False)
@@ -150,7 +157,8 @@ def main(argv=None) -> int:
     calib = torch.randn(8, *size, generator=torch.Generator().manual_seed(0))
     given = argv if argv is not None else sys.argv[1:]
     results: Dict[str, Any] = {"command": "python benchmarks/profile_openvino.py " + " ".join(given),
-                               "machine": machine(), "isa": cpu_info().isa, "date": time.strftime("%Y-%m-%d"),
+                               "machine": machine(), "isa": cpu_info().isa, "cpu_kind": cpu_kind()[1],
+                               "date": time.strftime("%Y-%m-%d"),
                                "model": args.model, "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         fp_onnx = Path(tmp) / "fp32.onnx"
@@ -161,10 +169,10 @@ def main(argv=None) -> int:
             results["variants"][variant] = {"what": WHAT[variant], **r}
             print(variant, r["b32_ms"], "ms;", "; ".join(f"{k['kind']} {k['ms']}" for k in r["by_kind"][:6]),
                   flush=True)
-    results_json.parent.mkdir(exist_ok=True)
-    results_json.write_text(json.dumps(results, indent=1) + "\n")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
     render(results)
-    print(f"wrote {results_json} and {HERE / 'RESULTS.md'}")
+    print(f"wrote {out} and {HERE / 'RESULTS.md'}")
     return 0
 
 
