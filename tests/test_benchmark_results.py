@@ -192,3 +192,20 @@ def test_selection_variants_set_or_drop_the_prefix_rows_stage():
     assert next(iter(spec["stages"][0])) == "prefix_rows"  # first: before calibration
     assert prefix_stages(select_recipe.variant("no-prefix_rows")) == []
     assert prefix_stages(select_recipe.variant("recommended,no-prefix_rows,reconstruct.lr=0.001")) == []
+
+
+def test_profiles_of_two_cpu_kinds_get_files_and_sections_of_their_own(tmp_path, monkeypatch):
+    import foundation
+    import profile_openvino
+    from vitq.export.formats import CpuInfo
+
+    kinds = {flags: foundation.cpu_kind(CpuInfo(frozenset(flags)))
+             for flags in [("avx512_vnni", "amx_int8"), ("avx512_vnni",), ("avx2",)]}
+    assert [suffix for suffix, _ in kinds.values()] == ["-vnni", "-vnni-noamx", ""]
+    monkeypatch.setattr(foundation, "RESULTS_MD", tmp_path / "RESULTS.md")
+    for _, words in kinds.values():
+        profile_openvino.render({"model": "small", "cpu_kind": words, "command": "c", "machine": "m", "isa": "i",
+                                 "date": "d", "variants": {}})
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert [text.count(f"## Where the time goes in OpenVINO on {words}: DeiT-Small") for _, words in kinds.values()] \
+        == [1, 1, 1]
