@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import in_memory, machine, machine_marks, write_section  # noqa: E402
+from foundation import cpu_kind, in_memory, machine, machine_marks, write_section  # noqa: E402
 
 from vitq.api import quantize  # noqa: E402
 from vitq.data import assets_dir, balanced_subset, load_images, make_loader, scan_folder  # noqa: E402
@@ -60,17 +60,16 @@ from vitq.models import load_model  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def results_for(vnni: bool, amx: bool = True) -> Tuple[Path, str]:
+def results_for(info) -> Tuple[Path, str]:
     """The JSON file and the RESULTS.md heading of this CPU kind's table (see the module docstring)."""
-    peers = "vitq next to ONNX Runtime, NNCF/OpenVINO, torchao and Brevitas (issue 15)"
-    if vnni and amx:
-        return HERE / "results" / "peers-vnni.json", f"## Peers on a CPU with VNNI: {peers}"
-    if vnni:
-        return HERE / "results" / "peers-vnni-noamx.json", f"## Peers on a CPU with VNNI and no AMX: {peers}"
-    return HERE / "results" / "peers.json", f"## Peers: {peers}"
+    suffix, _ = cpu_kind(info)
+    # the sections' titles as first written (the VNNI-and-AMX one says "with VNNI")
+    where = {"-vnni": " on a CPU with VNNI", "-vnni-noamx": " on a CPU with VNNI and no AMX", "": ""}[suffix]
+    return (HERE / "results" / f"peers{suffix}.json",
+            f"## Peers{where}: vitq next to ONNX Runtime, NNCF/OpenVINO, torchao and Brevitas (issue 15)")
 
 
-RESULTS_JSON, HEADING = results_for(cpu_info().vnni, cpu_info().amx)
+RESULTS_JSON, HEADING = results_for(cpu_info())
 MODELS = {
     "imagenet": "DeiT-Tiny (`deit_tiny_imagenet`), ImageNet, 100 calibration / 900 evaluation images",
     "cifar": "CIFAR-10 ViT (`vit_cifar10_d6`), 256 calibration / test-set evaluation images",
