@@ -237,16 +237,14 @@ def render(results) -> None:
             # and a variant run with another recipe seed (``--seed``) a line per seed
             for name, on, seed in dict.fromkeys((r["variant"], r.get("machine"), r.get("seed", 0))
                                                 for r in mine if r["bits"] == bits):
-                rs = latest_per_fold([r for r in mine if r["bits"] == bits and r["variant"] == name
-                                      and r.get("machine") == on and r.get("seed", 0) == seed])
+                rs = measured(mine, bits, name, on, seed)
                 if len(rs) != 2:
                     continue
                 kl = [r["held_kl"] for r in rs]
                 again = len({r.get("machine") for r in mine if r["bits"] == bits and r["variant"] == name}) > 1
                 label = f"{name} (on {marks.get(on, 'the first machine')})" if again else name
                 label += f" (seed {seed})" if seed else ""
-                base = latest_per_fold([r for r in mine if r["bits"] == bits and r["variant"] == "recommended"
-                                        and r.get("machine") == on and r.get("seed", 0) == seed])
+                base = measured(mine, bits, "recommended", on, seed)
                 d = paired(rs, base) if name != "recommended" else None
                 lines.append(f"| {bits} | {label} | {kl[0]:.4f} | {kl[1]:.4f} | {sum(kl) / 2:.4f} | "
                              f"{f'{d[0]:+.4f} ± {d[1]:.4f}' if d else ''} | "
@@ -262,14 +260,12 @@ def render(results) -> None:
                   "|---|---|---|---:|---:|---:|---:|"]
         for bits, name, on, seed in dict.fromkeys((r["bits"], r["variant"], r.get("machine"), r.get("seed", 0))
                                                   for r in mine):
-            rs = sorted([r for r in mine if (r["bits"], r["variant"], r.get("machine"), r.get("seed", 0)) ==
-                         (bits, name, on, seed)], key=lambda r: r["fold"])
+            rs = measured(mine, bits, name, on, seed)
             if len(rs) != k:
                 continue
             kl = [r["held_kl"] for r in rs]
             label = name + (f" (seed {seed})" if seed else "")
-            base = sorted([r for r in mine if (r["bits"], r["variant"], r.get("machine"), r.get("seed", 0)) ==
-                           (bits, "recommended", on, seed)], key=lambda r: r["fold"])
+            base = measured(mine, bits, "recommended", on, seed)
             d = paired(rs, base) if name != "recommended" else None
             lines.append(f"| {bits} | {label} | {' / '.join(f'{x:.4f}' for x in kl)} | {sum(kl) / k:.4f} | "
                          f"{f'{d[0]:+.4f} ± {d[1]:.4f}' if d else ''} | "
@@ -298,6 +294,12 @@ def latest_per_fold(rows):
     """One row per fold, the last written where a variant was measured again on the same machine and seed
     (the same settings reproduce their KL; a rerun adds what earlier rows lacked, e.g. per-image KLs)."""
     return sorted({r["fold"]: r for r in rows}.values(), key=lambda r: r["fold"])
+
+
+def measured(rows, bits, variant, machine, seed):
+    """A variant's rows at ``bits`` on one machine and recipe seed: one per fold (:func:`latest_per_fold`)."""
+    return latest_per_fold([r for r in rows if (r["bits"], r["variant"], r.get("machine"), r.get("seed", 0))
+                            == (bits, variant, machine, seed)])
 
 
 def k_folds(halves, fp, k: int):
